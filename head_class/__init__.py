@@ -1,0 +1,1 @@
+"""Shipped head-class configs (JSON data)."""

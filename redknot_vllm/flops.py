@@ -1,0 +1,152 @@
+"""Analytic prefill FLOPs, dense vs RedKnot, by the formula of ``docs/evaluation.md``.
+
+Per layer, for the ``T`` prompt tokens actually computed (prefix-cache hits are free)::
+
+    projections  2·T·h·(Hq + 2·Hkv)·D + 2·T·Hq·D·h
+    attention    4·D·Σ_t visible_keys(t)   per query head
+                 global head: t + 1 keys;  local head: min(t + 1, sink + W) keys
+    FFN          6·h·I per token that runs it (SwiGLU)
+
+FLOPs saved = 1 − RedKnot / dense, with the kept FFN token counts measured on the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redknot_vllm.head_config import HeadClass, HeadConfig
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Whole-model shapes (before tensor parallelism)."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf_config(cls, cfg: object) -> ModelDims:
+        heads = cfg.num_attention_heads  # type: ignore[attr-defined]
+        return cls(
+            num_layers=cfg.num_hidden_layers,  # type: ignore[attr-defined]
+            hidden=cfg.hidden_size,  # type: ignore[attr-defined]
+            intermediate=cfg.intermediate_size,  # type: ignore[attr-defined]
+            num_q_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,  # type: ignore[attr-defined]
+        )
+
+    @property
+    def projection_per_token(self) -> int:
+        h, d = self.hidden, self.head_dim
+        return 2 * h * (self.num_q_heads + 2 * self.num_kv_heads) * d + 2 * self.num_q_heads * d * h
+
+    @property
+    def ffn_per_token(self) -> int:
+        return 6 * self.hidden * self.intermediate
+
+
+def sum_positions(start: int, end: int) -> int:
+    """Σ_{t=start}^{end-1} (t + 1): keys seen by full causal heads for positions [start, end)."""
+    return (end * (end + 1) - start * (start + 1)) // 2
+
+
+def sum_capped(start: int, end: int, cap: int) -> int:
+    """Σ_{t=start}^{end-1} min(t + 1, cap)."""
+    split = min(max(cap - 1, start), end)  # positions < split see t + 1 < cap keys
+    return sum_positions(start, split) + cap * (end - split)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Per layer: query heads per visibility rule, for FLOPs."""
+
+    full_q_heads: tuple[int, ...]
+    """[num_layers] query heads attending the full prefix."""
+    local_q_heads: tuple[tuple[tuple[int, int], ...], ...]
+    """[num_layers] of ((sink + W), query heads) for local heads."""
+
+    @classmethod
+    def dense(cls, dims: ModelDims) -> AttentionShape:
+        return cls((dims.num_q_heads,) * dims.num_layers, ((),) * dims.num_layers)
+
+    @classmethod
+    def from_head_config(cls, dims: ModelDims, hc: HeadConfig) -> AttentionShape:
+        per_kv = dims.num_q_heads // dims.num_kv_heads
+        full, local = [], []
+        for li in range(dims.num_layers):
+            f = 0
+            caps: dict[int, int] = {}
+            for h in range(dims.num_kv_heads):
+                if hc.effective_class(li, h) is HeadClass.LOCAL:
+                    cap = hc.windows[li][h] + hc.sinks[li][h]
+                    caps[cap] = caps.get(cap, 0) + per_kv
+                else:
+                    f += per_kv
+            full.append(f)
+            local.append(tuple(sorted(caps.items())))
+        return cls(tuple(full), tuple(local))
+
+    def attention_flops(self, dims: ModelDims, start: int, end: int) -> int:
+        """Attention FLOPs of computing positions [start, end) in every layer."""
+        total = 0
+        full_keys = sum_positions(start, end)
+        for li in range(dims.num_layers):
+            keys = self.full_q_heads[li] * full_keys
+            for cap, heads in self.local_q_heads[li]:
+                keys += heads * sum_capped(start, end, cap)
+            total += 4 * dims.head_dim * keys
+        return total
+
+
+@dataclass
+class PrefillFlops:
+    """FLOPs of one request's prefill, dense and RedKnot."""
+
+    tokens: int = 0
+    """Prompt tokens computed (excluding prefix-cache hits)."""
+    dense: int = 0
+    redknot: int = 0
+    ffn_tokens_dense: int = 0
+    """Σ over layers of tokens through the FFN if dense (= tokens × layers)."""
+    ffn_tokens_kept: int = 0
+    """Σ over layers of tokens that ran the FFN."""
+
+    def add_chunk(self, dims: ModelDims, shape: AttentionShape, start: int, end: int,
+                  ffn_token_layers: int) -> None:
+        """Account positions [start, end) of a prefill, whose FFN ran ``ffn_token_layers``
+        (token, layer) pairs."""
+        n = end - start
+        proj = dims.num_layers * n * dims.projection_per_token
+        dense_ffn_pairs = dims.num_layers * n
+        self.tokens += n
+        self.ffn_tokens_dense += dense_ffn_pairs
+        self.ffn_tokens_kept += ffn_token_layers
+        self.dense += (proj + AttentionShape.dense(dims).attention_flops(dims, start, end)
+                       + dense_ffn_pairs * dims.ffn_per_token)
+        self.redknot += (proj + shape.attention_flops(dims, start, end)
+                         + ffn_token_layers * dims.ffn_per_token)
+
+    @property
+    def saved_fraction(self) -> float:
+        return 1.0 - self.redknot / self.dense if self.dense else 0.0
+
+    @property
+    def ffn_kept_fraction(self) -> float:
+        return self.ffn_tokens_kept / self.ffn_tokens_dense if self.ffn_tokens_dense else 1.0
+
+    def merge(self, other: PrefillFlops) -> None:
+        self.tokens += other.tokens
+        self.dense += other.dense
+        self.redknot += other.redknot
+        self.ffn_tokens_dense += other.ffn_tokens_dense
+        self.ffn_tokens_kept += other.ffn_tokens_kept
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"prefill_tokens": self.tokens, "flops_dense": self.dense,
+                "flops_redknot": self.redknot, "flops_saved": round(self.saved_fraction, 6),
+                "ffn_kept_fraction": round(self.ffn_kept_fraction, 6)}

@@ -1,0 +1,1 @@
+"""RedKnot model overrides: thin subclasses of vLLM's models, wired by :mod:`.apply`."""

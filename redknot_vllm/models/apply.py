@@ -1,0 +1,93 @@
+"""Install RedKnot into a finished vLLM decoder model (the model classes only call this).
+
+For every decoder layer on this pipeline stage:
+
+* its ``Attention`` is rebuilt with the RedKnot backend and the layer's head-class plan;
+* its MLP becomes token-sparse (:func:`redknot_vllm.sparse_ffn.make_sparse`) when the
+  sparse-FFN schedule makes that layer sparse.
+
+Works for any model whose layers have ``self_attn.attn`` and ``mlp`` (Llama, Mistral,
+Qwen2, Qwen3). Weights, parameter names and the decoder forward are untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.logger import init_logger
+
+from redknot_vllm import compat
+from redknot_vllm.attention.backend import RedKnotAttentionBackend
+from redknot_vllm.attention.plan import build_layer_plan
+from redknot_vllm.config import RedKnotConfig
+from redknot_vllm.flops import ModelDims
+from redknot_vllm.runtime import RUNTIME_KEY, RedknotRuntime
+from redknot_vllm.sparse_ffn import make_sparse
+
+logger = init_logger(__name__)
+
+
+def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedknotRuntime | None:
+    """Switch RedKnot on for ``causal_lm`` per ``additional_config["redknot"]``.
+
+    Returns the runtime, or None when no head config is given (the model then runs exactly
+    as stock vLLM, which is logged once).
+    """
+    arch = type(causal_lm).__name__
+    cfg = RedKnotConfig.from_additional_config(vllm_config.additional_config)
+    if cfg is None or cfg.head_config is None:
+        logger.info_once(
+            "%s: no RedKnot head config (additional_config['redknot']['head_config']); "
+            "running dense, identical to stock vLLM", arch)
+        return None
+    hf_config = vllm_config.model_config.hf_text_config
+    dims = ModelDims.from_hf_config(hf_config)
+    tp_size = vllm_config.parallel_config.tensor_parallel_size
+    tp_rank = get_tensor_model_parallel_rank()
+    hc = cfg.head_config
+    hc.validate_for_model(dims.num_layers, dims.num_kv_heads, tp_size)
+    if cfg.sparse_ffn is not None:
+        cfg.sparse_ffn.validate_for_model(dims.num_layers)
+    runtime = RedknotRuntime(cfg, dims, tp_rank)
+    ctx = vllm_config.compilation_config.static_forward_context
+    ctx[RUNTIME_KEY] = runtime
+
+    model = causal_lm.model
+    for li in range(model.start_layer, model.end_layer):
+        layer = model.layers[li]
+        old = layer.self_attn.attn
+        layer.self_attn.attn = compat.rebuild_attention(
+            old, attn_backend=RedKnotAttentionBackend,
+            redknot_plan=build_layer_plan(hc, li, tp_rank, tp_size))
+        sparse = cfg.sparse_ffn
+        if sparse is not None and sparse.threshold(li) < 1.0:
+            make_sparse(
+                layer.mlp, layer=li,
+                prefix=old.layer_name.removesuffix("self_attn.attn") + "mlp",
+                attn_layer_name=old.layer_name, threshold=sparse.threshold(li),
+                recent_n=sparse.recent_n, min_keep=sparse.min_keep, tp_size=tp_size,
+                static_forward_context=ctx)
+    _log_startup(arch, cfg, tp_rank)
+    return runtime
+
+
+def _log_startup(arch: str, cfg: RedKnotConfig, tp_rank: int) -> None:
+    if tp_rank != 0:
+        return
+    hc = cfg.head_config
+    assert hc is not None
+    notes = []
+    if hc.defaults_applied:
+        notes.append(f"defaults applied: {', '.join(hc.defaults_applied)}")
+    if hc.counts()["retrieval"]:
+        notes.append("retrieval heads run as global (top-p not implemented)")
+    sf = cfg.sparse_ffn
+    sparse = ("off" if sf is None else
+              f"dense_until={sf.dense_until}, mass_thresh={sf.mass_thresh}, "
+              f"deep_layer_start={sf.deep_layer_start}, mass_thresh_deep={sf.mass_thresh_deep},"
+              f" recent_n={sf.recent_n}, min_keep={sf.min_keep}")
+    logger.info("RedKnot on for %s (head config %s, sha256 %s): %s; sparse FFN: %s; decode: "
+                "full attention%s", arch, hc.source, hc.content_hash()[:12], hc.summary(),
+                sparse, "; " + "; ".join(notes) if notes else "")

@@ -1,0 +1,34 @@
+"""The ``vllm.general_plugins`` entry point: runs in every vLLM process.
+
+Registers, by lazy ``module:Class`` strings, the RedKnot model classes (opt-in via
+``hf_overrides``) and the static ``CUSTOM`` attention-backend slot. Idempotent and cheap:
+nothing here imports torch-heavy modules or touches devices.
+"""
+
+from __future__ import annotations
+
+_MODELS = {
+    "RedknotLlamaForCausalLM": "redknot_vllm.models.llama:RedknotLlamaForCausalLM",
+    "RedknotMistralForCausalLM": "redknot_vllm.models.llama:RedknotMistralForCausalLM",
+    "RedknotQwen2ForCausalLM": "redknot_vllm.models.qwen:RedknotQwen2ForCausalLM",
+    "RedknotQwen3ForCausalLM": "redknot_vllm.models.qwen:RedknotQwen3ForCausalLM",
+}
+BACKEND_PATH = "redknot_vllm.attention.backend.RedKnotAttentionBackend"
+
+
+def register() -> None:
+    """Register RedKnot's models and attention backend in this process."""
+    from vllm import ModelRegistry
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    from redknot_vllm.compat import check_vllm_version
+
+    check_vllm_version()
+    supported = ModelRegistry.get_supported_archs()
+    for arch, path in _MODELS.items():
+        if arch not in supported:
+            ModelRegistry.register_model(arch, path)
+    # Layers get the backend class directly (Attention(attn_backend=...)); the enum slot
+    # only has to resolve, because Attention looks its name up in AttentionBackendEnum.
+    if not AttentionBackendEnum.CUSTOM.is_overridden():
+        register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
