@@ -163,17 +163,18 @@ class RedKnotConfig:
 
     def to_additional_config(self) -> dict[str, Any]:
         """Inline form for ``additional_config``: no file paths reach the workers."""
-        return {REDKNOT_KEY: {
-            "head_config": None if self.head_config is None else self.head_config.to_dict(),
-            "sparse_ffn": None if self.sparse_ffn is None else self.sparse_ffn.to_dict(),
-        }}
+        def inline(c: HeadConfig | SparseFFNConfig | None) -> dict[str, Any] | None:
+            return None if c is None else {**c.to_dict(), "_source": c.source}
+
+        return {REDKNOT_KEY: {"head_config": inline(self.head_config),
+                              "sparse_ffn": inline(self.sparse_ffn)}}
 
 
 def _load(value: Any, cls: Any, name: str) -> Any:
     if isinstance(value, (str, Path)):
         return cls.from_json(value)
     if isinstance(value, dict):
-        return cls.from_dict(value, source=f"<inline {name}>")
+        return cls.from_dict(value, source=str(value.get("_source", f"<inline {name}>")))
     if isinstance(value, (HeadConfig, SparseFFNConfig)):
         return value
     raise RedKnotConfigError(f"{name} must be a JSON file path or an object, "
@@ -209,6 +210,24 @@ def model_architecture(model: str) -> str:
     if not archs:
         raise RedKnotConfigError(f"{cfg} lists no architectures")
     return archs[0]
+
+
+def _validate_against_local_model(cfg: RedKnotConfig, model: str, tp_size: int) -> None:
+    """Fail in the caller's process, before any engine starts, when the model is local.
+
+    The workers validate again against the HF config vLLM actually loads.
+    """
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return
+    hf = json.loads(path.read_text())
+    hf = hf.get("text_config", hf)
+    layers = hf.get("num_hidden_layers")
+    kv_heads = hf.get("num_key_value_heads") or hf.get("num_attention_heads")
+    if cfg.head_config is not None and layers and kv_heads:
+        cfg.head_config.validate_for_model(layers, kv_heads, tp_size)
+    if cfg.sparse_ffn is not None and layers:
+        cfg.sparse_ffn.validate_for_model(layers)
 
 
 def redknot_architecture(arch: str) -> str:
@@ -255,6 +274,7 @@ def engine_args(
                                                          "sparse_ffn"),
     )
     arch = redknot_architecture(architecture or model_architecture(model))
+    _validate_against_local_model(cfg, model, int(vllm_kwargs.get("tensor_parallel_size", 1)))
     out = dict(vllm_kwargs)
     out["model"] = model
     hf = dict(out.get("hf_overrides") or {})

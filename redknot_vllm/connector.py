@@ -183,6 +183,26 @@ class RedknotWorkerExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``) so that ``collective_rpc`` can
     fetch results by method name; callables would need pickle-based RPC."""
 
+    def redknot_worker_info(self) -> dict[str, Any]:
+        """Where and how RedKnot runs in this worker (process id, model class, layers)."""
+        import os
+
+        from redknot_vllm.attention.backend import RedKnotAttentionImpl
+        from redknot_vllm.runtime import find_runtime
+
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        vllm_config = self.vllm_config  # type: ignore[attr-defined]
+        ctx = vllm_config.compilation_config.static_forward_context
+        return {
+            "pid": os.getpid(),
+            "model_class": type(model).__name__,
+            "redknot_attention_layers": sum(
+                isinstance(getattr(m, "impl", None), RedKnotAttentionImpl)
+                for m in ctx.values()),
+            "sparse_ffn_layers": sum(hasattr(m, "redknot_threshold") for m in ctx.values()),
+            "runtime": find_runtime(vllm_config) is not None,
+        }
+
     def redknot_request_stats(self, request_ids: list[str] | None) -> dict[str, dict[str, Any]]:
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 

@@ -16,8 +16,25 @@ _MODELS = {
 BACKEND_PATH = "redknot_vllm.attention.backend.RedKnotAttentionBackend"
 
 
+def _route_logs_through_vllm() -> None:
+    """Give the ``redknot_vllm`` loggers vLLM's handlers, format and level.
+
+    vLLM configures only the ``vllm`` logger tree; without this, RedKnot's INFO lines
+    (effective configuration, per-request stats) would be swallowed by the root logger.
+    """
+    import logging
+
+    src, dst = logging.getLogger("vllm"), logging.getLogger("redknot_vllm")
+    if src.handlers and not dst.handlers:
+        for h in src.handlers:
+            dst.addHandler(h)
+        dst.setLevel(src.level)
+        dst.propagate = False
+
+
 def register() -> None:
     """Register RedKnot's models and attention backend in this process."""
+    _route_logs_through_vllm()
     from vllm import ModelRegistry
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 

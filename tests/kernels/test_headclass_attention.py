@@ -1,0 +1,118 @@
+"""Head-class attention over the paged cache vs the naive masked-softmax reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from redknot_vllm.kernels.headclass_attention import (
+    FULL,
+    HeadGroup,
+    headclass_attention_ref,
+    paged_headclass_attention,
+    write_kv_cache,
+)
+
+BLOCK = 16
+
+
+def _groups(windows: list[int], sinks: list[int]) -> tuple[HeadGroup, ...]:
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for h, (w, s) in enumerate(zip(windows, sinks, strict=True)):
+        buckets.setdefault((w, s if w != FULL else 0), []).append(h)
+    return tuple(HeadGroup(tuple(v), w, s) for (w, s), v in buckets.items())
+
+
+def _run_chunks(q, k, v, chunks, groups, scale, num_blocks=96, seed=0):
+    """Feed one sequence through the paged path in the given chunk sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    n, hkv, d = k.shape
+    cache = torch.randn(num_blocks, hkv, BLOCK, 2 * d, generator=gen)  # garbage elsewhere
+    blocks = torch.randperm(num_blocks, generator=gen)[: -(-n // BLOCK)]
+    out = torch.full_like(q, float("nan"))
+    start = 0
+    for c in chunks:
+        end = start + c
+        pos = torch.arange(start, end)
+        slots = blocks[pos // BLOCK] * BLOCK + pos % BLOCK
+        write_kv_cache(k[start:end], v[start:end], cache, slots)
+        paged_headclass_attention(q[start:end], cache, blocks[None], [0, c], [end], [True],
+                                  groups, scale, out[start:end])
+        start = end
+    return out
+
+
+CASES = [
+    # (num_heads, num_kv_heads, seq_len, windows, sinks)
+    (4, 4, 99, [FULL, 7, 33, FULL], [0, 4, 0, 0]),
+    (8, 2, 423, [64, FULL], [4, 0]),
+    (5, 1, 200, [19], [4]),
+    (6, 3, 257, [1, 128, 300], [0, 16, 4]),  # W=1: self only (+ sinks)
+    (6, 3, 150, [FULL, FULL, FULL], [0, 0, 0]),
+    (9, 3, 311, [10, 10, FULL], [4, 30, 0]),  # sink larger than the window
+]
+
+
+@pytest.mark.parametrize("hq,hkv,n,windows,sinks", CASES)
+def test_matches_reference_unchunked(hq, hkv, n, windows, sinks):
+    torch.manual_seed(1)
+    d = 32
+    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    scale = d**-0.5
+    ref = headclass_attention_ref(q, k, v, torch.arange(n), torch.tensor(windows),
+                                  torch.tensor(sinks), scale)
+    out = _run_chunks(q, k, v, [n], _groups(windows, sinks), scale)
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("hq,hkv,n,windows,sinks", CASES)
+@pytest.mark.parametrize("chunk", [1, 37, 128])
+def test_chunked_equals_unchunked(hq, hkv, n, windows, sinks, chunk):
+    torch.manual_seed(2)
+    d = 32
+    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    groups, scale = _groups(windows, sinks), d**-0.5
+    chunks = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+    whole = _run_chunks(q, k, v, [n], groups, scale)
+    parts = _run_chunks(q, k, v, chunks, groups, scale)
+    ref = headclass_attention_ref(q, k, v, torch.arange(n), torch.tensor(windows),
+                                  torch.tensor(sinks), scale)
+    assert (parts - whole).abs().max().item() < 1e-5
+    assert (parts - ref).abs().max().item() < 1e-5
+
+
+def test_mixed_batch_decode_rows_attend_fully():
+    """A batch with a prefill row (local heads) and a decode row (full attention)."""
+    torch.manual_seed(3)
+    hq, hkv, d, nb = 4, 2, 16, 64
+    windows, sinks = [8, FULL], [2, 0]
+    groups = _groups(windows, sinks)
+    cache = torch.randn(nb, hkv, BLOCK, 2 * d)
+    # row 0: 40 cached tokens + 1 decode token; row 1: a 50-token prefill chunk after 30 cached
+    lens, new = [41, 80], [1, 50]
+    tables = torch.stack([torch.arange(0, 8), torch.arange(8, 16)])
+    ks = [torch.randn(n, hkv, d) for n in lens]
+    vs = [torch.randn(n, hkv, d) for n in lens]
+    for r in range(2):
+        pos = torch.arange(lens[r])
+        write_kv_cache(ks[r], vs[r], cache, tables[r][pos // BLOCK] * BLOCK + pos % BLOCK)
+    q = torch.randn(sum(new), hq, d)
+    out = torch.empty_like(q)
+    paged_headclass_attention(q, cache, tables, [0, 1, 51], lens, [False, True], groups,
+                              0.25, out)
+    full = torch.tensor([FULL, FULL])
+    ref0 = headclass_attention_ref(q[:1], ks[0], vs[0], torch.tensor([40]), full,
+                                   torch.zeros(2, dtype=torch.long), 0.25)
+    ref1 = headclass_attention_ref(q[1:], ks[1], vs[1], torch.arange(30, 80),
+                                   torch.tensor(windows), torch.tensor(sinks), 0.25)
+    assert (out[:1] - ref0).abs().max().item() < 1e-5
+    assert (out[1:] - ref1).abs().max().item() < 1e-5
+
+
+def test_write_kv_cache_skips_padding_slots():
+    cache = torch.zeros(4, 2, BLOCK, 8)
+    k, v = torch.ones(3, 2, 4), 2 * torch.ones(3, 2, 4)
+    write_kv_cache(k, v, cache, torch.tensor([5, -1, 17]))
+    assert cache[0, :, 5, :4].eq(1).all() and cache[0, :, 5, 4:].eq(2).all()
+    assert cache[1, :, 1].eq(torch.tensor([1.0] * 4 + [2.0] * 4)).all()
+    assert cache.ne(0).sum() == 2 * 2 * 8  # nothing else written
