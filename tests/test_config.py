@@ -109,5 +109,5 @@ def test_engine_args_unsupported_architecture_and_conflicts(tmp_path):
         engine_args(model, kv_transfer_config={"kv_connector": "X"})
     with pytest.raises(RedKnotConfigError, match="hf_overrides already sets architectures"):
         engine_args(model, hf_overrides={"architectures": ["LlamaForCausalLM"]})
-    with pytest.raises(RedKnotConfigError, match="has no config.json"):
+    with pytest.raises(RedKnotConfigError, match=r"has no config\.json"):
         engine_args(str(tmp_path / "nowhere"))

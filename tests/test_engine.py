@@ -101,7 +101,7 @@ def test_misfit_head_config_stops_engine_start(smollm2, capfd):
 
     bad = HeadConfig.shape(28, 3, 0.5, window=64)  # the model has 30 layers
     # bypass engine_args' up-front check to exercise the worker-side validation
-    with pytest.raises(Exception, match="initialization failed|num_layers"):
+    with pytest.raises(Exception, match=r"initialization failed|num_layers"):
         LLM(model=smollm2, hf_overrides={"architectures": ["RedknotLlamaForCausalLM"]},
             additional_config={"redknot": {"head_config": bad.to_dict()}}, **COMMON)
     captured = capfd.readouterr()
