@@ -23,6 +23,7 @@ from redknot_vllm.flops import AttentionShape, ModelDims, PrefillFlops
 
 if TYPE_CHECKING:
     from redknot_vllm.attention.backend import RedKnotAttentionMetadata
+    from redknot_vllm.attention.plan import LayerPlan
 
 logger = init_logger(__name__)
 
@@ -39,6 +40,8 @@ class RedknotRuntime:
         self.tp_rank = tp_rank
         self.sparse_ffn = config.sparse_ffn
         self.attention_shape = AttentionShape.from_head_config(dims, config.head_config)
+        self.plans: dict[int, LayerPlan] = {}
+        """Layer index -> plan, for the layers on this pipeline stage."""
         self.per_request = False
         """Set by the RedKnot connector: it drains the steps itself, by request id."""
         self._pending: list[RedKnotAttentionMetadata] = []

@@ -63,7 +63,8 @@ def select_tokens(
     order = order[torch.sort(token_row[order], stable=True).indices]
     s_imp, s_row = imp[order], token_row[order]
 
-    counts = torch.bincount(token_row, minlength=num_rows)
+    counts = torch.zeros(num_rows, dtype=torch.long, device=imp.device).index_add_(
+        0, token_row, torch.ones_like(token_row))
     starts = torch.cumsum(counts, 0) - counts
     row_total = torch.zeros(num_rows, dtype=imp.dtype, device=imp.device).index_add_(
         0, token_row, imp)
@@ -145,7 +146,10 @@ def make_sparse(
 def _sparse_mlp(x: torch.Tensor, layer_name: str) -> torch.Tensor:
     mlp: Any = get_forward_context().no_compile_layers[layer_name]
     md = _step_metadata(mlp.redknot_attn_layer_name)
-    if md is None or not md.has_prefill:
+    if md is None or not md.has_prefill or (
+            x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # Captured CUDA graphs replay this branch: small mixed batches run the FFN densely
+        # (and are accounted as dense, since nothing is recorded).
         return mlp.dense_forward(x)
     sq = md.token_importance_sq.get(mlp.redknot_attn_layer_name)
     if sq is None:
@@ -160,10 +164,42 @@ def _sparse_mlp(x: torch.Tensor, layer_name: str) -> torch.Tensor:
                          md.tokens_to_row_end, mlp.redknot_threshold, mlp.redknot_recent_n,
                          mlp.redknot_min_keep)
     md.record_ffn_kept(mlp.redknot_layer, keep)
+    if x.is_cuda and _sync_free_ok(mlp):
+        from redknot_vllm.kernels.sparse_mlp import sparse_swiglu
+
+        if x.shape[0] > n:
+            keep = torch.cat([keep, keep.new_zeros(x.shape[0] - n)])
+        reduce = None
+        if mlp.redknot_tp_size > 1 and mlp.down_proj.reduce_results:
+            from vllm.distributed import tensor_model_parallel_all_reduce as reduce
+        return sparse_swiglu(x, keep, mlp.gate_up_proj.weight, mlp.down_proj.weight, reduce)
+    # Host path (CPU, or layers the grouped GEMM cannot serve): one sync for the count.
     idx = keep.nonzero().squeeze(1)
     out = torch.zeros_like(x)
     out[idx] = mlp.dense_forward(x[:n][idx])
     return out
+
+
+def _sync_free_ok(mlp: Any) -> bool:
+    """Whether the MLP is a plain SwiGLU the grouped-GEMM path can run (cached per module)."""
+    ok = getattr(mlp, "_redknot_sync_free", None)
+    if ok is None:
+        from vllm.model_executor.layers.activation import SiluAndMul
+
+        layers = (getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))
+        ok = (hasattr(torch, "_grouped_mm")
+              and isinstance(getattr(mlp, "act_fn", None), SiluAndMul)
+              and all(lin is not None
+                      and type(lin.quant_method).__name__ == "UnquantizedLinearMethod"
+                      and getattr(lin, "bias", None) is None
+                      and lin.weight.dtype in (torch.bfloat16, torch.float16)
+                      for lin in layers))
+        if not ok:
+            logger.warning_once(
+                "RedKnot sparse FFN: %s is not a plain unquantized SwiGLU, so the kept tokens "
+                "are gathered with a host sync", type(mlp).__name__)
+        mlp._redknot_sync_free = ok
+    return ok
 
 
 def _sparse_mlp_fake(x: torch.Tensor, layer_name: str) -> torch.Tensor:

@@ -17,9 +17,10 @@ A row counts as prefill while its request is still in its prompt
 (``CommonAttentionMetadata.is_prefilling``, set by vLLM's V1 model runner), so a one-token
 final chunk of a prompt is still prefill and chunked and unchunked prefill agree.
 
-This module is the CPU implementation in plain torch (``redknot_vllm.kernels``); it keeps
-its own plain KV layout, so KV can be read back and written (stock CPU_ATTN packs blocks
-per ISA and cannot).
+On CPU the layers run plain torch (``kernels/headclass_attention.py``) over a plain K|V
+layout, so KV can be read back and written (stock CPU_ATTN packs blocks per ISA and cannot).
+On CUDA they run FA3 per head group plus a Triton sink merge
+(``kernels/headclass_attention_cuda.py``) over the same layout FLASH_ATTN uses.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from vllm.v1.attention.backend import (
 from redknot_vllm import compat
 from redknot_vllm.attention.plan import LayerPlan
 from redknot_vllm.kernels.headclass_attention import paged_headclass_attention, write_kv_cache
+from redknot_vllm.kernels.headclass_attention_cuda import paged_headclass_attention_cuda
 
 logger = init_logger(__name__)
 
@@ -79,26 +81,42 @@ class RedKnotAttentionBackend(compat.KVCacheShapeMixin, AttentionBackend):
 
 @dataclass
 class RedKnotAttentionMetadata:
-    """Per-step metadata shared by every RedKnot layer of a KV-cache group."""
+    """Per-step metadata shared by every RedKnot layer of a KV-cache group.
+
+    Token-level fields are only built when the step has prefill rows (``has_prefill``);
+    pure decode steps attend fully and run the FFN densely.
+    """
 
     num_actual_tokens: int  # Number of tokens excluding padding.
     num_reqs: int
     block_table: torch.Tensor  # [num_reqs, max_blocks] int32
     slot_mapping: torch.Tensor  # [num_tokens] int64
+    cu_seqlens_q: torch.Tensor  # [num_reqs + 1] int32 (device)
+    seqused_k: torch.Tensor  # [num_reqs] int32 context lengths incl. this step (device)
+    max_query_len: int
+    max_seq_len: int
     query_start_loc: list[int]  # num_reqs + 1 token offsets (host)
     seq_lens: list[int]  # num_reqs context lengths incl. this step (host)
     is_prefill: list[bool]  # num_reqs: request still in its prompt (host)
     has_prefill: bool
-    token_row: torch.Tensor  # [num_actual_tokens] int64 row of each token
-    token_is_prefill: torch.Tensor  # [num_actual_tokens] bool
-    tokens_to_row_end: torch.Tensor  # [num_actual_tokens] int64, 0 = last token of its row
     want_importance: bool  # the sparse FFN reads token_importance_sq
+    token_row: torch.Tensor | None = None  # [num_actual_tokens] row of each token
+    token_pos: torch.Tensor | None = None  # [num_actual_tokens] absolute position
+    token_is_prefill: torch.Tensor | None = None  # [num_actual_tokens] bool
+    tokens_to_row_end: torch.Tensor | None = None  # [num_actual_tokens], 0 = row's last token
+    num_decode_tokens: int = 0  # tokens of rows that are not in their prompt
+    decode_prefix_rows: int | None = None  # those rows are exactly rows [0, this) if not None
+    max_decode_query_len: int = 0
+    decode_rows: torch.Tensor | None = None  # [n] row indices (when not a prefix)
+    decode_token_index: torch.Tensor | None = None  # [m] token indices (when not a prefix)
+    decode_cu_seqlens: torch.Tensor | None = None  # [n + 1] int32 (when not a prefix)
     token_importance_sq: dict[str, torch.Tensor] = field(default_factory=dict)
     """attention layer name -> [num_actual_tokens] fp32 Σ over this rank's heads of o²."""
     ffn_kept: dict[int, torch.Tensor] = field(default_factory=dict)
     """layer index -> [num_reqs] int64 prefill tokens whose FFN ran (sparse layers only)."""
 
     def record_ffn_kept(self, layer: int, keep: torch.Tensor) -> None:
+        assert self.token_row is not None and self.token_is_prefill is not None
         counts = torch.zeros(self.num_reqs, dtype=torch.long, device=keep.device)
         self.ffn_kept[layer] = counts.index_add_(
             0, self.token_row, (keep & self.token_is_prefill).long())
@@ -108,6 +126,9 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
     """Builds the step's metadata once; every layer reuses it."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Ask vLLM to put single-token (decode) rows first: the decode pass of local heads is
+    # then a slice of the batch.
+    reorder_batch_threshold: int | None = 1
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any,
                  device: torch.device) -> None:
@@ -131,32 +152,60 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
                 "VLLM_USE_V2_MODEL_RUNNER=0 for exact prefill detection.")
             is_prefill = [q > 1 for q in q_lens]
         else:
-            is_prefill = prefilling[:num_reqs].tolist()
-        rows = torch.arange(num_reqs).repeat_interleave(torch.tensor(q_lens, dtype=torch.long))
-        ends = torch.tensor(qsl[1:], dtype=torch.long)
+            is_prefill = [bool(x) for x in prefilling[:num_reqs].tolist()]
         md = RedKnotAttentionMetadata(
             num_actual_tokens=num_tokens,
             num_reqs=num_reqs,
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping,
+            cu_seqlens_q=cm.query_start_loc,
+            seqused_k=cm.seq_lens,
+            max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
             query_start_loc=qsl,
             seq_lens=seq_lens,
             is_prefill=is_prefill,
             has_prefill=any(is_prefill),
-            token_row=rows.to(self.device, non_blocking=True),
-            token_is_prefill=torch.tensor(is_prefill, dtype=torch.bool)[rows].to(
-                self.device, non_blocking=True),
-            tokens_to_row_end=(ends[rows] - 1 - torch.arange(num_tokens)).to(
-                self.device, non_blocking=True),
             want_importance=self.runtime is not None and self.runtime.sparse_ffn is not None,
         )
-        if self.runtime is not None and md.has_prefill:
-            self.runtime.begin_step(md)
+        if md.has_prefill:
+            add_token_fields(md, q_lens, self.device)
+            if self.runtime is not None:
+                self.runtime.begin_step(md)
         return md
 
 
+
+def add_token_fields(md: RedKnotAttentionMetadata, q_lens: list[int],
+                 dev: torch.device) -> None:
+    """Per-token maps and the decode-row layout, built on the host, copied once."""
+    n = md.num_actual_tokens
+    rows = torch.arange(md.num_reqs).repeat_interleave(torch.tensor(q_lens))
+    ends = torch.tensor(md.query_start_loc[1:])[rows]
+    t = torch.arange(n)
+    pos = torch.tensor(md.seq_lens)[rows] - ends + t
+    prefill = torch.tensor(md.is_prefill, dtype=torch.bool)[rows]
+    packed = torch.stack([rows, pos, ends - 1 - t, prefill.long()]).to(dev, non_blocking=True)
+    md.token_row, md.token_pos, md.tokens_to_row_end = packed[0], packed[1], packed[2]
+    md.token_is_prefill = packed[3].bool()
+    dec = [r for r, p in enumerate(md.is_prefill) if not p]
+    if not dec:
+        return
+    md.num_decode_tokens = sum(q_lens[r] for r in dec)
+    md.max_decode_query_len = max(q_lens[r] for r in dec)
+    if dec == list(range(len(dec))):
+        md.decode_prefix_rows = len(dec)
+        return
+    idx = torch.cat([torch.arange(md.query_start_loc[r], md.query_start_loc[r + 1])
+                     for r in dec])
+    cu = torch.tensor([0] + [q_lens[r] for r in dec]).cumsum(0).to(torch.int32)
+    md.decode_rows = torch.tensor(dec).to(dev, non_blocking=True)
+    md.decode_token_index = idx.to(dev, non_blocking=True)
+    md.decode_cu_seqlens = cu.to(dev, non_blocking=True)
+
+
 class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
-    """Runs one layer. Plain torch: this is the CPU path and the reference for GPU kernels."""
+    """Runs one layer on CPU (torch) or CUDA (FA3 + Triton)."""
 
     def __init__(
         self,
@@ -199,7 +248,14 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        write_kv_cache(key, value, kv_cache, slot_mapping)
+        if key.is_cuda:
+            from vllm._custom_ops import reshape_and_cache_flash
+
+            key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+            reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
+                                    self.kv_cache_dtype, layer._k_scale, layer._v_scale)
+        else:
+            write_kv_cache(key, value, kv_cache, slot_mapping)
 
     def forward(
         self,
@@ -229,8 +285,12 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
         n = md.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         o = output[:n].view(n, self.num_heads, self.head_size)
-        paged_headclass_attention(q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens,
-                                  md.is_prefill, self.plan.groups, self.scale, o)
+        if q.is_cuda:
+            paged_headclass_attention_cuda(q, kv_cache, md, self.plan.groups, self.scale, o)
+        else:
+            paged_headclass_attention(q, kv_cache, md.block_table, md.query_start_loc,
+                                      md.seq_lens, md.is_prefill, self.plan.groups, self.scale,
+                                      o)
         if md.want_importance and md.has_prefill:
             md.token_importance_sq[layer.layer_name] = o.float().square().sum(dim=(1, 2))
         return output

@@ -20,7 +20,7 @@ from vllm.logger import init_logger
 
 from redknot_vllm import compat
 from redknot_vllm.attention.backend import RedKnotAttentionBackend
-from redknot_vllm.attention.plan import build_layer_plan
+from redknot_vllm.attention.plan import build_layer_plan, permute_attention_heads
 from redknot_vllm.config import RedKnotConfig
 from redknot_vllm.flops import ModelDims
 from redknot_vllm.runtime import RUNTIME_KEY, RedknotRuntime
@@ -58,9 +58,10 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedknotRuntim
     for li in range(model.start_layer, model.end_layer):
         layer = model.layers[li]
         old = layer.self_attn.attn
+        plan = build_layer_plan(hc, li, tp_rank, tp_size)
+        runtime.plans[li] = plan
         layer.self_attn.attn = compat.rebuild_attention(
-            old, attn_backend=RedKnotAttentionBackend,
-            redknot_plan=build_layer_plan(hc, li, tp_rank, tp_size))
+            old, attn_backend=RedKnotAttentionBackend, redknot_plan=plan)
         sparse = cfg.sparse_ffn
         if sparse is not None and sparse.threshold(li) < 1.0:
             make_sparse(
@@ -71,6 +72,25 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedknotRuntim
                 static_forward_context=ctx)
     _log_startup(arch, cfg, tp_rank)
     return runtime
+
+
+class RedknotModelMixin:
+    """Mixed in front of a stock ``*ForCausalLM``: installs RedKnot after construction and
+    regroups attention heads after the weights are loaded."""
+
+    redknot_runtime: RedknotRuntime | None
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        self.redknot_runtime = apply_redknot(self, vllm_config)  # type: ignore[arg-type]
+
+    def load_weights(self, weights: Any) -> Any:
+        loaded = super().load_weights(weights)  # type: ignore[misc]
+        if self.redknot_runtime is not None:
+            model = self.model  # type: ignore[attr-defined]
+            for li, plan in self.redknot_runtime.plans.items():
+                permute_attention_heads(model.layers[li].self_attn, plan)
+        return loaded
 
 
 def _log_startup(arch: str, cfg: RedKnotConfig, tp_rank: int) -> None:

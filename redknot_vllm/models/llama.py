@@ -1,21 +1,16 @@
-"""RedKnot Llama and Mistral: the stock classes plus :func:`apply_redknot`."""
+"""RedKnot Llama and Mistral: the stock classes with :class:`RedknotModelMixin` in front."""
 
 from __future__ import annotations
 
-from vllm.config import VllmConfig
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 
-from redknot_vllm.models.apply import apply_redknot
+from redknot_vllm.models.apply import RedknotModelMixin
 
 
-class RedknotLlamaForCausalLM(LlamaForCausalLM):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        apply_redknot(self, vllm_config)
+class RedknotLlamaForCausalLM(RedknotModelMixin, LlamaForCausalLM):
+    pass
 
 
-class RedknotMistralForCausalLM(MistralForCausalLM):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        apply_redknot(self, vllm_config)
+class RedknotMistralForCausalLM(RedknotModelMixin, MistralForCausalLM):
+    pass

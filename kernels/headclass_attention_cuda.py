@@ -1,0 +1,210 @@
+"""Head-class prefill attention on CUDA: FA3 over vLLM's paged KV cache, per head group.
+
+Heads are regrouped at load time so that each group is a contiguous KV-head range
+(``redknot_vllm.attention.plan``); a group is then a strided view and costs no copy.
+
+* full group (global / dense / retrieval heads): one causal FA3 call over every row;
+* local group (sink ``S``, window ``W``):
+
+  1. a causal sliding-window FA3 call, window ``(W - 1, 0)``, returning the LSE;
+  2. :func:`sink_merge` (a Triton kernel) adds the sink keys ``j < min(S, p - W + 1)``
+     (exactly the sinks the window does not already cover, so no key counts twice) by an
+     LSE merge and writes the group's output;
+  3. decode rows (not in their prompt) of the batch attend fully: one more FA3 call over
+     just those rows (a slice when they lead the batch, as vLLM's reorder puts them).
+
+:func:`sink_merge_ref` is the torch reference of the kernel; the end-to-end reference is
+``headclass_attention.headclass_attention_ref``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.triton_utils import tl, triton
+
+from redknot_vllm.kernels.headclass_attention import FULL, HeadGroup
+
+
+@triton.jit
+def _sink_merge_kernel(
+    out_ptr, stride_ot, stride_oh,
+    ow_ptr, stride_wt, stride_wh,
+    lse_ptr, stride_lh,
+    q_ptr, stride_qt, stride_qh,
+    k_ptr, v_ptr, stride_kb, stride_kn, stride_kh,
+    block_table_ptr, stride_br,
+    token_row_ptr, token_pos_ptr, token_prefill_ptr,
+    scale, window, sink,
+    PER: tl.constexpr, PER_PAD: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr,
+    PAGE: tl.constexpr,
+):
+    # One program per (token, KV head of the group): its PER query heads.
+    # out/ow/q: [T, Hq_g, D] (strided); lse: [Hq_g, T] fp32; k/v: [blocks, PAGE, Hkv_g, D].
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    if tl.load(token_prefill_ptr + t) == 0:
+        return  # decode rows are written by the full pass
+    row = tl.load(token_row_ptr + t).to(tl.int64)
+    pos = tl.load(token_pos_ptr + t)
+    hi = tl.arange(0, PER_PAD)
+    hmask = hi < PER
+    hq = g * PER + hi
+    d = tl.arange(0, D)
+    j = tl.arange(0, S_PAD)
+    jmask = (j < sink) & (j < pos - window + 1)
+    blk = tl.load(block_table_ptr + row * stride_br + j // PAGE, mask=jmask, other=0).to(tl.int64)
+    kv_off = blk[:, None] * stride_kb + (j % PAGE)[:, None] * stride_kn + g * stride_kh + d[None, :]
+    k = tl.load(k_ptr + kv_off, mask=jmask[:, None], other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + kv_off, mask=jmask[:, None], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + t * stride_qt + hq[:, None] * stride_qh + d[None, :],
+                mask=hmask[:, None], other=0.0).to(tl.float32)
+    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [PER_PAD, S_PAD]
+    s = tl.where(jmask[None, :], s, float("-inf"))
+    lse_w = tl.load(lse_ptr + hq * stride_lh + t, mask=hmask, other=0.0)
+    m = tl.maximum(lse_w, tl.max(s, axis=1))
+    p = tl.exp(s - m[:, None])
+    pw = tl.exp(lse_w - m)
+    denom = pw + tl.sum(p, axis=1)
+    o_w = tl.load(ow_ptr + t * stride_wt + hq[:, None] * stride_wh + d[None, :],
+                  mask=hmask[:, None], other=0.0).to(tl.float32)
+    o = (pw[:, None] * o_w + tl.sum(p[:, :, None] * v[None, :, :], axis=1)) / denom[:, None]
+    tl.store(out_ptr + t * stride_ot + hq[:, None] * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+
+
+def sink_merge(out: torch.Tensor, o_window: torch.Tensor, lse_window: torch.Tensor,
+               query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+               block_table: torch.Tensor, token_row: torch.Tensor, token_pos: torch.Tensor,
+               token_is_prefill: torch.Tensor, window: int, sink: int, scale: float) -> None:
+    """Merge the sink keys into a local group's sliding-window output (prefill tokens).
+
+    Args:
+        out: ``[T, Hq_g, D]`` destination (may be a strided head slice).
+        o_window: ``[T, Hq_g, D]`` window-pass output; lse_window: ``[Hq_g, T]`` fp32.
+        query: ``[T, Hq_g, D]``; key_cache/value_cache: ``[blocks, page, Hkv_g, D]``.
+        token_row, token_pos: ``[T]`` int32 row and absolute position of each token.
+        token_is_prefill: ``[T]`` bool; other tokens are left untouched.
+    """
+    num_tokens, hq, d = query.shape
+    hkv = key_cache.shape[2]
+    if num_tokens == 0:
+        return
+    for name, x in (("out", out), ("o_window", o_window), ("query", query),
+                    ("key_cache", key_cache), ("value_cache", value_cache)):
+        assert x.stride(-1) == 1, f"{name} needs a unit stride in its last dim: {x.stride()}"
+    assert lse_window.stride(1) == 1, f"lse_window must be [H, T] row-major: {lse_window.stride()}"
+    assert d & (d - 1) == 0, f"head size {d} must be a power of two for the sink kernel"
+    per = hq // hkv
+    _sink_merge_kernel[(num_tokens, hkv)](
+        out, out.stride(0), out.stride(1),
+        o_window, o_window.stride(0), o_window.stride(1),
+        lse_window, lse_window.stride(0),
+        query, query.stride(0), query.stride(1),
+        key_cache, value_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        block_table, block_table.stride(0),
+        token_row, token_pos, token_is_prefill,
+        scale, window, sink,
+        PER=per, PER_PAD=triton.next_power_of_2(per), S_PAD=triton.next_power_of_2(max(sink, 1)),
+        D=d, PAGE=key_cache.shape[1],
+    )
+
+
+def sink_merge_ref(o_window: torch.Tensor, lse_window: torch.Tensor, query: torch.Tensor,
+                   key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   block_table: torch.Tensor, token_row: torch.Tensor, token_pos: torch.Tensor,
+                   token_is_prefill: torch.Tensor, window: int, sink: int, scale: float,
+                   out: torch.Tensor) -> torch.Tensor:
+    """Torch reference of :func:`sink_merge` (fp32 math), writing prefill tokens of ``out``."""
+    num_tokens, hq = query.shape[:2]
+    hkv, page = key_cache.shape[2], key_cache.shape[1]
+    per = hq // hkv
+    res = out.clone()
+    for t in range(num_tokens):
+        if not bool(token_is_prefill[t]):
+            continue
+        row, pos = int(token_row[t]), int(token_pos[t])
+        n = max(0, min(sink, pos - window + 1))
+        o = o_window[t].float()
+        if n:
+            js = torch.arange(n, device=query.device)
+            blocks = block_table[row, js // page].long()
+            k = key_cache[blocks, js % page].float()  # [n, Hkv, D]
+            v = value_cache[blocks, js % page].float()
+            k = k.repeat_interleave(per, dim=1)
+            v = v.repeat_interleave(per, dim=1)
+            s = torch.einsum("hd,nhd->hn", query[t].float(), k) * scale
+            lse_s = torch.logsumexp(s, dim=-1)
+            o_s = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=-1), v)
+            lw = lse_window[:, t].float()
+            m = torch.maximum(lw, lse_s)
+            ww, ws = torch.exp(lw - m), torch.exp(lse_s - m)
+            o = (ww[:, None] * o + ws[:, None] * o_s) / (ww + ws)[:, None]
+        res[t] = o.to(res.dtype)
+    return res
+
+
+def _fa() -> tuple[Any, int]:
+    from vllm.v1.attention.backends.fa_utils import (
+        flash_attn_varlen_func,
+        get_flash_attn_version,
+    )
+
+    return flash_attn_varlen_func, get_flash_attn_version() or 3
+
+
+def paged_headclass_attention_cuda(query: torch.Tensor, kv_cache: torch.Tensor, md: Any,
+                                   groups: tuple[HeadGroup, ...], scale: float,
+                                   out: torch.Tensor) -> None:
+    """Head-class attention of a mixed batch on CUDA (see the module docstring).
+
+    Args:
+        query: ``[T, Hq, D]``; out: ``[T, Hq, D]`` written in place.
+        kv_cache: logical ``[blocks, Hkv, page, 2 * D]`` (already holding this step's KV).
+        md: :class:`redknot_vllm.attention.backend.RedKnotAttentionMetadata` with its device
+            fields (``cu_seqlens_q``, ``seqused_k``, ``token_row``, ``token_pos``, ...).
+    """
+    flash_attn_varlen_func, fa_version = _fa()
+    num_heads, d = query.shape[1:]
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(d, dim=-1)  # [B, page, H, D]
+    per = num_heads // kv_cache.shape[1]
+    if not md.has_prefill:  # pure decode: every head full, one call as in dense vLLM
+        groups = (HeadGroup(tuple(range(kv_cache.shape[1])), FULL, 0),)
+    for g in groups:
+        h0, h1 = g.kv_heads[0], g.kv_heads[-1] + 1
+        assert g.kv_heads == tuple(range(h0, h1)), f"head group {g.kv_heads} not contiguous"
+        q = query[:, h0 * per:h1 * per]
+        o = out[:, h0 * per:h1 * per]
+        kc, vc = key_cache[:, :, h0:h1], value_cache[:, :, h0:h1]
+        common = dict(softmax_scale=scale, causal=True, fa_version=fa_version)
+        if g.window == FULL:
+            flash_attn_varlen_func(q=q, k=kc, v=vc, out=o, cu_seqlens_q=md.cu_seqlens_q,
+                                   max_seqlen_q=md.max_query_len, seqused_k=md.seqused_k,
+                                   max_seqlen_k=md.max_seq_len, block_table=md.block_table,
+                                   **common)
+            continue
+        o_w, lse_w = flash_attn_varlen_func(
+            q=q, k=kc, v=vc, cu_seqlens_q=md.cu_seqlens_q, max_seqlen_q=md.max_query_len,
+            seqused_k=md.seqused_k, max_seqlen_k=md.max_seq_len, block_table=md.block_table,
+            window_size=[g.window - 1, 0], return_softmax_lse=True, **common)
+        sink_merge(o, o_w, lse_w, q, kc, vc, md.block_table, md.token_row, md.token_pos,
+                   md.token_is_prefill, g.window, g.sink, scale)
+        if md.num_decode_tokens:
+            _decode_rows_full(flash_attn_varlen_func, q, kc, vc, o, md, common)
+
+
+def _decode_rows_full(fa: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                      o: torch.Tensor, md: Any, common: dict[str, Any]) -> None:
+    """Full attention for the batch's decode rows of a local group."""
+    if md.decode_prefix_rows is not None:  # decode rows lead the batch: plain slices
+        r, n = md.decode_prefix_rows, md.num_decode_tokens
+        fa(q=q[:n], k=kc, v=vc, out=o[:n], cu_seqlens_q=md.cu_seqlens_q[:r + 1],
+           max_seqlen_q=md.max_decode_query_len, seqused_k=md.seqused_k[:r],
+           max_seqlen_k=md.max_seq_len, block_table=md.block_table[:r], **common)
+        return
+    idx, rows = md.decode_token_index, md.decode_rows
+    res = fa(q=q[idx], k=kc, v=vc, cu_seqlens_q=md.decode_cu_seqlens,
+             max_seqlen_q=md.max_decode_query_len, seqused_k=md.seqused_k[rows],
+             max_seqlen_k=md.max_seq_len, block_table=md.block_table[rows], **common)
+    o[idx] = res
