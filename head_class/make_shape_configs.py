@@ -21,6 +21,15 @@ SHAPES = {
         info={"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "architecture": "LlamaForCausalLM",
               "notes": "shape config: 20% of all KV heads global, chosen by a seeded "
                        "shuffle; not profiled"}),
+    # The GPU speed benchmark's random-weight Llama-3.1-8B shape: exactly 1 of 8 KV heads
+    # global in every layer, W=4096 (the configuration measured-baselines.md ceilings use).
+    "llama-3.1-8b.shape-g1of8-w4096.json": dict(
+        num_layers=32, num_kv_heads=8, global_fraction=0.125, window=4096, sink=4,
+        dense_prefix_layers=0, seed=0, per_layer=True,
+        info={"model": "random-weight Llama-3.1-8B shape (benchmarks/ttft.py)",
+              "architecture": "LlamaForCausalLM",
+              "notes": "shape config for speed runs: 1 global KV head per layer, chosen by a "
+                       "seeded draw; not profiled, no quality claim"}),
 }
 
 SPARSE_FFN = {
@@ -29,6 +38,13 @@ SPARSE_FFN = {
         "notes": "hand-set placeholder until the profiler sweeps it: on SmolLM2 a sparse FFN "
                  "in layers < 20 broke exact pass-key copying even at mass_thresh 0.9",
         "dense_until": 20, "mass_thresh": 0.5, "recent_n": 128, "min_keep": 1,
+    },
+    "llama-3.1-8b.sparse_ffn-15pct.json": {
+        "model": "random-weight Llama-3.1-8B shape (benchmarks/ttft.py)",
+        "notes": "speed runs only: the first 5 layers dense as in the kernel ceilings; on random "
+                 "weights importance is near uniform, so mass_thresh 0.15 keeps about 15% of "
+                 "tokens (the kept fraction is measured and reported, not assumed)",
+        "dense_until": 5, "mass_thresh": 0.15, "recent_n": 128, "min_keep": 1,
     },
 }
 

@@ -258,7 +258,8 @@ def engine_args(
         sparse_ffn: sparse-FFN schedule (path, dict or :class:`SparseFFNConfig`); None keeps
             the FFN dense.
         request_stats: add the RedKnot connector for per-request FLOPs / kept-fraction
-            accounting (``redknot_vllm.request_stats``).
+            accounting (``redknot_vllm.request_stats``). Without it RedKnot logs aggregates,
+            and the worker extension still answers ``redknot_prefill_totals``.
         architecture: the model's stock architecture, if ``model`` has no local config.json.
         **vllm_kwargs: any other ``LLM`` / ``EngineArgs`` argument, passed through.
 
@@ -295,11 +296,13 @@ def engine_args(
                 "kv_transfer_config is already set; pass request_stats=False to keep yours "
                 "(per-request RedKnot stats then need the RedKnot connector)")
         out["kv_transfer_config"] = connector_config()
-        if out.get("worker_extension_cls") not in (None, "", WORKER_EXTENSION):
-            raise RedKnotConfigError(
-                f"worker_extension_cls is already {out['worker_extension_cls']!r}; pass "
-                "request_stats=False to keep it")
+    if out.get("worker_extension_cls") in (None, ""):
         out["worker_extension_cls"] = WORKER_EXTENSION
+    elif out["worker_extension_cls"] != WORKER_EXTENSION and request_stats:
+        raise RedKnotConfigError(
+            f"worker_extension_cls is already {out['worker_extension_cls']!r}; pass "
+            "request_stats=False to keep it (request_stats() then needs "
+            f"{WORKER_EXTENSION})")
     return out
 
 

@@ -203,6 +203,14 @@ class RedknotWorkerExtension:
             "runtime": find_runtime(vllm_config) is not None,
         }
 
+    def redknot_prefill_totals(self) -> dict[str, Any]:
+        """Aggregate prefill accounting since the last call, when running without the
+        connector (benchmarks): tokens, FLOPs dense/RedKnot, kept FFN fraction."""
+        from redknot_vllm.runtime import find_runtime
+
+        rt = find_runtime(self.vllm_config)  # type: ignore[attr-defined]
+        return {} if rt is None else rt.take_totals().as_dict()
+
     def redknot_request_stats(self, request_ids: list[str] | None) -> dict[str, dict[str, Any]]:
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 

@@ -301,26 +301,32 @@ class HeadConfig:
         dense_prefix_layers: int = 0,
         seed: int = 0,
         info: dict[str, Any] | None = None,
+        per_layer: bool = False,
     ) -> HeadConfig:
         """A "shape" config with stated proportions, not a profiled one.
 
         ``round(global_fraction * heads)`` of the KV heads in the layers at or above
         ``dense_prefix_layers`` are global, chosen by a seeded shuffle; the rest are local.
+        With ``per_layer`` the count is applied to every layer (e.g. exactly 1 of 8).
         Used for speed runs on random weights and as a placeholder until a profile exists.
         """
         if not 0.0 <= global_fraction <= 1.0:
             raise HeadConfigError(f"global_fraction is {global_fraction}; expected [0, 1]")
-        slots = [(li, h) for li in range(dense_prefix_layers, num_layers)
-                 for h in range(num_kv_heads)]
-        n_global = round(global_fraction * len(slots))
         rng = random.Random(seed)
-        rng.shuffle(slots)
-        global_set = set(slots[:n_global])
+        layers = range(dense_prefix_layers, num_layers)
+        if per_layer:
+            k = round(global_fraction * num_kv_heads)
+            global_set = {(li, h) for li in layers
+                          for h in rng.sample(range(num_kv_heads), k)}
+        else:
+            slots = [(li, h) for li in layers for h in range(num_kv_heads)]
+            rng.shuffle(slots)
+            global_set = set(slots[:round(global_fraction * len(slots))])
         classes = [["global" if li < dense_prefix_layers or (li, h) in global_set else "local"
                     for h in range(num_kv_heads)] for li in range(num_layers)]
         meta = {"method": "shape", "provenance": {
             "generator": "HeadConfig.shape", "global_fraction": global_fraction,
-            "window": window, "sink": sink, "seed": seed}}
+            "window": window, "sink": sink, "seed": seed, "per_layer": per_layer}}
         meta.update(info or {})
         return cls.from_dict({
             "num_layers": num_layers,

@@ -45,6 +45,8 @@ class RedknotRuntime:
         self.per_request = False
         """Set by the RedKnot connector: it drains the steps itself, by request id."""
         self._pending: list[RedKnotAttentionMetadata] = []
+        self.totals = PrefillFlops()
+        """All prefill rows folded here since the last :meth:`take_totals` (no connector)."""
         self._window = PrefillFlops()
         self._window_start = time.monotonic()
 
@@ -71,11 +73,19 @@ class RedknotRuntime:
         return acc
 
     # ------------------------------------------------------------ aggregate
+    def take_totals(self) -> PrefillFlops:
+        """Prefill accounting of every finished step since the last call (no connector)."""
+        self._fold_into_window()
+        out, self.totals = self.totals, PrefillFlops()
+        return out
+
     def _fold_into_window(self) -> None:
         for md in self.drain():
             for row, prefill in enumerate(md.is_prefill):
                 if prefill:
-                    self._window.merge(self.row_flops(md, row))
+                    acc = self.row_flops(md, row)
+                    self._window.merge(acc)
+                    self.totals.merge(acc)
         now = time.monotonic()
         if self._window.tokens and now - self._window_start >= envs.stats_log_interval_s():
             if self.tp_rank == 0:

@@ -87,6 +87,7 @@ def test_engine_args_wires_vllm_channels(tmp_path):
     json.dumps(args)  # everything crosses process boundaries as JSON
     plain = engine_args(model, request_stats=False)
     assert "kv_transfer_config" not in plain
+    assert plain["worker_extension_cls"] == "redknot_vllm.connector.RedknotWorkerExtension"
     assert plain["additional_config"]["redknot"]["head_config"] is None
 
 

@@ -110,6 +110,9 @@ class RedKnotAttentionMetadata:
     decode_rows: torch.Tensor | None = None  # [n] row indices (when not a prefix)
     decode_token_index: torch.Tensor | None = None  # [m] token indices (when not a prefix)
     decode_cu_seqlens: torch.Tensor | None = None  # [n + 1] int32 (when not a prefix)
+    fa: Any = None
+    """CUDA, steps without prefill rows: vLLM's own FlashAttentionMetadata (decode runs as
+    dense vLLM does, full CUDA graphs included)."""
     token_importance_sq: dict[str, torch.Tensor] = field(default_factory=dict)
     """attention layer name -> [num_actual_tokens] fp32 Σ over this rank's heads of o²."""
     ffn_kept: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -130,22 +133,49 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
     # then a slice of the batch.
     reorder_batch_threshold: int | None = 1
 
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
+        # On CUDA, batches of single-token rows run vLLM's FlashAttention path, which can be
+        # captured whole; everything else runs eagerly between piecewise graphs.
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda():
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return cls._cudagraph_support
+
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any,
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         from redknot_vllm.runtime import find_runtime
 
         self.runtime = find_runtime(vllm_config)
+        self._fa_builder = None
+        if device.type == "cuda":
+            from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+            self._fa_builder = FlashAttentionMetadataBuilder(kv_cache_spec, layer_names,
+                                                             vllm_config, device)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
+                                    ) -> RedKnotAttentionMetadata:
+        """Captured graphs serve uniform single-token batches: build them as decode."""
+        md = self.build(0, common_attn_metadata, force_decode=True)
+        if self._fa_builder is not None:
+            md.fa = self._fa_builder.build_for_cudagraph_capture(common_attn_metadata)
+        return md
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> RedKnotAttentionMetadata:
+              fast_build: bool = False, force_decode: bool = False
+              ) -> RedKnotAttentionMetadata:
         cm = common_attn_metadata
         num_reqs, num_tokens = cm.num_reqs, cm.num_actual_tokens
         qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
         seq_lens = compat.seq_lens_cpu(cm)[:num_reqs].tolist()
         q_lens = [qsl[i + 1] - qsl[i] for i in range(num_reqs)]
         prefilling = compat.is_prefilling(cm)
-        if prefilling is None:
+        if force_decode:
+            is_prefill = [False] * num_reqs
+        elif prefilling is None:
             logger.warning_once(
                 "RedKnot: the model runner does not report is_prefilling (vLLM's v2 model "
                 "runner); treating rows with more than one new token as prefill. Set "
@@ -172,6 +202,8 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
             add_token_fields(md, q_lens, self.device)
             if self.runtime is not None:
                 self.runtime.begin_step(md)
+        elif self._fa_builder is not None and not force_decode:
+            md.fa = self._fa_builder.build(common_prefix_len, cm, fast_build)
         return md
 
 
@@ -244,6 +276,14 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
         self.plan = redknot_plan
+        self._fa_impl = None
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda():
+            from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+            self._fa_impl = FlashAttentionImpl(num_heads, head_size, scale, num_kv_heads, None,
+                                               None, kv_cache_dtype, None, attn_type, None)
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
@@ -282,6 +322,9 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output.fill_(0)
         md = attn_metadata
+        if md.fa is not None:  # CUDA, no prefill rows: exactly dense vLLM's attention
+            assert self._fa_impl is not None
+            return self._fa_impl.forward(layer, query, key, value, kv_cache, md.fa, output)
         n = md.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         o = output[:n].view(n, self.num_heads, self.head_size)

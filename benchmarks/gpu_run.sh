@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call: install the vLLM 0.26 bundle carried to /tmp/stage, install this tree,
+# run the GPU tests and the benchmarks named in $@ (smollm2, llama8b), results under $OUT.
+#   bash benchmarks/gpu_run.sh tests smollm2 llama8b
+set -uo pipefail
+bash /tmp/stage/install.sh /tmp/stage /tmp/site >/dev/null || exit 1
+export PYTHONPATH=/tmp/site:$PWD VLLM_USE_V2_MODEL_RUNNER=0 VLLM_USE_FLASHINFER_SAMPLER=0 \
+       HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+for step in "$@"; do
+  case $step in
+    tests)
+      timeout 420 python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
+        tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    smollm2|llama8b)
+      timeout 540 python3 benchmarks/ttft.py --model "$step" --out "$OUT/ttft-$step.json" \
+        ${TTFT_ARGS:-} 2>&1 | grep -v -E "^\(EngineCore|INFO|WARNING|it/s" | tee "$OUT/ttft-$step.log" | tail -20 ;;
+  esac
+done

@@ -1,0 +1,234 @@
+"""TTFT and decode speed: dense vLLM vs RedKnot vLLM, same version, same GPU, one run.
+
+    python benchmarks/ttft.py --model llama8b --out results/ttft-h100.json
+    python benchmarks/ttft.py --model smollm2 --out results/ttft-smollm2-h100.json
+
+Each engine runs in its own subprocess (two 8B engines do not fit side by side, and vLLM does
+not always give GPU memory back), with identical engine arguments apart from the RedKnot
+switches. Per length: one warm-up request of that length, then ``--prompts`` different random
+prompts, one at a time, ``max_tokens=1``; TTFT is the wall clock around ``LLM.generate``.
+Decode speed: ``(t(1 + n tokens) - t(1 token)) / n`` per sequence, batch 1 and batch 16.
+FLOPs saved and the kept FFN fraction are RedKnot's own accounting of the measured prompts
+(``redknot_prefill_totals``), i.e. with the kept token counts that actually ran.
+
+``llama8b`` is the random-weight Llama-3.1-8B shape of ``measured-baselines.md`` made here
+(``load_format="dummy"``). On random weights the token importance is near uniform, so its
+kept FFN fraction is an input (set by ``mass_thresh``), not an outcome; real-model kept
+fractions come from the SmolLM2 run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LLAMA8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 49152, "rope_theta": 500000.0,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+MODELS: dict[str, dict[str, Any]] = {
+    "llama8b": {
+        "lengths": [16384, 32768, 65536],
+        "head_config": "head_class/llama-3.1-8b.shape-g1of8-w4096.json",
+        "sparse_ffn": "head_class/llama-3.1-8b.sparse_ffn-15pct.json",
+        "engine": {"load_format": "dummy", "max_model_len": 65536 + 512,
+                   "max_num_batched_tokens": 65536 + 512, "gpu_memory_utilization": 0.85},
+    },
+    "smollm2": {
+        "lengths": [2048, 4096, 7680],
+        "head_config": "head_class/smollm2-135m-instruct.shape80.json",
+        "sparse_ffn": "head_class/smollm2-135m-instruct.sparse_ffn.json",
+        "engine": {"max_model_len": 8192, "max_num_batched_tokens": 8192,
+                   "gpu_memory_utilization": 0.3},
+    },
+}
+
+
+def model_dir(kind: str, root: Path) -> str:
+    if kind == "smollm2":
+        from redknot_vllm.embedded import smollm2_path
+
+        return str(smollm2_path())
+    path = root / "llama-3.1-8b-shape"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(LLAMA8B))
+    return str(path)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One engine: TTFT per length, decode speed, RedKnot accounting. Writes JSON."""
+    import random
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from redknot_vllm import engine_args
+
+    spec = MODELS[args.model]
+    model = model_dir(args.model, Path(args.workdir))
+    kw = dict(spec["engine"], seed=0, enforce_eager=args.enforce_eager,
+              skip_tokenizer_init=args.model == "llama8b")
+    redknot = args.engine == "redknot"
+    if redknot:
+        kw = engine_args(model, head_config=str(ROOT / spec["head_config"]),
+                         sparse_ffn=str(ROOT / spec["sparse_ffn"]), request_stats=False, **kw)
+    else:
+        kw = dict(kw, model=model)
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    start_s = time.perf_counter() - t0
+    rng = random.Random(1234)  # same prompts for both engines
+    vocab = 49152 if args.model == "llama8b" else 49000
+
+    def prompt(n: int) -> Any:
+        return TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab) for _ in range(n)])
+
+    def timed(prompts: list[Any], max_tokens: int) -> float:
+        sp = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0,
+                            ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(prompts, sp, use_tqdm=False)
+        return time.perf_counter() - t
+
+    out: dict[str, Any] = {"engine": args.engine, "engine_start_s": start_s, "lengths": {}}
+    for n in args.lengths or spec["lengths"]:
+        timed([prompt(n)], 1)  # warm-up of this length
+        if redknot:
+            llm.collective_rpc("redknot_prefill_totals")  # reset
+        ttft = [timed([prompt(n)], 1) for _ in range(args.prompts)]
+        entry: dict[str, Any] = {"ttft_s": ttft}
+        if redknot:
+            entry["accounting"] = llm.collective_rpc("redknot_prefill_totals")[0]
+        out["lengths"][str(n)] = entry
+        print(f"[{args.engine}] {n}: median TTFT {statistics.median(ttft):.4f} s", flush=True)
+    decode = {}
+    for batch in (1, 16):
+        n_new = 128
+        reps = []
+        for _ in range(3):
+            ps = [prompt(1024) for _ in range(batch)]
+            t1 = timed(ps, 1)
+            ps = [prompt(1024) for _ in range(batch)]
+            t2 = timed(ps, 1 + n_new)
+            reps.append(batch * n_new / (t2 - t1))
+        decode[str(batch)] = {"tok_s": reps, "median": statistics.median(reps)}
+        print(f"[{args.engine}] decode batch {batch}: {statistics.median(reps):.1f} tok/s",
+              flush=True)
+    out["decode"] = decode
+    Path(args.json_out).write_text(json.dumps(out))
+
+
+def env_info() -> dict[str, Any]:
+    import torch
+    import vllm
+
+    info: dict[str, Any] = {"vllm": vllm.__version__, "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    try:
+        info["driver"] = subprocess.check_output(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["driver"] = None
+    try:
+        info["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT,
+                                                 text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = os.environ.get("REDKNOT_COMMIT")
+    return info
+
+
+def parent(args: argparse.Namespace) -> None:
+    spec = MODELS[args.model]
+    runs = {}
+    with tempfile.TemporaryDirectory() as work:
+        for engine in ("dense", "redknot"):
+            js = Path(work) / f"{engine}.json"
+            cmd = [sys.executable, __file__, "--child", "--engine", engine, "--model",
+                   args.model, "--json-out", str(js), "--workdir", work, "--prompts",
+                   str(args.prompts)]
+            if args.lengths:
+                cmd += ["--lengths", *map(str, args.lengths)]
+            if args.enforce_eager:
+                cmd.append("--enforce-eager")
+            subprocess.run(cmd, check=True)
+            runs[engine] = json.loads(js.read_text())
+    dense, rk = runs["dense"], runs["redknot"]
+    results = []
+    for n, d in dense["lengths"].items():
+        r = rk["lengths"][n]
+        ratios = [a / b for a, b in zip(d["ttft_s"], r["ttft_s"], strict=True)]
+        acc = r.get("accounting", {})
+        results.append({
+            "tokens": int(n), "dense_ttft_s": d["ttft_s"], "redknot_ttft_s": r["ttft_s"],
+            "speedup_per_prompt": ratios,
+            "speedup_median": statistics.median(d["ttft_s"]) / statistics.median(r["ttft_s"]),
+            "flops_saved": acc.get("flops_saved"),
+            "ffn_kept_fraction": acc.get("ffn_kept_fraction"),
+        })
+    doc = {
+        **env_info(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model,
+        "config": {"head_config": spec["head_config"], "sparse_ffn": spec["sparse_ffn"],
+                   "engine": spec["engine"], "enforce_eager": args.enforce_eager,
+                   "prompts_per_length": args.prompts, "ttft": "wall clock of generate(), "
+                   "max_tokens=1, one request at a time, after a same-length warm-up",
+                   "ffn_kept_fraction_note": (
+                       "random weights: kept fraction is an input set by mass_thresh; see the "
+                       "smollm2 results for real-weight kept fractions"
+                       if args.model == "llama8b" else "measured on real weights")},
+        "engine_start_s": {"dense": dense["engine_start_s"],
+                           "redknot": rk["engine_start_s"]},
+        "decode_tok_s": {"dense": {b: v["median"] for b, v in dense["decode"].items()},
+                         "redknot": {b: v["median"] for b, v in rk["decode"].items()},
+                         "raw": {"dense": dense["decode"], "redknot": rk["decode"]}},
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    for row in results:
+        print(f"{row['tokens']:>6} tokens: dense {statistics.median(row['dense_ttft_s']):.3f} s, "
+              f"RedKnot {statistics.median(row['redknot_ttft_s']):.3f} s, speedup "
+              f"{row['speedup_median']:.2f}x, FLOPs saved {row['flops_saved']}, "
+              f"FFN kept {row['ffn_kept_fraction']}")
+    print("decode tok/s", json.dumps({k: doc["decode_tok_s"][k] for k in ("dense", "redknot")}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="llama8b")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/ttft-h100.json"))
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--lengths", type=int, nargs="*", default=None)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", choices=["dense", "redknot"], help=argparse.SUPPRESS)
+    ap.add_argument("--json-out", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default=tempfile.gettempdir(), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""CUDA kernels against their torch references (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from redknot_vllm.attention.backend import RedKnotAttentionMetadata, add_token_fields
+from redknot_vllm.kernels.headclass_attention import FULL, HeadGroup, headclass_attention_ref
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+PAGE = 16
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _batch(rows, hkv, d, num_blocks=512, seed=0):
+    """rows: list of (context_len_before, new_tokens, is_prefill). Returns cache + metadata."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    cache = torch.randn(num_blocks, hkv, PAGE, 2 * d, device=DEV, dtype=torch.bfloat16,
+                        generator=g)
+    perm = torch.randperm(num_blocks, device=DEV, generator=g)
+    max_blocks = max(-(-(c + n) // PAGE) for c, n, _ in rows)
+    table = torch.zeros(len(rows), max_blocks, dtype=torch.int32, device=DEV)
+    used = 0
+    for r, (c, n, _) in enumerate(rows):
+        nb = -(-(c + n) // PAGE)
+        table[r, :nb] = perm[used:used + nb].int()
+        used += nb
+    q_lens = [n for _, n, _ in rows]
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    seq = [c + n for c, n, _ in rows]
+    md = RedKnotAttentionMetadata(
+        num_actual_tokens=qsl[-1], num_reqs=len(rows), block_table=table,
+        slot_mapping=torch.zeros(qsl[-1], device=DEV),
+        cu_seqlens_q=torch.tensor(qsl, dtype=torch.int32, device=DEV),
+        seqused_k=torch.tensor(seq, dtype=torch.int32, device=DEV),
+        max_query_len=max(q_lens), max_seq_len=max(seq), query_start_loc=qsl, seq_lens=seq,
+        is_prefill=[p for _, _, p in rows], has_prefill=any(p for _, _, p in rows),
+        want_importance=False)
+    if md.has_prefill:
+        add_token_fields(md, q_lens, torch.device(DEV))
+    return cache, md
+
+
+def _seq_kv(cache, table_row, seq_len, d):
+    blocks = table_row[: -(-seq_len // PAGE)].long()
+    kv = cache[blocks].transpose(0, 1).reshape(cache.shape[1], -1, 2 * d)[:, :seq_len]
+    return kv[..., :d].transpose(0, 1), kv[..., d:].transpose(0, 1)  # [S, H, D]
+
+
+@pytest.mark.parametrize("rows", [
+    [(0, 700, True)],
+    [(300, 257, True), (0, 64, True)],
+    [(40, 1, False), (77, 1, False), (0, 500, True), (1000, 333, True)],  # decodes lead
+    [(0, 200, True), (90, 1, False), (5, 1, True), (400, 1, False)],  # interleaved
+])
+@pytest.mark.parametrize("hkv,per,groups", [
+    (4, 2, (HeadGroup((0,), FULL, 0), HeadGroup((1, 2, 3), 64, 4))),
+    (8, 4, (HeadGroup((0,), FULL, 0), HeadGroup((1, 2, 3, 4, 5, 6, 7), 128, 16))),
+    (2, 1, (HeadGroup((0, 1), 33, 0),)),
+])
+def test_paged_headclass_attention_cuda_matches_reference(rows, hkv, per, groups):
+    from redknot_vllm.kernels.headclass_attention_cuda import paged_headclass_attention_cuda
+
+    d = 128
+    cache, md = _batch(rows, hkv, d)
+    q = torch.randn(md.num_actual_tokens, hkv * per, d, device=DEV, dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    paged_headclass_attention_cuda(q, cache, md, groups, d**-0.5, out)
+    assert not out.isnan().any()
+    win = torch.full((hkv,), FULL)
+    sink = torch.zeros(hkv, dtype=torch.long)
+    for g in groups:
+        for h in g.kv_heads:
+            win[h], sink[h] = g.window, g.sink
+    for r, (c, n, prefill) in enumerate(rows):
+        k, v = _seq_kv(cache, md.block_table[r], c + n, d)
+        a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
+        w = win if prefill else torch.full((hkv,), FULL)
+        ref = headclass_attention_ref(q[a:b].cpu(), k.cpu(), v.cpu(), torch.arange(c, c + n),
+                                      w, sink, d**-0.5)
+        assert _rel(out[a:b].cpu(), ref) < 2e-2, (r, _rel(out[a:b].cpu(), ref))
+
+
+def test_sink_merge_matches_reference():
+    from redknot_vllm.kernels.headclass_attention_cuda import sink_merge, sink_merge_ref
+
+    d, hkv, per = 64, 3, 3
+    cache, md = _batch([(0, 300, True), (20, 1, False), (500, 90, True)], hkv, d, seed=1)
+    key_cache, value_cache = cache.transpose(1, 2).split(d, dim=-1)
+    t, hq = md.num_actual_tokens, hkv * per
+    q = torch.randn(t, hq, d, device=DEV, dtype=torch.bfloat16)
+    o_w = torch.randn(t, hq, d, device=DEV, dtype=torch.bfloat16)
+    lse = torch.randn(hq, t, device=DEV) * 3
+    out = torch.zeros(t, 2 * hq, d, device=DEV, dtype=torch.bfloat16)[:, hq:]  # strided view
+    args = (q, key_cache, value_cache, md.block_table, md.token_row, md.token_pos,
+            md.token_is_prefill, 40, 7, d**-0.5)
+    sink_merge(out, o_w, lse, *args)
+    ref = sink_merge_ref(o_w, lse, *args, out=torch.zeros_like(out))
+    assert _rel(out, ref) < 1e-2
+    assert out[300].abs().sum() == 0  # the decode token is untouched
+
+
+@pytest.mark.parametrize("t,h,inter,frac", [(1000, 256, 512, 0.15), (4099, 576, 1536, 0.5),
+                                            (17, 64, 128, 0.0), (33, 64, 128, 1.0)])
+def test_sparse_swiglu_matches_reference(t, h, inter, frac):
+    from redknot_vllm.kernels.sparse_mlp import sparse_swiglu, sparse_swiglu_ref
+
+    g = torch.Generator(device=DEV).manual_seed(t)
+    x = torch.randn(t, h, device=DEV, dtype=torch.bfloat16, generator=g)
+    wgu = torch.randn(2 * inter, h, device=DEV, dtype=torch.bfloat16, generator=g) / h**0.5
+    wd = torch.randn(h, inter, device=DEV, dtype=torch.bfloat16, generator=g) / inter**0.5
+    keep = torch.rand(t, device=DEV, generator=g) < frac
+    out = sparse_swiglu(x, keep, wgu, wd)
+    ref = sparse_swiglu_ref(x, keep, wgu, wd)
+    assert (out[~keep] == 0).all()
+    if keep.any():
+        assert _rel(out[keep], ref[keep]) < 2e-2

@@ -1,0 +1,36 @@
+"""RedKnot in vLLM 0.26 on a GPU (skipped on CPU CI)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import long_prompt
+
+pytestmark = [pytest.mark.gpu, pytest.mark.engine]
+
+GPU_COMMON = dict(max_model_len=8192, gpu_memory_utilization=0.3, seed=0,
+                  max_num_batched_tokens=1024)
+
+
+def test_all_global_is_token_identical_to_stock_on_gpu(smollm2):
+    import gc
+
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from redknot_vllm import HeadConfig, engine_args
+
+    prompts = ["The capital of France is", "def fibonacci(n):", long_prompt(30),
+               long_prompt(12, key="90210"), "1, 2, 3, 4,"]
+    sp = SamplingParams(max_tokens=16, temperature=0)
+    results = []
+    for kwargs in (dict(model=smollm2, **GPU_COMMON),
+                   engine_args(smollm2, head_config=HeadConfig.shape(30, 3, 1.0, window=64),
+                               request_stats=False, **GPU_COMMON)):
+        llm = LLM(**kwargs)
+        results.append([list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp)])
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert results[1] == results[0]
