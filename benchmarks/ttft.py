@@ -7,14 +7,15 @@ Each engine runs in its own subprocess (two 8B engines do not fit side by side, 
 not always give GPU memory back), with identical engine arguments apart from the RedKnot
 switches. Per length: one warm-up request of that length, then ``--prompts`` different random
 prompts, one at a time, ``max_tokens=1``; TTFT is the wall clock around ``LLM.generate``.
-Decode speed: ``(t(1 + n tokens) - t(1 token)) / n`` per sequence, batch 1 and batch 16.
+Decode speed: generated tokens over the time from the first to the last generated token
+(engine timestamps), batch 1 and batch 16.
 FLOPs saved and the kept FFN fraction are RedKnot's own accounting of the measured prompts
 (``redknot_prefill_totals``), i.e. with the kept token counts that actually ran.
 
 ``llama8b`` is the random-weight Llama-3.1-8B shape of ``measured-baselines.md`` made here
-(``load_format="dummy"``). On random weights the token importance is near uniform, so its
-kept FFN fraction is an input (set by ``mass_thresh``), not an outcome; real-model kept
-fractions come from the SmolLM2 run.
+(``load_format="dummy"``). On random weights the kept FFN fraction is an input
+(``keep_fraction`` 0.15 in the sparse layers), not an outcome; real-model kept fractions
+come from the SmolLM2 run.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def child(args: argparse.Namespace) -> None:
     spec = MODELS[args.model]
     model = model_dir(args.model, Path(args.workdir))
     kw = dict(spec["engine"], seed=0, enforce_eager=args.enforce_eager,
-              skip_tokenizer_init=args.model == "llama8b")
+              skip_tokenizer_init=args.model == "llama8b", disable_log_stats=False)
     redknot = args.engine == "redknot"
     if redknot:
         kw = engine_args(model, head_config=str(ROOT / spec["head_config"]),
@@ -107,6 +108,9 @@ def child(args: argparse.Namespace) -> None:
         return time.perf_counter() - t
 
     out: dict[str, Any] = {"engine": args.engine, "engine_start_s": start_s, "lengths": {}}
+    if args.profile_len:
+        profile(llm, prompt, args.profile_len, Path(args.json_out).with_suffix(".profile.txt"))
+        return
     for n in args.lengths or spec["lengths"]:
         timed([prompt(n)], 1)  # warm-up of this length
         if redknot:
@@ -119,19 +123,42 @@ def child(args: argparse.Namespace) -> None:
         print(f"[{args.engine}] {n}: median TTFT {statistics.median(ttft):.4f} s", flush=True)
     decode = {}
     for batch in (1, 16):
-        n_new = 128
-        reps = []
+        n_new, reps = 256, []
+        sp = SamplingParams(max_tokens=n_new, min_tokens=n_new, temperature=0, ignore_eos=True)
         for _ in range(3):
-            ps = [prompt(1024) for _ in range(batch)]
-            t1 = timed(ps, 1)
-            ps = [prompt(1024) for _ in range(batch)]
-            t2 = timed(ps, 1 + n_new)
-            reps.append(batch * n_new / (t2 - t1))
+            outs = llm.generate([prompt(1024) for _ in range(batch)], sp, use_tqdm=False)
+            # decode only: from the first generated token to the last (engine timestamps)
+            first = min(o.metrics.first_token_ts for o in outs)
+            last = max(o.metrics.last_token_ts for o in outs)
+            reps.append(batch * (n_new - 1) / (last - first))
         decode[str(batch)] = {"tok_s": reps, "median": statistics.median(reps)}
         print(f"[{args.engine}] decode batch {batch}: {statistics.median(reps):.1f} tok/s",
               flush=True)
     out["decode"] = decode
     Path(args.json_out).write_text(json.dumps(out))
+
+
+def profile(llm: Any, prompt: Any, n: int, path: Path) -> None:
+    """One prefill of ``n`` tokens under torch.profiler (engine in this process)."""
+    import torch
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=1, temperature=0)
+    llm.generate([prompt(n)], sp, use_tqdm=False)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        llm.generate([prompt(n)], sp, use_tqdm=False)
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            table = events.table(sort_by=key, row_limit=45, max_name_column_width=90)
+            break
+        except (AttributeError, KeyError):
+            continue
+    path.write_text(f"prefill of {n} tokens, wall {wall:.4f} s\n{table}\n")
+    print(table[-6000:], flush=True)
 
 
 def env_info() -> dict[str, Any]:
@@ -149,7 +176,7 @@ def env_info() -> dict[str, Any]:
         info["driver"] = None
     try:
         info["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT,
-                                                 text=True).strip()
+                                                 text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = os.environ.get("REDKNOT_COMMIT")
     return info
@@ -157,6 +184,14 @@ def env_info() -> dict[str, Any]:
 
 def parent(args: argparse.Namespace) -> None:
     spec = MODELS[args.model]
+    if args.profile_len:  # engines in process, so the profiler sees their kernels
+        for engine in ("dense", "redknot"):
+            out = Path(args.out).with_name(f"profile-{args.model}-{engine}.json")
+            subprocess.run([sys.executable, __file__, "--child", "--engine", engine, "--model",
+                            args.model, "--json-out", str(out), "--profile-len",
+                            str(args.profile_len)], check=True,
+                           env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        return
     runs = {}
     with tempfile.TemporaryDirectory() as work:
         for engine in ("dense", "redknot"):
@@ -182,6 +217,8 @@ def parent(args: argparse.Namespace) -> None:
             "speedup_median": statistics.median(d["ttft_s"]) / statistics.median(r["ttft_s"]),
             "flops_saved": acc.get("flops_saved"),
             "ffn_kept_fraction": acc.get("ffn_kept_fraction"),
+            "ffn_kept_fraction_sparse_layers": acc.get("ffn_kept_fraction_sparse_layers"),
+            "accounting": acc,
         })
     doc = {
         **env_info(),
@@ -192,8 +229,9 @@ def parent(args: argparse.Namespace) -> None:
                    "prompts_per_length": args.prompts, "ttft": "wall clock of generate(), "
                    "max_tokens=1, one request at a time, after a same-length warm-up",
                    "ffn_kept_fraction_note": (
-                       "random weights: kept fraction is an input set by mass_thresh; see the "
-                       "smollm2 results for real-weight kept fractions"
+                       "random weights: the kept fraction is an input (keep_fraction 0.15 in "
+                       "the sparse layers), not an outcome; see the smollm2 results for "
+                       "kept fractions on real weights"
                        if args.model == "llama8b" else "measured on real weights")},
         "engine_start_s": {"dense": dense["engine_start_s"],
                            "redknot": rk["engine_start_s"]},
@@ -219,6 +257,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--lengths", type=int, nargs="*", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--profile-len", type=int, default=0,
+                    help="instead of timing: profile one prefill of this length per engine")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", choices=["dense", "redknot"], help=argparse.SUPPRESS)
     ap.add_argument("--json-out", help=argparse.SUPPRESS)

@@ -41,8 +41,8 @@ class RedKnotConfigError(ValueError):
     """A RedKnot option that is unknown or out of range."""
 
 
-_SPARSE_KEYS = ("dense_until", "mass_thresh", "deep_layer_start", "mass_thresh_deep",
-                "recent_n", "min_keep")
+_SPARSE_KEYS = ("dense_until", "mass_thresh", "keep_fraction", "deep_layer_start",
+                "mass_thresh_deep", "recent_n", "min_keep")
 _SPARSE_INFO_KEYS = frozenset({"model", "notes", "description", "provenance", "local_window",
                                "schema_version"})
 
@@ -51,8 +51,11 @@ _SPARSE_INFO_KEYS = frozenset({"model", "notes", "description", "provenance", "l
 class SparseFFNConfig:
     """Token-sparse FFN schedule, in the seed's ``sparse_ffn_params`` format."""
 
-    mass_thresh: float
+    mass_thresh: float | None = None
     """Keep top tokens whose cumulative importance share stays below this (mid layers)."""
+    keep_fraction: float | None = None
+    """Instead of ``mass_thresh``: keep the top ``ceil(keep_fraction * n)`` tokens of each
+    chunk. A control for speed runs (a fixed share of FFN work), not the seed's rule."""
     dense_until: int = 5
     """Layers ``< dense_until`` run the FFN on every token."""
     deep_layer_start: int | None = None
@@ -70,8 +73,17 @@ class SparseFFNConfig:
             return RedKnotConfigError(
                 f"sparse_ffn {self.source}: {field} is {value!r}; expected {want}")
 
-        if not _is_number(self.mass_thresh) or not 0 < self.mass_thresh <= 1:
-            raise bad("mass_thresh", self.mass_thresh, "a number in (0, 1]")
+        if (self.mass_thresh is None) == (self.keep_fraction is None):
+            raise RedKnotConfigError(
+                f"sparse_ffn {self.source}: set exactly one of mass_thresh and keep_fraction "
+                f"(got {self.mass_thresh!r} and {self.keep_fraction!r})")
+        for name in ("mass_thresh", "keep_fraction"):
+            v = getattr(self, name)
+            if v is not None and (not _is_number(v) or not 0 < v <= 1):
+                raise bad(name, v, "a number in (0, 1]")
+        if self.keep_fraction is not None and self.mass_thresh_deep is not None:
+            raise RedKnotConfigError(f"sparse_ffn {self.source}: mass_thresh_deep needs "
+                                     "mass_thresh, not keep_fraction")
         if self.mass_thresh_deep is not None and (
                 not _is_number(self.mass_thresh_deep) or not 0 < self.mass_thresh_deep <= 1):
             raise bad("mass_thresh_deep", self.mass_thresh_deep, "null or a number in (0, 1]")
@@ -89,13 +101,21 @@ class SparseFFNConfig:
                 f"sparse_ffn {self.source}: deep_layer_start and mass_thresh_deep go together "
                 f"(got {self.deep_layer_start!r} and {self.mass_thresh_deep!r})")
 
+    @property
+    def by_fraction(self) -> bool:
+        """True when the rule is ``keep_fraction`` rather than cumulative mass."""
+        return self.keep_fraction is not None
+
     def threshold(self, layer: int) -> float:
-        """Cumulative-mass threshold of a layer; 1.0 means dense."""
+        """The layer's mass threshold (or keep fraction); 1.0 means dense."""
         if layer < self.dense_until:
             return 1.0
+        if self.keep_fraction is not None:
+            return self.keep_fraction
         if self.deep_layer_start is not None and layer >= self.deep_layer_start:
             assert self.mass_thresh_deep is not None
             return self.mass_thresh_deep
+        assert self.mass_thresh is not None
         return self.mass_thresh
 
     def validate_for_model(self, num_layers: int) -> None:
@@ -118,8 +138,9 @@ class SparseFFNConfig:
         if unknown:
             raise RedKnotConfigError(f"sparse_ffn {source}: unknown key(s) {unknown}; "
                                      f"expected {list(_SPARSE_KEYS)}")
-        if "mass_thresh" not in data:
-            raise RedKnotConfigError(f"sparse_ffn {source}: missing required key 'mass_thresh'")
+        if "mass_thresh" not in data and "keep_fraction" not in data:
+            raise RedKnotConfigError(f"sparse_ffn {source}: missing required key 'mass_thresh' "
+                                     "(or 'keep_fraction')")
         return cls(**{k: data[k] for k in _SPARSE_KEYS if k in data}, source=source)
 
     @classmethod
@@ -127,7 +148,7 @@ class SparseFFNConfig:
         return cls.from_dict(_read_json(path, "sparse_ffn"), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _SPARSE_KEYS}
+        return {k: getattr(self, k) for k in _SPARSE_KEYS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)

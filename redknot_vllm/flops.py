@@ -115,12 +115,18 @@ class PrefillFlops:
     """Σ over layers of tokens through the FFN if dense (= tokens × layers)."""
     ffn_tokens_kept: int = 0
     """Σ over layers of tokens that ran the FFN."""
+    sparse_pairs: int = 0
+    """(token, layer) pairs in sparse-FFN layers."""
+    sparse_pairs_kept: int = 0
+    """Of those, the pairs whose FFN ran."""
 
     def add_chunk(self, dims: ModelDims, shape: AttentionShape, start: int, end: int,
-                  ffn_token_layers: int) -> None:
+                  ffn_token_layers: int, sparse: tuple[int, int] = (0, 0)) -> None:
         """Account positions [start, end) of a prefill, whose FFN ran ``ffn_token_layers``
-        (token, layer) pairs."""
+        (token, layer) pairs; ``sparse`` = (pairs, kept pairs) of the sparse layers."""
         n = end - start
+        self.sparse_pairs += sparse[0]
+        self.sparse_pairs_kept += sparse[1]
         proj = dims.num_layers * n * dims.projection_per_token
         dense_ffn_pairs = dims.num_layers * n
         self.tokens += n
@@ -139,7 +145,13 @@ class PrefillFlops:
     def ffn_kept_fraction(self) -> float:
         return self.ffn_tokens_kept / self.ffn_tokens_dense if self.ffn_tokens_dense else 1.0
 
+    @property
+    def ffn_kept_fraction_sparse_layers(self) -> float:
+        return self.sparse_pairs_kept / self.sparse_pairs if self.sparse_pairs else 1.0
+
     def merge(self, other: PrefillFlops) -> None:
+        self.sparse_pairs += other.sparse_pairs
+        self.sparse_pairs_kept += other.sparse_pairs_kept
         self.tokens += other.tokens
         self.dense += other.dense
         self.redknot += other.redknot
@@ -149,4 +161,5 @@ class PrefillFlops:
     def as_dict(self) -> dict[str, float | int]:
         return {"prefill_tokens": self.tokens, "flops_dense": self.dense,
                 "flops_redknot": self.redknot, "flops_saved": round(self.saved_fraction, 6),
-                "ffn_kept_fraction": round(self.ffn_kept_fraction, 6)}
+                "ffn_kept_fraction": round(self.ffn_kept_fraction, 6),
+                "ffn_kept_fraction_sparse_layers": round(self.ffn_kept_fraction_sparse_layers, 6)}

@@ -40,6 +40,9 @@ class RedknotRuntime:
         self.tp_rank = tp_rank
         self.sparse_ffn = config.sparse_ffn
         self.attention_shape = AttentionShape.from_head_config(dims, config.head_config)
+        sf = config.sparse_ffn
+        self.sparse_layers = frozenset(
+            li for li in range(dims.num_layers) if sf is not None and sf.threshold(li) < 1.0)
         self.plans: dict[int, LayerPlan] = {}
         """Layer index -> plan, for the layers on this pipeline stage."""
         self.per_request = False
@@ -66,10 +69,12 @@ class RedknotRuntime:
         """FLOPs of one prefill row of a finished step (reads kept counts: host sync)."""
         q_len = md.query_start_loc[row + 1] - md.query_start_loc[row]
         end = md.seq_lens[row]
-        kept = sum(int(md.ffn_kept[li][row]) if li in md.ffn_kept else q_len
-                   for li in range(self.dims.num_layers))
+        per_layer = {li: int(md.ffn_kept[li][row]) if li in md.ffn_kept else q_len
+                     for li in range(self.dims.num_layers)}
+        sparse_kept = sum(per_layer[li] for li in self.sparse_layers)
         acc = PrefillFlops()
-        acc.add_chunk(self.dims, self.attention_shape, end - q_len, end, kept)
+        acc.add_chunk(self.dims, self.attention_shape, end - q_len, end,
+                      sum(per_layer.values()), (q_len * len(self.sparse_layers), sparse_kept))
         return acc
 
     # ------------------------------------------------------------ aggregate

@@ -39,6 +39,7 @@ def select_tokens(
     threshold: float,
     recent_n: int,
     min_keep: int,
+    by_fraction: bool = False,
 ) -> torch.Tensor:
     """The tokens whose FFN runs, for a batch of rows (sequences) laid out contiguously.
 
@@ -48,7 +49,8 @@ def select_tokens(
         num_rows: number of rows.
         token_is_prefill: ``[T]`` bool; non-prefill (decode) tokens are always kept.
         tokens_to_row_end: ``[T]`` int64, 0 for the last token of its row.
-        threshold: cumulative-mass threshold; ``>= 1`` keeps everything.
+        threshold: cumulative-mass threshold (or, with ``by_fraction``, the share of each
+            row's tokens to keep by rank); ``>= 1`` keeps everything.
         recent_n: the last ``recent_n`` tokens of each row are kept.
         min_keep: rows keeping fewer tokens get their top ``min_keep``.
 
@@ -73,7 +75,11 @@ def select_tokens(
     seg_cum = csum - before[s_row]
     rank_sorted = torch.arange(num_tokens, device=imp.device) - starts[s_row]
     frac = seg_cum / row_total[s_row].clamp(min=torch.finfo(imp.dtype).tiny)
-    keep_sorted = (frac < threshold) | (rank_sorted == 0)
+    if by_fraction:
+        k_row = torch.ceil(counts.double() * threshold).long()
+        keep_sorted = (rank_sorted < k_row[s_row]) | (rank_sorted == 0)
+    else:
+        keep_sorted = (frac < threshold) | (rank_sorted == 0)
 
     keep = torch.empty_like(keep_sorted)
     keep[order] = keep_sorted
@@ -99,6 +105,7 @@ class SparseFFNMixin:
     redknot_attn_layer_name: str
     redknot_layer: int
     redknot_threshold: float
+    redknot_by_fraction: bool
     redknot_recent_n: int
     redknot_min_keep: int
     redknot_tp_size: int
@@ -124,6 +131,7 @@ def make_sparse(
     min_keep: int,
     tp_size: int,
     static_forward_context: dict[str, Any],
+    by_fraction: bool = False,
 ) -> torch.nn.Module:
     """Make ``mlp`` token-sparse in place and register it for the custom op by ``prefix``."""
     base = type(mlp)
@@ -134,6 +142,7 @@ def make_sparse(
     mlp.redknot_attn_layer_name = attn_layer_name
     mlp.redknot_layer = layer
     mlp.redknot_threshold = threshold
+    mlp.redknot_by_fraction = by_fraction
     mlp.redknot_recent_n = recent_n
     mlp.redknot_min_keep = min_keep
     mlp.redknot_tp_size = tp_size
@@ -162,7 +171,7 @@ def _sparse_mlp(x: torch.Tensor, layer_name: str) -> torch.Tensor:
     n = md.num_actual_tokens
     keep = select_tokens(sq.sqrt(), md.token_row, md.num_reqs, md.token_is_prefill,
                          md.tokens_to_row_end, mlp.redknot_threshold, mlp.redknot_recent_n,
-                         mlp.redknot_min_keep)
+                         mlp.redknot_min_keep, mlp.redknot_by_fraction)
     md.record_ffn_kept(mlp.redknot_layer, keep)
     if x.is_cuda and _sync_free_ok(mlp):
         from redknot_vllm.kernels.sparse_mlp import sparse_swiglu

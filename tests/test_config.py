@@ -22,6 +22,12 @@ def test_sparse_thresholds_per_layer():
     assert [s.threshold(i) for i in (0, 1, 2, 4, 5, 9)] == [1.0, 1.0, 0.2, 0.2, 0.05, 0.05]
 
 
+def test_keep_fraction_rule():
+    s = SparseFFNConfig.from_dict({"keep_fraction": 0.15, "dense_until": 5})
+    assert s.by_fraction and s.threshold(4) == 1.0 and s.threshold(5) == 0.15
+    assert SparseFFNConfig.from_dict(s.to_dict()) == s
+
+
 def test_seed_sparse_file_with_extra_informational_key(tmp_path):
     p = tmp_path / "llama.json"
     p.write_text(json.dumps({"dense_until": 20, "mass_thresh": 0.2, "deep_layer_start": 60,
@@ -39,6 +45,8 @@ def test_seed_sparse_file_with_extra_informational_key(tmp_path):
      "mass_thresh_deep is 1.5"),
     ({"mass_thresh": 0.2, "thresh": 0.1}, "unknown key(s) ['thresh']"),
     ({"dense_until": 3}, "missing required key 'mass_thresh'"),
+    ({"mass_thresh": 0.2, "keep_fraction": 0.1}, "set exactly one of mass_thresh and keep"),
+    ({"keep_fraction": 1.2}, "keep_fraction is 1.2"),
     ({"mass_thresh": True}, "mass_thresh is True"),
 ])
 def test_sparse_config_errors(data, message):

@@ -98,3 +98,13 @@ def test_large_batch_matches_per_row_loop():
 @pytest.mark.parametrize("n", [0, 1])
 def test_tiny_inputs(n):
     assert select([1.0] * n, thresh=0.1) == [True] * n
+
+
+def test_keep_fraction_rule_keeps_top_ceil_share():
+    imp = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.0, 0.3], dtype=torch.float32)
+    row, to_end = rows_of([6])
+    pf = torch.ones(6, dtype=torch.bool)
+    keep = select_tokens(imp, row, 1, pf, to_end, 0.3, 0, 1, by_fraction=True)
+    assert keep.tolist() == [False, True, False, True, False, False]  # ceil(0.3 * 6) = 2
+    keep = select_tokens(imp, row, 1, pf, to_end, 0.34, 0, 1, by_fraction=True)
+    assert keep.tolist() == [False, True, False, True, False, True]  # ceil(2.04) = 3

@@ -335,5 +335,7 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
                                       md.seq_lens, md.is_prefill, self.plan.groups, self.scale,
                                       o)
         if md.want_importance and md.has_prefill:
-            md.token_importance_sq[layer.layer_name] = o.float().square().sum(dim=(1, 2))
+            # one fused fp32 reduction; no fp32 copy of the output is materialised
+            md.token_importance_sq[layer.layer_name] = torch.linalg.vector_norm(
+                o.reshape(n, -1), dim=-1, dtype=torch.float32).square()
         return output

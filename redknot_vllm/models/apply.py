@@ -69,7 +69,7 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedknotRuntim
                 prefix=old.layer_name.removesuffix("self_attn.attn") + "mlp",
                 attn_layer_name=old.layer_name, threshold=sparse.threshold(li),
                 recent_n=sparse.recent_n, min_keep=sparse.min_keep, tp_size=tp_size,
-                static_forward_context=ctx)
+                static_forward_context=ctx, by_fraction=sparse.by_fraction)
     _log_startup(arch, cfg, tp_rank)
     return runtime
 
@@ -106,6 +106,7 @@ def _log_startup(arch: str, cfg: RedKnotConfig, tp_rank: int) -> None:
     sf = cfg.sparse_ffn
     sparse = ("off" if sf is None else
               f"dense_until={sf.dense_until}, mass_thresh={sf.mass_thresh}, "
+              f"keep_fraction={sf.keep_fraction}, "
               f"deep_layer_start={sf.deep_layer_start}, mass_thresh_deep={sf.mass_thresh_deep},"
               f" recent_n={sf.recent_n}, min_keep={sf.min_keep}")
     logger.info("RedKnot on for %s (head config %s, sha256 %s): %s; sparse FFN: %s; decode: "
