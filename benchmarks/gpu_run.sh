@@ -17,13 +17,14 @@ for step in "$@"; do
       timeout 420 python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
         tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
     kernels)
-      timeout 300 python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py 2>&1 \
-        | tee "$OUT/gpu-kernel-tests.log" | tail -5 ;;
+      timeout 300 python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
+        > "$OUT/gpu-kernel-tests.log" 2>&1 || { tail -40 "$OUT/gpu-kernel-tests.log"; exit 1; }
+      tail -3 "$OUT/gpu-kernel-tests.log" ;;
     profile)
       timeout 540 python3 benchmarks/ttft.py --model llama8b --profile-len 32768 \
         --out "$OUT/x.json" 2>&1 | grep -v -E "^\(EngineCore|INFO|WARNING|it/s" | tail -5; ls "$OUT" ;;
     smollm2|llama8b)
       timeout 540 python3 benchmarks/ttft.py --model "$step" --out "$OUT/ttft-$step.json" \
-        ${TTFT_ARGS:-} 2>&1 | grep -v -E "^\(EngineCore|INFO|WARNING|it/s" | tee "$OUT/ttft-$step.log" | tail -20 ;;
+        ${TTFT_ARGS:-} 2>&1 | grep --line-buffered -v -E "^\(EngineCore|INFO|WARNING|it/s" | tee "$OUT/ttft-$step.log" | tail -20 ;;
   esac
 done

@@ -6,10 +6,11 @@ Heads are regrouped at load time so that each group is a contiguous KV-head rang
 * full group (global / dense / retrieval heads): one causal FA3 call over every row;
 * local group (sink ``S``, window ``W``):
 
-  1. a causal sliding-window FA3 call, window ``(W - 1, 0)``, returning the LSE;
-  2. :func:`sink_merge` (a Triton kernel) adds the sink keys ``j < min(S, p - W + 1)``
-     (exactly the sinks the window does not already cover, so no key counts twice) by an
-     LSE merge and writes the group's output;
+  1. a causal sliding-window FA3 call, window ``(W - 1, 0)``, written straight into the
+     group's output, returning the LSE;
+  2. :func:`sink_merge` (a Triton kernel) adds, in place, the sink keys
+     ``j < min(S, p - W + 1)`` (exactly the sinks the window does not already cover, so no
+     key counts twice) by an LSE merge;
   3. decode rows (not in their prompt) of the batch attend fully: one more FA3 call over
      just those rows (a slice when they lead the batch, as vLLM's reorder puts them).
 
@@ -36,42 +37,51 @@ def _sink_merge_kernel(
     k_ptr, v_ptr, stride_kb, stride_kn, stride_kh,
     block_table_ptr, stride_br,
     token_row_ptr, token_pos_ptr, token_prefill_ptr,
-    scale, window, sink,
+    num_tokens, scale, window, sink,
     PER: tl.constexpr, PER_PAD: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr,
-    PAGE: tl.constexpr,
+    PAGE: tl.constexpr, TB: tl.constexpr,
 ):
-    # One program per (token, KV head of the group): its PER query heads.
-    # out/ow/q: [T, Hq_g, D] (strided); lse: [Hq_g, T] fp32; k/v: [blocks, PAGE, Hkv_g, D].
-    t = tl.program_id(0).to(tl.int64)
+    # One program per (block of TB tokens, KV head of the group): each token's PER query
+    # heads. out/ow/q: [T, Hq_g, D] (strided; out may alias ow); lse: [Hq_g, T] fp32;
+    # k/v: [blocks, PAGE, Hkv_g, D]. Tokens that see no sink (p < W) are left as they are.
     g = tl.program_id(1)
-    if tl.load(token_prefill_ptr + t) == 0:
-        return  # decode rows are written by the full pass
-    row = tl.load(token_row_ptr + t).to(tl.int64)
-    pos = tl.load(token_pos_ptr + t)
     hi = tl.arange(0, PER_PAD)
     hmask = hi < PER
     hq = g * PER + hi
     d = tl.arange(0, D)
     j = tl.arange(0, S_PAD)
-    jmask = (j < sink) & (j < pos - window + 1)
-    blk = tl.load(block_table_ptr + row * stride_br + j // PAGE, mask=jmask, other=0).to(tl.int64)
-    kv_off = blk[:, None] * stride_kb + (j % PAGE)[:, None] * stride_kn + g * stride_kh + d[None, :]
-    k = tl.load(k_ptr + kv_off, mask=jmask[:, None], other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + kv_off, mask=jmask[:, None], other=0.0).to(tl.float32)
-    q = tl.load(q_ptr + t * stride_qt + hq[:, None] * stride_qh + d[None, :],
-                mask=hmask[:, None], other=0.0).to(tl.float32)
-    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [PER_PAD, S_PAD]
-    s = tl.where(jmask[None, :], s, float("-inf"))
-    lse_w = tl.load(lse_ptr + hq * stride_lh + t, mask=hmask, other=0.0)
-    m = tl.maximum(lse_w, tl.max(s, axis=1))
-    p = tl.exp(s - m[:, None])
-    pw = tl.exp(lse_w - m)
-    denom = pw + tl.sum(p, axis=1)
-    o_w = tl.load(ow_ptr + t * stride_wt + hq[:, None] * stride_wh + d[None, :],
-                  mask=hmask[:, None], other=0.0).to(tl.float32)
-    o = (pw[:, None] * o_w + tl.sum(p[:, :, None] * v[None, :, :], axis=1)) / denom[:, None]
-    tl.store(out_ptr + t * stride_ot + hq[:, None] * stride_oh + d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+    for i in tl.static_range(TB):
+        t = tl.program_id(0).to(tl.int64) * TB + i
+        if t < num_tokens:
+            pos = tl.load(token_pos_ptr + t)
+            prefill = tl.load(token_prefill_ptr + t)
+            if (prefill != 0) & (pos - window + 1 > 0):
+                row = tl.load(token_row_ptr + t).to(tl.int64)
+                jmask = (j < sink) & (j < pos - window + 1)
+                blk = tl.load(block_table_ptr + row * stride_br + j // PAGE, mask=jmask,
+                              other=0).to(tl.int64)
+                kv_off = (blk[:, None] * stride_kb + (j % PAGE)[:, None] * stride_kn
+                          + g * stride_kh + d[None, :])
+                k = tl.load(k_ptr + kv_off, mask=jmask[:, None], other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + kv_off, mask=jmask[:, None], other=0.0).to(tl.float32)
+                q = tl.load(q_ptr + t * stride_qt + hq[:, None] * stride_qh + d[None, :],
+                            mask=hmask[:, None], other=0.0).to(tl.float32)
+                s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [PER_PAD, S_PAD]
+                s = tl.where(jmask[None, :], s, float("-inf"))
+                lse_w = tl.load(lse_ptr + hq * stride_lh + t, mask=hmask, other=0.0)
+                m = tl.maximum(lse_w, tl.max(s, axis=1))
+                p = tl.exp(s - m[:, None])
+                pw = tl.exp(lse_w - m)
+                denom = pw + tl.sum(p, axis=1)
+                o_w = tl.load(ow_ptr + t * stride_wt + hq[:, None] * stride_wh + d[None, :],
+                              mask=hmask[:, None], other=0.0).to(tl.float32)
+                o = (pw[:, None] * o_w + tl.sum(p[:, :, None] * v[None, :, :], axis=1))
+                o = o / denom[:, None]
+                tl.store(out_ptr + t * stride_ot + hq[:, None] * stride_oh + d[None, :],
+                         o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+
+
+_SINK_TB = 16
 
 
 def sink_merge(out: torch.Tensor, o_window: torch.Tensor, lse_window: torch.Tensor,
@@ -79,6 +89,9 @@ def sink_merge(out: torch.Tensor, o_window: torch.Tensor, lse_window: torch.Tens
                block_table: torch.Tensor, token_row: torch.Tensor, token_pos: torch.Tensor,
                token_is_prefill: torch.Tensor, window: int, sink: int, scale: float) -> None:
     """Merge the sink keys into a local group's sliding-window output (prefill tokens).
+
+    Only prefill tokens at positions ``p >= W`` (the ones whose window misses a sink) are
+    written; ``out`` may be ``o_window`` itself (in-place merge).
 
     Args:
         out: ``[T, Hq_g, D]`` destination (may be a strided head slice).
@@ -97,7 +110,7 @@ def sink_merge(out: torch.Tensor, o_window: torch.Tensor, lse_window: torch.Tens
     assert lse_window.stride(1) == 1, f"lse_window must be [H, T] row-major: {lse_window.stride()}"
     assert d & (d - 1) == 0, f"head size {d} must be a power of two for the sink kernel"
     per = hq // hkv
-    _sink_merge_kernel[(num_tokens, hkv)](
+    _sink_merge_kernel[(triton.cdiv(num_tokens, _SINK_TB), hkv)](
         out, out.stride(0), out.stride(1),
         o_window, o_window.stride(0), o_window.stride(1),
         lse_window, lse_window.stride(0),
@@ -105,9 +118,9 @@ def sink_merge(out: torch.Tensor, o_window: torch.Tensor, lse_window: torch.Tens
         key_cache, value_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_table, block_table.stride(0),
         token_row, token_pos, token_is_prefill,
-        scale, window, sink,
+        num_tokens, scale, window, sink,
         PER=per, PER_PAD=triton.next_power_of_2(per), S_PAD=triton.next_power_of_2(max(sink, 1)),
-        D=d, PAGE=key_cache.shape[1],
+        D=d, PAGE=key_cache.shape[1], TB=_SINK_TB,
     )
 
 
@@ -116,7 +129,8 @@ def sink_merge_ref(o_window: torch.Tensor, lse_window: torch.Tensor, query: torc
                    block_table: torch.Tensor, token_row: torch.Tensor, token_pos: torch.Tensor,
                    token_is_prefill: torch.Tensor, window: int, sink: int, scale: float,
                    out: torch.Tensor) -> torch.Tensor:
-    """Torch reference of :func:`sink_merge` (fp32 math), writing prefill tokens of ``out``."""
+    """Torch reference of :func:`sink_merge` (fp32 math): returns ``out`` with the prefill
+    tokens that see a sink replaced by the merge."""
     num_tokens, hq = query.shape[:2]
     hkv, page = key_cache.shape[2], key_cache.shape[1]
     per = hq // hkv
@@ -126,21 +140,22 @@ def sink_merge_ref(o_window: torch.Tensor, lse_window: torch.Tensor, query: torc
             continue
         row, pos = int(token_row[t]), int(token_pos[t])
         n = max(0, min(sink, pos - window + 1))
+        if n == 0:
+            continue  # the window already saw every sink: out is the window output
         o = o_window[t].float()
-        if n:
-            js = torch.arange(n, device=query.device)
-            blocks = block_table[row, js // page].long()
-            k = key_cache[blocks, js % page].float()  # [n, Hkv, D]
-            v = value_cache[blocks, js % page].float()
-            k = k.repeat_interleave(per, dim=1)
-            v = v.repeat_interleave(per, dim=1)
-            s = torch.einsum("hd,nhd->hn", query[t].float(), k) * scale
-            lse_s = torch.logsumexp(s, dim=-1)
-            o_s = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=-1), v)
-            lw = lse_window[:, t].float()
-            m = torch.maximum(lw, lse_s)
-            ww, ws = torch.exp(lw - m), torch.exp(lse_s - m)
-            o = (ww[:, None] * o + ws[:, None] * o_s) / (ww + ws)[:, None]
+        js = torch.arange(n, device=query.device)
+        blocks = block_table[row, js // page].long()
+        k = key_cache[blocks, js % page].float()  # [n, Hkv, D]
+        v = value_cache[blocks, js % page].float()
+        k = k.repeat_interleave(per, dim=1)
+        v = v.repeat_interleave(per, dim=1)
+        s = torch.einsum("hd,nhd->hn", query[t].float(), k) * scale
+        lse_s = torch.logsumexp(s, dim=-1)
+        o_s = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=-1), v)
+        lw = lse_window[:, t].float()
+        m = torch.maximum(lw, lse_s)
+        ww, ws = torch.exp(lw - m), torch.exp(lse_s - m)
+        o = (ww[:, None] * o + ws[:, None] * o_s) / (ww + ws)[:, None]
         res[t] = o.to(res.dtype)
     return res
 
@@ -184,12 +199,14 @@ def paged_headclass_attention_cuda(query: torch.Tensor, kv_cache: torch.Tensor, 
                                    max_seqlen_k=md.max_seq_len, block_table=md.block_table,
                                    **common)
             continue
-        o_w, lse_w = flash_attn_varlen_func(
-            q=q, k=kc, v=vc, cu_seqlens_q=md.cu_seqlens_q, max_seqlen_q=md.max_query_len,
+        # the window pass writes the group's output in place; the sinks merge into it
+        _, lse_w = flash_attn_varlen_func(
+            q=q, k=kc, v=vc, out=o, cu_seqlens_q=md.cu_seqlens_q, max_seqlen_q=md.max_query_len,
             seqused_k=md.seqused_k, max_seqlen_k=md.max_seq_len, block_table=md.block_table,
             window_size=[g.window - 1, 0], return_softmax_lse=True, **common)
-        sink_merge(o, o_w, lse_w, q, kc, vc, md.block_table, md.token_row, md.token_pos,
-                   md.token_is_prefill, g.window, g.sink, scale)
+        if g.sink > 0:
+            sink_merge(o, o, lse_w, q, kc, vc, md.block_table, md.token_row, md.token_pos,
+                       md.token_is_prefill, g.window, g.sink, scale)
         if md.num_decode_tokens:
             _decode_rows_full(flash_attn_varlen_func, q, kc, vc, o, md, common)
 

@@ -105,6 +105,10 @@ def test_sink_merge_matches_reference():
     ref = sink_merge_ref(o_w, lse, *args, out=torch.zeros_like(out))
     assert _rel(out, ref) < 1e-2
     assert out[300].abs().sum() == 0  # the decode token is untouched
+    assert out[:40].abs().sum() == 0  # p < W: the window saw every sink, nothing to merge
+    inplace = o_w.clone()  # the production call merges into the window output itself
+    sink_merge(inplace, inplace, lse, *args)
+    assert _rel(inplace, sink_merge_ref(o_w, lse, *args, out=o_w.clone())) < 1e-2
 
 
 @pytest.mark.parametrize("t,h,inter,frac", [(1000, 256, 512, 0.15), (4099, 576, 1536, 0.5),
