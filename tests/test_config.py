@@ -120,3 +120,28 @@ def test_engine_args_unsupported_architecture_and_conflicts(tmp_path):
         engine_args(model, hf_overrides={"architectures": ["LlamaForCausalLM"]})
     with pytest.raises(RedKnotConfigError, match=r"has no config\.json"):
         engine_args(str(tmp_path / "nowhere"))
+
+
+def test_redknot_model_without_head_config_runs_dense_and_says_so():
+    import logging
+    import types
+
+    from redknot_vllm.models.apply import apply_redknot
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("redknot_vllm.models.apply")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        cfg = types.SimpleNamespace(additional_config={})
+        model = type("RedknotTestForCausalLM", (), {})()
+        assert apply_redknot(model, cfg) is None
+        assert apply_redknot(model, cfg) is None
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    msgs = [r.getMessage() for r in records]
+    assert len(msgs) == 1 and "running dense" in msgs[0]  # said once
