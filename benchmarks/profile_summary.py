@@ -19,7 +19,7 @@ OPS = ("aten::", "vllm::", "_vllm_fa3_C::", "_C_cache_ops::")
 
 
 def summarize(path: str, layers: int = 32) -> str:
-    lines = open(path).read().split("\n")
+    lines = [ln for ln in open(path).read().split("\n") if not ln.startswith("# ")]
     totals: dict[str, float] = {}
     seen: set[tuple[str, str]] = set()
     for line in lines[4:]:
