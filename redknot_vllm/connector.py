@@ -140,13 +140,14 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
         assert isinstance(meta, RedknotConnectorMetadata)
         for md in self._runtime.drain():
             firsts = md.slot_mapping[md.query_start_loc[:-1]].tolist() if md.num_reqs else []
+            kept = md.ffn_kept_host()
             for row, prefill in enumerate(md.is_prefill):
                 hit = meta.by_first_slot.get(firsts[row]) if prefill else None
                 if hit is None:
                     continue
                 req_id, prompt_len, first = hit
                 self._acc.setdefault(req_id, PrefillFlops()).merge(
-                    self._runtime.row_flops(md, row))
+                    self._runtime.row_flops(md, row, kept))
                 self._cached.setdefault(req_id, first)
                 if md.seq_lens[row] >= prompt_len:
                     self._finish(req_id, prompt_len)

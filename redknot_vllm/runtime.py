@@ -65,11 +65,13 @@ class RedknotRuntime:
         out, self._pending = self._pending, []
         return out
 
-    def row_flops(self, md: RedKnotAttentionMetadata, row: int) -> PrefillFlops:
-        """FLOPs of one prefill row of a finished step (reads kept counts: host sync)."""
+    def row_flops(self, md: RedKnotAttentionMetadata, row: int,
+                  kept_host: dict[int, list[int]]) -> PrefillFlops:
+        """FLOPs of one prefill row of a finished step; ``kept_host`` is
+        ``md.ffn_kept_host()`` (one transfer per step, shared by its rows)."""
         q_len = md.query_start_loc[row + 1] - md.query_start_loc[row]
         end = md.seq_lens[row]
-        per_layer = {li: int(md.ffn_kept[li][row]) if li in md.ffn_kept else q_len
+        per_layer = {li: kept_host[li][row] if li in kept_host else q_len
                      for li in range(self.dims.num_layers)}
         sparse_kept = sum(per_layer[li] for li in self.sparse_layers)
         acc = PrefillFlops()
@@ -86,9 +88,10 @@ class RedknotRuntime:
 
     def _fold_into_window(self) -> None:
         for md in self.drain():
+            kept = md.ffn_kept_host()
             for row, prefill in enumerate(md.is_prefill):
                 if prefill:
-                    acc = self.row_flops(md, row)
+                    acc = self.row_flops(md, row, kept)
                     self._window.merge(acc)
                     self.totals.merge(acc)
         now = time.monotonic()

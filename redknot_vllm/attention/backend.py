@@ -118,6 +118,14 @@ class RedKnotAttentionMetadata:
     ffn_kept: dict[int, torch.Tensor] = field(default_factory=dict)
     """layer index -> [num_reqs] int64 prefill tokens whose FFN ran (sparse layers only)."""
 
+    def ffn_kept_host(self) -> dict[int, list[int]]:
+        """``ffn_kept`` on the host, copied in one transfer (after the forward)."""
+        if not self.ffn_kept:
+            return {}
+        layers = list(self.ffn_kept)
+        rows = torch.stack([self.ffn_kept[li] for li in layers]).cpu().tolist()
+        return dict(zip(layers, rows, strict=True))
+
     def record_ffn_kept(self, layer: int, keep: torch.Tensor) -> None:
         assert self.token_row is not None and self.token_is_prefill is not None
         counts = torch.zeros(self.num_reqs, dtype=torch.long, device=keep.device)
@@ -207,9 +215,8 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
         return md
 
 
-
 def add_token_fields(md: RedKnotAttentionMetadata, q_lens: list[int],
-                 dev: torch.device) -> None:
+                     dev: torch.device) -> None:
     """Per-token maps and the decode-row layout, built on the host, copied once."""
     n = md.num_actual_tokens
     rows = torch.arange(md.num_reqs).repeat_interleave(torch.tensor(q_lens))
