@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the vLLM 0.26 bundle carried to /tmp/stage, install this tree,
-# run the GPU tests and the benchmarks named in $@ (smollm2, llama8b), results under $OUT.
-#   bash benchmarks/gpu_run.sh tests smollm2 llama8b
+# run the GPU tests and the benchmarks named in $@, results under $OUT.
+#   bash benchmarks/gpu_run.sh tests kernels profile smollm2 llama8b sweep report
 set -uo pipefail
 bash /tmp/stage/install.sh /tmp/stage /tmp/site >/dev/null || exit 1
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_V2_MODEL_RUNNER=0 VLLM_USE_FLASHINFER_SAMPLER=0 \
@@ -23,8 +23,19 @@ for step in "$@"; do
     profile)
       timeout 540 python3 benchmarks/ttft.py --model llama8b --profile-len 32768 \
         --out "$OUT/x.json" 2>&1 | grep -v -E "^\(EngineCore|INFO|WARNING|it/s" | tail -5; ls "$OUT" ;;
+    sweep)
+      # resumable: finished engines are cached in /tmp/rkq while the machine stays warm
+      timeout 560 python3 benchmarks/quality.py sweep --scores head_class/smollm2-135m-instruct.json \
+        --workdir /tmp/rkq --emit "$OUT/default" --out "$OUT/quality-sweep-smollm2.json" \
+        2>&1 | grep --line-buffered -E "^\[(quality|sweep)\]|Error|error" | tail -40
+      mkdir -p /tmp/rkq/default && cp -r "$OUT/default/." /tmp/rkq/default/ 2>/dev/null ;;
+    report)
+      ffn=(); [ -f /tmp/rkq/default/sparse_ffn.json ] && ffn=(--sparse-ffn /tmp/rkq/default/sparse_ffn.json)
+      timeout 560 python3 benchmarks/quality.py report --workdir /tmp/rkq \
+        --head-config "${QUALITY_HEAD:-/tmp/rkq/default/head_config.json}" "${ffn[@]}" \
+        --out "$OUT/quality-smollm2.json" 2>&1 | grep --line-buffered -E "^\[quality\]|Error|error" | tail -40 ;;
     smollm2|llama8b)
       timeout 540 python3 benchmarks/ttft.py --model "$step" --out "$OUT/ttft-$step.json" \
-        ${TTFT_ARGS:-} 2>&1 | grep --line-buffered -v -E "^\(EngineCore|INFO|WARNING|it/s" | tee "$OUT/ttft-$step.log" | tail -20 ;;
+        ${TTFT_ARGS:-} 2>&1 | tee "$OUT/ttft-$step.raw.log" | grep --line-buffered -v -E "^\(EngineCore|INFO|WARNING|it/s" | tail -20 ;;
   esac
 done

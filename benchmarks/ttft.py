@@ -87,8 +87,9 @@ def child(args: argparse.Namespace) -> None:
               skip_tokenizer_init=args.model == "llama8b", disable_log_stats=False)
     redknot = args.engine == "redknot"
     if redknot:
-        kw = engine_args(model, head_config=str(ROOT / spec["head_config"]),
-                         sparse_ffn=str(ROOT / spec["sparse_ffn"]), request_stats=False, **kw)
+        kw = engine_args(model, head_config=args.head_config or str(ROOT / spec["head_config"]),
+                         sparse_ffn=args.sparse_ffn or str(ROOT / spec["sparse_ffn"]),
+                         request_stats=False, **kw)
     else:
         kw = dict(kw, model=model)
     t0 = time.perf_counter()
@@ -203,6 +204,9 @@ def parent(args: argparse.Namespace) -> None:
                 cmd += ["--lengths", *map(str, args.lengths)]
             if args.enforce_eager:
                 cmd.append("--enforce-eager")
+            for flag in ("head_config", "sparse_ffn"):
+                if getattr(args, flag):
+                    cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
             subprocess.run(cmd, check=True)
             runs[engine] = json.loads(js.read_text())
     dense, rk = runs["dense"], runs["redknot"]
@@ -224,7 +228,8 @@ def parent(args: argparse.Namespace) -> None:
         **env_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": args.model,
-        "config": {"head_config": spec["head_config"], "sparse_ffn": spec["sparse_ffn"],
+        "config": {"head_config": args.head_config or spec["head_config"],
+                   "sparse_ffn": args.sparse_ffn or spec["sparse_ffn"],
                    "engine": spec["engine"], "enforce_eager": args.enforce_eager,
                    "prompts_per_length": args.prompts, "ttft": "wall clock of generate(), "
                    "max_tokens=1, one request at a time, after a same-length warm-up",
@@ -257,6 +262,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--lengths", type=int, nargs="*", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--head-config", default=None, help="override the model's head config")
+    ap.add_argument("--sparse-ffn", default=None, help="override the sparse-FFN schedule")
     ap.add_argument("--profile-len", type=int, default=0,
                     help="instead of timing: profile one prefill of this length per engine")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

