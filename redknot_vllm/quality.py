@@ -6,11 +6,12 @@ from ``(seed, task, tokens, index)``):
 * ``niah_single``: one pass key in filler prose;
 * ``niah_multikey``: several vault codes, the question asks for one of them;
 * ``niah_multivalue``: one key with several values at different depths, all must come back;
-* ``variable_tracking``: "the value of B is the same as the value of A" chains plus a
-  distractor chain; the answer is primed with the hop and needs A's value from far back;
+* ``variable_tracking``: "the value of B is the same as the value of A" (one hop); the
+  answer is primed with the hop and needs A's value from far back;
 * ``multidoc_qa``: numbered documents with one fact each; the evidence sits in a random
   document, never only the first;
-* ``aggregation``: a log of events where one item occurs most often; name it.
+* ``aggregation``: purchases scattered through the context, one item five times as often as
+  the other; name the most frequent.
 
 Every prompt is built as token ids with the model's tokenizer, so dense and RedKnot see the
 same ids and a cell's prompts have a known length. Metrics per cell: accuracy with a Wilson
@@ -186,17 +187,14 @@ def _niah_multivalue(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int
 
 
 def _variable_tracking(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ...], tuple]:
-    a, c, d, e = rng.sample(_VARS, 4)
-    value, other = _num(rng), _num(rng)
-    # one hop (four hops are out of SmolLM2's reach even dense), plus a distractor chain
+    a, c = rng.sample(_VARS, 2)
+    value = _num(rng)
+    # one hop: four hops are out of SmolLM2's reach even dense, and a distractor chain
+    # kept dense at ~33% at 2K
     d1, d2 = sorted(rng.uniform(0.05, 0.9) for _ in range(2))
-    d3, d4 = sorted(rng.uniform(0.05, 0.9) for _ in range(2))
     inserts = [(d1, f"The value of {a} is {value}."),
-               (d2, f"The value of {c} is the same as the value of {a}."),
-               (d3, f"The value of {d} is {other}."),
-               (d4, f"The value of {e} is the same as the value of {d}.")]
-    # the hop is primed: SmolLM2-135M cannot chain unprimed (<= 25% dense at 2K), but it
-    # must still find a's value far back, past the distractor chain
+               (d2, f"The value of {c} is the same as the value of {a}.")]
+    # the hop is primed (unprimed, dense scored <= 25% at 2K); a's value is still far back
     q = (f"\nQuestion: What is the value of {c}?\n"
          f"Answer: {c} has the same value as {a}, which is")
     return b.build(rng, n, inserts, q), (value,)
@@ -216,9 +214,9 @@ def _multidoc_qa(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ..
 
 
 def _aggregation(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ...], tuple]:
-    items = rng.sample(_ITEMS, 3)
+    items = rng.sample(_ITEMS, 2)
     top = items[0]
-    counts = [12, 2, 1]
+    counts = [10, 2]
     events = [it for it, c in zip(items, counts, strict=True) for _ in range(c)]
     rng.shuffle(events)
     inserts = [(rng.uniform(0.05, 0.95), f"Somebody bought a {it} at the shop.")
