@@ -28,7 +28,8 @@ for step in "$@"; do
       timeout 560 python3 benchmarks/quality.py sweep --scores head_class/smollm2-135m-instruct.json \
         --workdir /tmp/rkq --emit "$OUT/default" --out "$OUT/quality-sweep-smollm2.json" \
         2>&1 | grep --line-buffered -E "^\[(quality|sweep)\]|Error|error" | tail -40
-      mkdir -p /tmp/rkq/default && cp -r "$OUT/default/." /tmp/rkq/default/ 2>/dev/null ;;
+      mkdir -p /tmp/rkq/default "$OUT/logs" && cp -r "$OUT/default/." /tmp/rkq/default/ 2>/dev/null
+      cp /tmp/rkq/log-* "$OUT/logs/" 2>/dev/null ;;
     report)
       ffn=(); [ -f /tmp/rkq/default/sparse_ffn.json ] && ffn=(--sparse-ffn /tmp/rkq/default/sparse_ffn.json)
       timeout 560 python3 benchmarks/quality.py report --workdir /tmp/rkq \

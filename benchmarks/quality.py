@@ -66,6 +66,11 @@ def model_path(name: str) -> str:
 # ---------------------------------------------------------------- one engine, one child
 def child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if os.environ.get("REDKNOT_STACK_DUMP_S"):  # diagnose a stuck engine start
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["REDKNOT_STACK_DUMP_S"]), repeat=True)
+    print(f"[child] {time.strftime('%X')} resolving model", flush=True)
     from transformers import AutoTokenizer
     from vllm import LLM
 
@@ -79,9 +84,11 @@ def child(spec_path: str) -> None:
                          **kw)
     else:
         kw = dict(kw, model=model)
+    print(f"[child] {time.strftime('%X')} starting engine: {kw}", flush=True)
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
+    print(f"[child] {time.strftime('%X')} engine up in {start_s:.0f} s", flush=True)
     tok = AutoTokenizer.from_pretrained(model)
     cases = quality.make_cases(tok, spec["tasks"], spec["lengths"], spec["n"], spec["seed"])
     t0 = time.perf_counter()
