@@ -101,14 +101,30 @@ def child(spec_path: str) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def run_engine(workdir: Path, model: str, head_config: dict | None, sparse_ffn: dict | None,
-               tasks: list[str], lengths: list[int], n: int, seed: int,
-               label: str) -> list[quality.Outcome]:
-    """Outcomes of one engine over all cases, from the cache or a fresh child process."""
+def _spec(model: str, head_config: dict | None, sparse_ffn: dict | None, tasks: list[str],
+          lengths: list[int], n: int, seed: int) -> tuple[dict[str, Any], str]:
+    """The run's definition and its cache key (informational config keys left out)."""
+    def core(cfg: dict | None) -> dict | None:
+        return None if cfg is None else {k: v for k, v in cfg.items() if k not in (
+            "provenance", "profiling_meta", "_source")}
+
     spec = {"model": model, "head_config": head_config, "sparse_ffn": sparse_ffn,
             "tasks": tasks, "lengths": lengths, "n": n, "seed": seed,
             "harness": quality.__name__ + "-v1"}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    keyed = {**spec, "head_config": core(head_config), "sparse_ffn": core(sparse_ffn)}
+    return spec, hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cached(workdir: Path, *args: Any) -> bool:
+    return (workdir / f"run-{_spec(*args)[1]}.json").is_file()
+
+
+def run_engine(workdir: Path, model: str, head_config: dict | None, sparse_ffn: dict | None,
+               tasks: list[str], lengths: list[int], n: int, seed: int,
+               label: str, key: str | None = None) -> list[quality.Outcome]:
+    """Outcomes of one engine over all cases, from the cache or a fresh child process."""
+    spec, own_key = _spec(model, head_config, sparse_ffn, tasks, lengths, n, seed)
+    key = key or own_key
     out = workdir / f"run-{key}.json"
     if not out.is_file():
         spec_path = workdir / f"spec-{key}.json"
@@ -233,9 +249,19 @@ def sweep(a: argparse.Namespace) -> None:
     points: list[dict[str, Any]] = []
     top = str(max(lengths))
 
+    not_run: list[str] = []
+    # runs whose spec hash cannot be recomputed (it covered the provenance date), by the
+    # name -> key lines of the run's own log
+    keys = dict(kv.split("=", 1) for kv in a.keys.split(",") if kv)
+
     def evaluate(name: str, hc: HeadConfig, ffn: dict | None, meta: dict) -> dict[str, Any]:
         head = {**hc.to_dict(), "_source": name}
-        rk = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, name)
+        key = keys.get(name)
+        if a.cached_only and key is None and not cached(workdir, a.model, head, ffn, tasks,
+                                                        lengths, a.n, a.seed):
+            not_run.append(name)
+            return {}
+        rk = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, name, key)
         p = {"name": name, **meta, "sparse_ffn": ffn, "head_config_hash": hc.content_hash(),
              **compare_block(dense, rk, bar)}
         points.append(p)
@@ -257,6 +283,7 @@ def sweep(a: argparse.Namespace) -> None:
     def saved(p: dict[str, Any]) -> float:
         return p["flops_saved"].get(top, 0.0)
 
+    points[:] = [p for p in points if p]
     ok = [p for p in points if p["meets_bar"] and p["method"] == "profiled"]
     base = max(ok, key=saved) if ok else max(
         (p for p in points if p["method"] == "profiled"), key=lambda p: p["avg_ratio"] or 0)
@@ -265,9 +292,16 @@ def sweep(a: argparse.Namespace) -> None:
         evaluate(f"profiled-g{bf}-w{bw}-ffn-m{ffn['mass_thresh']}-d{ffn['dense_until']}",
                  heads[(bf, bw)], ffn, {"global_fraction": bf, "window": bw,
                                         "method": "profiled"})
+    points[:] = [p for p in points if p]
     ok = [p for p in points if p["meets_bar"] and p["method"] == "profiled"]
     default = max(ok, key=lambda p: (saved(p), p["avg_ratio"])) if ok else None
-    result = {**env_info(), "model": a.model, "seed": a.seed, "n": a.n, "tasks": tasks,
+    info = env_info()
+    if a.cached_only:  # summarised here from runs made elsewhere: say where they ran
+        info.update(json.loads(a.runs_env), summarised_on=info["device"],
+                    summarised_date=info["date"])
+        info.pop("date")
+    result = {**info, "model": a.model, "not_run": not_run, "seed": a.seed, "n": a.n,
+              "tasks": tasks,
               "lengths": lengths, "scores": a.scores, "bar": asdict(bar),
               "engine": engine_kwargs(), "points": points,
               "default": default["name"] if default else None,
@@ -338,6 +372,12 @@ def main() -> None:
     s.add_argument("--scores", required=True, help="profiler output JSON (with scores)")
     s.add_argument("--random-baseline", type=float, nargs=2, default=(0.2, 1024))
     s.add_argument("--emit", default=None, help="folder for the chosen default configs")
+    s.add_argument("--cached-only", action="store_true",
+                   help="summarise the runs already in --workdir; list the others as not run")
+    s.add_argument("--keys", default="", help="with --cached-only: name=key,... for runs "
+                   "cached under another key (from the run log)")
+    s.add_argument("--runs-env", default="{}",
+                   help="with --cached-only: JSON of device/vllm/torch/commit of the runs")
     a = p.parse_args()
     if a.cmd == "sweep":
         a.random_baseline = (a.random_baseline[0], int(a.random_baseline[1]))

@@ -147,14 +147,17 @@ def profile(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve": serve, "demo": _demo, "model": _model, "profile": profile}
+    commands = {"serve": serve, "demo": _demo, "model": _model, "profile": profile,
+                "gate": _gate}
     if not argv or argv[0] not in commands:
-        print("usage: redknot {serve,demo,model,profile} ...\n"
+        print("usage: redknot {serve,demo,model,profile,gate} ...\n"
               "  serve MODEL [--head-config F] [--sparse-ffn F] [vLLM serve args]\n"
               "  demo  [--tokens N] [--max-tokens N]: dense vs RedKnot on the embedded SmolLM2\n"
               "  model: convert (once) and print the embedded SmolLM2 folder\n"
               "  profile MODEL --out F [--global-fraction 0.2] [--window 1024] ...: profile "
-              "the heads (CPU) and write a head config",
+              "the heads (CPU) and write a head config\n"
+              "  gate MODEL --head-config F [--sparse-ffn F] [--n N] ...: A/B against dense; "
+              "exit 1 when below the quality bar",
               file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
@@ -164,6 +167,12 @@ def _demo(argv: list[str]) -> None:
     from redknot_vllm.demo import main as demo_main
 
     demo_main(argv)
+
+
+def _gate(argv: list[str]) -> int:
+    from redknot_vllm.gate import main as gate_main
+
+    return gate_main(argv)
 
 
 def _model(argv: list[str]) -> None:
