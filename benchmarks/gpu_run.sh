@@ -24,6 +24,9 @@ for step in "$@"; do
       timeout 540 python3 benchmarks/ttft.py --model llama8b --profile-len 32768 \
         --out "$OUT/x.json" 2>&1 | grep -v -E "^\(EngineCore|INFO|WARNING|it/s" | tail -5; ls "$OUT" ;;
     sweep)
+      # SmolLM2 engines started in a child process with vLLM's engine-core process on hung
+      # at start-up on the H100 (twice, > 9 min); in-process engines start in ~40 s
+      export VLLM_ENABLE_V1_MULTIPROCESSING=0
       # resumable: finished engines are cached in /tmp/rkq while the machine stays warm
       timeout 560 python3 benchmarks/quality.py sweep --scores head_class/smollm2-135m-instruct.json \
         --workdir /tmp/rkq --emit "$OUT/default" --out "$OUT/quality-sweep-smollm2.json" \
@@ -31,6 +34,7 @@ for step in "$@"; do
       mkdir -p /tmp/rkq/default "$OUT/logs" && cp -r "$OUT/default/." /tmp/rkq/default/ 2>/dev/null
       cp /tmp/rkq/log-* "$OUT/logs/" 2>/dev/null ;;
     report)
+      export VLLM_ENABLE_V1_MULTIPROCESSING=0
       ffn=(); [ -f /tmp/rkq/default/sparse_ffn.json ] && ffn=(--sparse-ffn /tmp/rkq/default/sparse_ffn.json)
       timeout 560 python3 benchmarks/quality.py report --workdir /tmp/rkq \
         --head-config "${QUALITY_HEAD:-/tmp/rkq/default/head_config.json}" "${ffn[@]}" \

@@ -303,7 +303,7 @@ def sweep(a: argparse.Namespace) -> None:
     result = {**info, "model": a.model, "not_run": not_run, "seed": a.seed, "n": a.n,
               "tasks": tasks,
               "lengths": lengths, "scores": a.scores, "bar": asdict(bar),
-              "engine": engine_kwargs(), "points": points,
+              "engine": info.pop("engine", None) or engine_kwargs(), "points": points,
               "default": default["name"] if default else None,
               "selection": "the profiled point with the most prefill FLOPs saved at the "
                            "longest length among those meeting the bar on this (tuning) seed"}
