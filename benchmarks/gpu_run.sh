@@ -3,6 +3,7 @@
 # run the GPU tests and the benchmarks named in $@, results under $OUT.
 #   bash benchmarks/gpu_run.sh tests kernels profile smollm2 llama8b sweep report
 set -uo pipefail
+SWEEP_KEYS=dense=7fd0bc93f846e1bd1070,profiled-g0.1-w512=7a0ff450215ad6472106,profiled-g0.2-w512=0a584cc9fb9462977ea1,profiled-g0.35-w512=5b67bab6c8cf98ec6cd5,profiled-g0.1-w1024=40c89d321bbe057ffe3f,profiled-g0.2-w1024=f3782a966c69e4754d1d,profiled-g0.35-w1024=cc2e14f44ac99604a6b7,random-g0.2-w1024=fe4d6d9dfa5b44e70992
 bash /tmp/stage/install.sh /tmp/stage /tmp/site >/dev/null || exit 1
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_V2_MODEL_RUNNER=0 VLLM_USE_FLASHINFER_SAMPLER=0 \
        HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -27,12 +28,16 @@ for step in "$@"; do
       # SmolLM2 engines started in a child process with vLLM's engine-core process on hung
       # at start-up on the H100 (twice, > 9 min); in-process engines start in ~40 s
       export VLLM_ENABLE_V1_MULTIPROCESSING=0
-      # resumable: finished engines are cached in /tmp/rkq while the machine stays warm
-      timeout 560 python3 benchmarks/quality.py sweep --scores head_class/smollm2-135m-instruct.json \
+      # resumable: finished engines are cached in /tmp/rkq while the machine stays warm;
+      # the committed raw runs of the first sweep (commit 5497983) seed the cache, under the
+      # keys they were written with (their spec hash covered the profile's date)
+      mkdir -p /tmp/rkq && tar xzf benchmarks/results/raw/quality-sweep-smollm2-runs.tar.gz -C /tmp/rkq
+      timeout ${SWEEP_TIMEOUT:-560} python3 benchmarks/quality.py sweep --scores head_class/smollm2-135m-instruct.json \
+        --keys "$SWEEP_KEYS" \
         --workdir /tmp/rkq --emit "$OUT/default" --out "$OUT/quality-sweep-smollm2.json" \
         2>&1 | grep --line-buffered -E "^\[(quality|sweep)\]|Error|error" | tail -40
       mkdir -p /tmp/rkq/default "$OUT/logs" && cp -r "$OUT/default/." /tmp/rkq/default/ 2>/dev/null
-      cp /tmp/rkq/log-* "$OUT/logs/" 2>/dev/null ;;
+      cp /tmp/rkq/log-* "$OUT/logs/" 2>/dev/null; mkdir -p "$OUT/runs"; cp /tmp/rkq/run-*.json "$OUT/runs/" ;;
     report)
       export VLLM_ENABLE_V1_MULTIPROCESSING=0
       ffn=(); [ -f /tmp/rkq/default/sparse_ffn.json ] && ffn=(--sparse-ffn /tmp/rkq/default/sparse_ffn.json)
@@ -40,7 +45,14 @@ for step in "$@"; do
         --head-config "${QUALITY_HEAD:-/tmp/rkq/default/head_config.json}" "${ffn[@]}" \
         --out "$OUT/quality-smollm2.json" 2>&1 | grep --line-buffered -E "^\[quality\]|Error|error" | tail -40 ;;
     smollm2|llama8b)
+      args=(${TTFT_ARGS:-})
+      if [ "$step" = smollm2 ]; then
+        # in-process engines (see sweep); the config the sweep chose, when it ran
+        export VLLM_ENABLE_V1_MULTIPROCESSING=0
+        [ -f /tmp/rkq/default/head_config.json ] && args+=(--head-config /tmp/rkq/default/head_config.json)
+        [ -f /tmp/rkq/default/sparse_ffn.json ] && args+=(--sparse-ffn /tmp/rkq/default/sparse_ffn.json)
+      fi
       timeout 540 python3 benchmarks/ttft.py --model "$step" --out "$OUT/ttft-$step.json" \
-        ${TTFT_ARGS:-} 2>&1 | tee "$OUT/ttft-$step.raw.log" | grep --line-buffered -v -E "^\(EngineCore|INFO|WARNING|it/s" | tail -20 ;;
+        "${args[@]}" 2>&1 | tee "$OUT/ttft-$step.raw.log" | grep --line-buffered -v -E "^\(EngineCore|INFO|WARNING|it/s" | tail -20 ;;
   esac
 done

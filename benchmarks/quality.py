@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from redknot_vllm import quality  # noqa: E402
 
 LENGTHS = (2048, 4096, 8192)
-HEAD_GRID = [(f, w) for w in (512, 1024) for f in (0.1, 0.2, 0.35)]
+HEAD_GRID = ([(f, w) for w in (512, 1024) for f in (0.1, 0.2, 0.35, 0.5)]
+             + [(f, 2048) for f in (0.2, 0.35, 0.5)])
 FFN_GRID = [
     {"mass_thresh": 0.5, "dense_until": 20, "recent_n": 128},
     {"mass_thresh": 0.8, "dense_until": 15, "recent_n": 128},
@@ -294,7 +295,10 @@ def sweep(a: argparse.Namespace) -> None:
                                         "method": "profiled"})
     points[:] = [p for p in points if p]
     ok = [p for p in points if p["meets_bar"] and p["method"] == "profiled"]
-    default = max(ok, key=lambda p: (saved(p), p["avg_ratio"])) if ok else None
+    # nothing meets the bar: the default is the best quality reachable (stated as such)
+    default = (max(ok, key=lambda p: (saved(p), p["avg_ratio"])) if ok else
+               max((p for p in points if p["method"] == "profiled"),
+                   key=lambda p: (p["avg_ratio"] or 0, saved(p)), default=None))
     info = env_info()
     if a.cached_only:  # summarised here from runs made elsewhere: say where they ran
         info.update(json.loads(a.runs_env), summarised_on=info["device"],
@@ -305,8 +309,11 @@ def sweep(a: argparse.Namespace) -> None:
               "lengths": lengths, "scores": a.scores, "bar": asdict(bar),
               "engine": info.pop("engine", None) or engine_kwargs(), "points": points,
               "default": default["name"] if default else None,
+              "default_meets_bar": bool(default and default["meets_bar"]),
               "selection": "the profiled point with the most prefill FLOPs saved at the "
-                           "longest length among those meeting the bar on this (tuning) seed"}
+                           "longest length among those meeting the bar on this (tuning) seed; "
+                           "when none meets it, the profiled point with the highest average "
+                           "ratio (the best quality reachable)"}
     Path(a.out).write_text(json.dumps(result, indent=1))
     if default is not None and a.emit:
         emit = Path(a.emit)
