@@ -175,11 +175,15 @@ def env_info() -> dict[str, Any]:
             text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         info["driver"] = None
-    try:
-        info["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT,
-                                                 text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"] = os.environ.get("REDKNOT_COMMIT")
+    # the device copy's git metadata can lag the tree it runs; the caller names the commit
+    info["commit"] = os.environ.get("REDKNOT_COMMIT")
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.check_output(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                stderr=subprocess.DEVNULL).strip()
+        except (OSError, subprocess.CalledProcessError):
+            info["commit"] = None
     return info
 
 
