@@ -1,0 +1,491 @@
+"""Content-addressed store of precomputed KV segments for offline KV reuse.
+
+A *segment* is one document's K and V for every layer and KV head, prefilled alone at
+positions ``[0, L)``; a connector later relocates it (RoPE) into vLLM pages. Segments are
+keyed by a :class:`SegmentKey` (model fingerprint, head config, tokenizer, BOS flag, token
+ids, KV layout) whose sha256 :meth:`~SegmentKey.digest` names the segment everywhere.
+
+Tiers, each with a byte limit and LRU eviction: GPU (tensors on ``device``) -> host memory
+(pinned when CUDA exists) -> disk (one safetensors file per segment plus ``index.json``).
+Eviction demotes one tier down (a segment already on disk is just dropped); disk eviction
+deletes the file. A hit in a lower tier is promoted to the highest memory tier that fits.
+
+Integrity: files are never unpickled. A load checks the format tag, that the stored digest
+matches the file name and the request, that the key rebuilt from the stored fields hashes to
+that digest (so a renamed or foreign file fails), and a sha256 over every tensor's bytes and
+the metadata. Any failure is a warning, a counted miss, and the file is renamed ``*.corrupt``.
+
+Crash safety: files and the index are written to a ``*.tmp-<pid>-<rand>`` sibling, fsynced,
+then ``os.replace``d into place, and the index only after its file exists. A crash leaves at
+worst a temp file (ignored, removed at the next start) or a file missing from the index (the
+index is repaired from the files at start). One store instance per ``disk_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+FORMAT = "redknot-segment-v1"
+INDEX_FORMAT = "redknot-segment-index-v1"
+TIERS = ("gpu", "host", "disk")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+_TMP_RE = re.compile(r"\.tmp-(\d+)-[0-9a-f]+$")
+_KEY_STR_FIELDS = ("model_fingerprint", "head_config_hash", "tokenizer", "layout")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentKey:
+    """Everything the KV of a token sequence depends on."""
+
+    model_fingerprint: str
+    head_config_hash: str
+    tokenizer: str
+    bos: bool
+    token_ids: tuple[int, ...]
+    layout: str
+
+    def __post_init__(self) -> None:
+        ids = tuple(int(t) for t in self.token_ids)
+        if any(t < 0 or t >= 1 << 31 for t in ids):
+            raise ValueError("token_ids must be in [0, 2**31)")
+        object.__setattr__(self, "token_ids", ids)
+
+    @cached_property
+    def _digest(self) -> str:
+        # Length-prefixed JSON header then raw int32 ids: unambiguous and cheap for long docs.
+        head = json.dumps({"v": 1, "bos": bool(self.bos), "num_tokens": len(self.token_ids),
+                           **{f: getattr(self, f) for f in _KEY_STR_FIELDS}},
+                          sort_keys=True, separators=(",", ":")).encode()
+        h = hashlib.sha256(b"redknot-segment-key-v1\n")
+        h.update(len(head).to_bytes(8, "little"))
+        h.update(head)
+        h.update(np.asarray(self.token_ids, dtype="<i4").tobytes())
+        return h.hexdigest()
+
+    def digest(self) -> str:
+        """sha256 hex of the canonical encoding of all fields."""
+        return self._digest
+
+
+@dataclasses.dataclass
+class Segment:
+    """K/V of one segment, ``[num_layers, num_tokens, num_kv_heads, head_dim]`` each.
+
+    The store takes ownership of the tensors; treat returned segments as read-only.
+    """
+
+    key: SegmentKey
+    k: torch.Tensor
+    v: torch.Tensor
+    deviation: torch.Tensor | None = None
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.key.token_ids)
+        if self.k.dim() != 4 or not self.k.is_floating_point():
+            raise ValueError(f"k must be a 4-D float tensor [layers, tokens, kv_heads, head_dim],"
+                             f" got {self.k.dtype} {tuple(self.k.shape)}")
+        if self.v.shape != self.k.shape or self.v.dtype != self.k.dtype:
+            raise ValueError(f"v {self.v.dtype} {tuple(self.v.shape)} does not match "
+                             f"k {self.k.dtype} {tuple(self.k.shape)}")
+        if self.k.shape[1] != n:
+            raise ValueError(f"k/v have {self.k.shape[1]} tokens but key.token_ids has {n}")
+        if self.deviation is not None and (self.deviation.shape != (n,)
+                                           or self.deviation.dtype != torch.float32):
+            raise ValueError(f"deviation must be float32 [{n}], got {self.deviation.dtype} "
+                             f"{tuple(self.deviation.shape)}")
+        if not all(isinstance(a, str) and isinstance(b, str) for a, b in self.meta.items()):
+            raise ValueError("meta must map str to str")
+        self.k, self.v = self.k.contiguous(), self.v.contiguous()
+        if self.deviation is not None:
+            self.deviation = self.deviation.contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by k, v and deviation."""
+        ts = (self.k, self.v) if self.deviation is None else (self.k, self.v, self.deviation)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def to(self, device: str | torch.device, pin: bool = False) -> Segment:
+        """This segment on ``device`` (itself if already there); ``pin`` pins CPU copies."""
+        dev = torch.device(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.device == dev and (not pin or t.is_pinned()):
+                return t
+            if dev.type == "cpu" and pin:
+                return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+            return t.to(dev)
+
+        k, v = move(self.k), move(self.v)
+        dvt = None if self.deviation is None else move(self.deviation)
+        if k is self.k and v is self.v and dvt is self.deviation:
+            return self
+        return dataclasses.replace(self, k=k, v=v, deviation=dvt)
+
+
+@dataclasses.dataclass
+class _DiskEntry:
+    nbytes: int
+    last_access: float
+
+
+def _checksum(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    # Covers dtype and shape too: a flipped header dtype would reinterpret intact bytes.
+    h = hashlib.sha256()
+    for name in ("k", "v", "deviation", "token_ids"):
+        if name in tensors:
+            t = tensors[name].detach().to("cpu").contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    h.update(meta_json.encode())
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)``, fsync, rename over ``path``; the temp file never survives."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)  # make the rename itself durable
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class SegmentStore:
+    """Three-tier LRU store of :class:`Segment` s keyed by digest. Thread-safe.
+
+    The GPU tier exists only if ``gpu_bytes > 0`` and ``device`` is given, host only if
+    ``host_bytes > 0``, disk only if ``disk_dir`` is given.
+    """
+
+    def __init__(self, gpu_bytes: int = 0, host_bytes: int = 1 << 30,
+                 disk_dir: str | Path | None = None, disk_bytes: int = 16 << 30,
+                 device: str | torch.device | None = None) -> None:
+        self._lock = threading.Lock()
+        self._device = None if device is None else torch.device(device)
+        if self._device is not None and self._device.type == "cuda" \
+                and self._device.index is None:
+            self._device = torch.device("cuda", torch.cuda.current_device())
+        self._limits = {"gpu": gpu_bytes if self._device is not None else 0,
+                        "host": host_bytes, "disk": disk_bytes if disk_dir is not None else 0}
+        self._pin = torch.cuda.is_available()
+        self._mem: dict[str, OrderedDict[str, Segment]] = {"gpu": OrderedDict(),
+                                                           "host": OrderedDict()}
+        self._disk: OrderedDict[str, _DiskEntry] = OrderedDict()
+        self._bytes = dict.fromkeys(TIERS, 0)
+        self._hits = dict.fromkeys(TIERS, 0)
+        self._misses = dict.fromkeys(TIERS, 0)
+        self._evictions = dict.fromkeys(TIERS, 0)
+        self._lookup_misses = 0
+        self._corrupt = 0
+        self._write_errors = 0
+        self.last_hit_tier: str | None = None
+        self._dir = None if disk_dir is None else Path(disk_dir)
+        if self._dir is not None:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._load_index()
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def put(self, segment: Segment, tier: str | None = None) -> str | None:
+        """Store ``segment`` in ``tier`` (None: the highest one), or the first lower tier that
+        is configured and large enough. Returns the tier it landed in, None if none could
+        hold it. Disk write errors raise ``OSError``."""
+        if tier is not None and tier not in TIERS:
+            raise ValueError(f"tier must be one of {TIERS} or None, got {tier!r}")
+        digest = segment.key.digest()
+        with self._lock:
+            if tier == "disk":
+                return self._place(digest, segment, "disk", rewrite=True)
+            self._drop_mem(digest)
+            return self._place(digest, segment, tier or "gpu", rewrite=True)
+
+    def persist(self, key_or_digest: SegmentKey | str) -> bool:
+        """Make sure a disk copy exists (written now if only in memory). False if the segment
+        is unknown or there is no disk tier."""
+        digest = _as_digest(key_or_digest)
+        with self._lock:
+            if digest in self._disk:
+                return True
+            seg = self._mem["gpu"].get(digest, self._mem["host"].get(digest))
+            if seg is None or not self._limits["disk"]:
+                return False
+            return self._place(digest, seg, "disk", rewrite=True) == "disk"
+
+    def lookup(self, key_or_digest: SegmentKey | str,
+               device: str | torch.device | None = None) -> tuple[Segment, str] | None:
+        """``(segment, tier it was found in)`` or None. Promotes lower-tier hits; tensors come
+        on ``device`` if given, else on the tier the segment now lives in."""
+        digest = _as_digest(key_or_digest)
+        with self._lock:
+            found = self._lookup(digest)
+            self.last_hit_tier = None if found is None else found[1]
+            self._lookup_misses += found is None
+        if found is None:
+            return None
+        seg, tier = found
+        return (seg if device is None else seg.to(device)), tier
+
+    def get(self, key_or_digest: SegmentKey | str,
+            device: str | torch.device | None = None) -> Segment | None:
+        """The segment or None; see :meth:`lookup`. Sets ``last_hit_tier``."""
+        found = self.lookup(key_or_digest, device)
+        return None if found is None else found[0]
+
+    def contains(self, key_or_digest: SegmentKey | str) -> bool:
+        """Whether any tier holds the segment (nothing is loaded or verified)."""
+        return self.tier_of(key_or_digest) is not None
+
+    def tier_of(self, key_or_digest: SegmentKey | str) -> str | None:
+        """The highest tier holding the segment, or None."""
+        digest = _as_digest(key_or_digest)
+        with self._lock:
+            for name in ("gpu", "host"):
+                if digest in self._mem[name]:
+                    return name
+            return "disk" if digest in self._disk else None
+
+    def stats(self) -> dict:
+        """Per-tier bytes, limits, counts, hits, misses, evictions; corrupt files skipped."""
+        with self._lock:
+            counts = {"gpu": len(self._mem["gpu"]), "host": len(self._mem["host"]),
+                      "disk": len(self._disk)}
+            tiers = {t: {"bytes": self._bytes[t], "limit": self._limits[t], "count": counts[t],
+                         "hits": self._hits[t], "misses": self._misses[t],
+                         "evictions": self._evictions[t]} for t in TIERS}
+            return {**tiers, "hits": sum(self._hits.values()), "misses": self._lookup_misses,
+                    "corrupt": self._corrupt, "write_errors": self._write_errors}
+
+    # -- internals (caller holds the lock) -----------------------------------------------------
+
+    def _lookup(self, digest: str) -> tuple[Segment, str] | None:
+        for name in ("gpu", "host"):
+            if not self._limits[name]:
+                continue
+            seg = self._mem[name].get(digest)
+            if seg is None:
+                self._misses[name] += 1
+                continue
+            self._hits[name] += 1
+            self._mem[name].move_to_end(digest)
+            if name == "host" and 0 < self._limits["gpu"] and seg.nbytes <= self._limits["gpu"]:
+                self._drop_mem(digest)
+                self._place(digest, seg, "gpu")
+                seg = self._mem["gpu"][digest]
+            return seg, name
+        if digest not in self._disk:
+            if self._limits["disk"]:
+                self._misses["disk"] += 1
+            return None
+        seg = self._load(digest)
+        if seg is None:
+            self._misses["disk"] += 1
+            return None
+        self._hits["disk"] += 1
+        self._disk[digest].last_access = time.time()
+        self._disk.move_to_end(digest)
+        self._write_index()
+        landed = self._place(digest, seg, "gpu")
+        return (self._mem[landed][digest] if landed in self._mem else seg), "disk"
+
+    def _place(self, digest: str, seg: Segment, start: str, rewrite: bool = False) -> str | None:
+        """Insert into the first configured tier at or below ``start`` that can hold ``seg``.
+        A disk copy is written only if ``rewrite`` or none exists yet."""
+        for name in TIERS[TIERS.index(start):]:
+            if self._limits[name] <= 0 or seg.nbytes > self._limits[name]:
+                continue
+            if name == "disk":
+                if rewrite or digest not in self._disk:
+                    self._write_disk(digest, seg)
+                return "disk" if digest in self._disk else None
+            seg = seg.to(self._device, pin=False) if name == "gpu" else seg.to("cpu", self._pin)
+            self._mem[name][digest] = seg
+            self._bytes[name] += seg.nbytes
+            self._evict(name)
+            return name
+        return None
+
+    def _drop_mem(self, digest: str) -> None:
+        for name in ("gpu", "host"):
+            seg = self._mem[name].pop(digest, None)
+            if seg is not None:
+                self._bytes[name] -= seg.nbytes
+
+    def _evict(self, name: str) -> None:
+        mem = self._mem[name]
+        while self._bytes[name] > self._limits[name] and mem:
+            digest, seg = mem.popitem(last=False)
+            self._bytes[name] -= seg.nbytes
+            self._evictions[name] += 1
+            try:
+                self._place(digest, seg, TIERS[TIERS.index(name) + 1])
+            except OSError as e:  # a cache: losing a demoted segment must not fail the caller
+                self._write_errors += 1
+                logger.warning("KV segment %s dropped, disk write failed: %s", digest, e)
+
+    def _path(self, digest: str) -> Path:
+        assert self._dir is not None
+        return self._dir / digest[:2] / f"{digest}.safetensors"
+
+    def _write_disk(self, digest: str, seg: Segment) -> None:
+        key = seg.key
+        tensors = {"k": seg.k.detach().to("cpu").contiguous(),
+                   "v": seg.v.detach().to("cpu").contiguous(),
+                   "token_ids": torch.tensor(key.token_ids, dtype=torch.int32)}
+        if seg.deviation is not None:
+            tensors["deviation"] = seg.deviation.detach().to("cpu").contiguous()
+        meta_json = json.dumps(seg.meta, sort_keys=True)
+        metadata = {"format": FORMAT, "digest": digest, "bos": "1" if key.bos else "0",
+                    "meta": meta_json, "checksum": _checksum(tensors, meta_json),
+                    **{f: getattr(key, f) for f in _KEY_STR_FIELDS}}
+        path = self._path(digest)
+        path.parent.mkdir(exist_ok=True)
+        _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        old = self._disk.pop(digest, None)
+        self._bytes["disk"] -= old.nbytes if old else 0
+        self._disk[digest] = _DiskEntry(path.stat().st_size, time.time())
+        self._bytes["disk"] += self._disk[digest].nbytes
+        self._evict_disk()
+        self._write_index()
+
+    def _evict_disk(self) -> None:
+        while self._bytes["disk"] > self._limits["disk"] and self._disk:
+            self._evictions["disk"] += 1
+            self._forget_disk(next(iter(self._disk)))
+
+    def _forget_disk(self, digest: str, rename_to: str | None = None) -> None:
+        entry = self._disk.pop(digest, None)
+        self._bytes["disk"] -= entry.nbytes if entry else 0
+        path = self._path(digest)
+        try:
+            if rename_to:
+                os.replace(path, path.with_name(path.name + rename_to))
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as e:
+            logger.warning("Could not remove KV segment file %s: %s", path, e)
+
+    def _load(self, digest: str) -> Segment | None:
+        """Read and verify a disk segment (CPU tensors); None, logged and quarantined if bad."""
+        path = self._path(digest)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                md = f.metadata() or {}
+                tensors = {n: f.get_tensor(n) for n in f.keys()}
+            if md.get("format") != FORMAT:
+                raise ValueError(f"format {md.get('format')!r}, expected {FORMAT!r}")
+            if md.get("digest") != digest or path.stem != digest:
+                raise ValueError(f"stored digest {md.get('digest')!r} does not match {digest}")
+            ids = tensors["token_ids"]
+            if ids.dtype != torch.int32 or ids.dim() != 1:
+                raise ValueError("token_ids must be a 1-D int32 tensor")
+            key = SegmentKey(bos=md["bos"] == "1", token_ids=tuple(ids.tolist()),
+                             **{f: md[f] for f in _KEY_STR_FIELDS})
+            if key.digest() != digest:
+                raise ValueError("key fields hash to another digest (renamed or foreign file)")
+            if _checksum(tensors, md["meta"]) != md.get("checksum"):
+                raise ValueError("checksum mismatch")
+            meta = json.loads(md["meta"])
+            return Segment(key, tensors["k"], tensors["v"], tensors.get("deviation"), meta)
+        except Exception as e:  # truncation, parse errors, missing fields, bad shapes, ...
+            self._corrupt += 1
+            logger.warning("Discarding KV segment file %s: %s", path, e)
+            self._forget_disk(digest, rename_to=".corrupt")
+            self._write_index()
+            return None
+
+    def _write_index(self) -> None:
+        # Best effort: the files are the truth and the next start repairs the index from them;
+        # the index only adds LRU order across restarts.
+        assert self._dir is not None
+        body = {"format": INDEX_FORMAT, "segments": {
+            d: {"bytes": e.nbytes, "last_access": e.last_access,
+                "file": f"{d[:2]}/{d}.safetensors"} for d, e in self._disk.items()}}
+        data = json.dumps(body, indent=0).encode()
+        try:
+            _atomic_write(self._dir / "index.json", lambda tmp: tmp.write_bytes(data))
+        except OSError as e:
+            logger.warning("Could not write the KV segment index in %s: %s", self._dir, e)
+
+    def _load_index(self) -> None:
+        """Read ``index.json``, repair it against the files on disk, drop stale temp files."""
+        assert self._dir is not None
+        for tmp in [*self._dir.glob("*.tmp-*"), *self._dir.glob("??/*.tmp-*")]:
+            m = _TMP_RE.search(tmp.name)
+            # Our own pid counts as dead: in containers a crashed predecessor often had it.
+            if m is None or not _pid_alive(int(m.group(1))) or int(m.group(1)) == os.getpid():
+                tmp.unlink(missing_ok=True)
+        files = {p.stem: p for p in self._dir.glob("??/*.safetensors")
+                 if _DIGEST_RE.fullmatch(p.stem) and p.parent.name == p.stem[:2]}
+        try:
+            raw = json.loads((self._dir / "index.json").read_text())
+            if raw.get("format") != INDEX_FORMAT:
+                raise ValueError(f"format {raw.get('format')!r}")
+            indexed = {d: float(e["last_access"]) for d, e in raw["segments"].items()}
+        except FileNotFoundError:
+            indexed = {}
+            if files:
+                logger.warning("KV segment index in %s is missing; rebuilding", self._dir)
+        except Exception as e:
+            logger.warning("KV segment index in %s is unreadable (%s); rebuilding", self._dir, e)
+            indexed = {}
+        entries = []
+        for digest, path in files.items():
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            entries.append((indexed.get(digest, st.st_mtime), digest, st.st_size))
+        for last_access, digest, size in sorted(entries):
+            self._disk[digest] = _DiskEntry(size, last_access)
+            self._bytes["disk"] += size
+        self._evict_disk()
+        self._write_index()
+
+
+def _as_digest(key_or_digest: SegmentKey | str) -> str:
+    if isinstance(key_or_digest, SegmentKey):
+        return key_or_digest.digest()
+    if not isinstance(key_or_digest, str) or not _DIGEST_RE.fullmatch(key_or_digest):
+        raise ValueError(f"expected a SegmentKey or a sha256 hex digest, got {key_or_digest!r}")
+    return key_or_digest
