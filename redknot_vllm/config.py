@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,69 @@ class SparseFFNConfig:
         return hashlib.sha256(blob).hexdigest()
 
 
+REUSE_POLICIES = ("selective", "seed")
+
+
+@dataclass(frozen=True)
+class ReuseConfig:
+    """Offline KV reuse (:mod:`redknot_vllm.reuse`): where segments live, what is recomputed."""
+
+    policy: str = "selective"
+    """``selective``: reused tokens are not computed, except the first ``recompute_first``
+    of each segment and the ``recompute_fraction`` of chunks whose stored KV deviated most
+    from in-context KV when profiled (``redknot precompute``). ``seed``: every token is
+    computed and the local heads read the relocated stored KV (the original's policy; no
+    compute is saved, kept for comparison)."""
+    recompute_first: int = 16
+    recompute_fraction: float = 0.15
+    chunk: int = 16
+    """Tokens per recompute decision (fewer, longer runs for the attention kernels)."""
+    min_tokens: int = 64
+    """Shortest segment that is stored or matched."""
+    auto: bool = True
+    """Find stored segments in every prompt by content hash; else only ranges a request
+    marks (``kv_transfer_params={"redknot": {"reuse": [[start, end], ...]}}``)."""
+    store_dir: str | None = None
+    """Disk tier (safetensors + index); None keeps segments in memory only."""
+    gpu_bytes: int = 0
+    host_bytes: int = 4 << 30
+    disk_bytes: int = 64 << 30
+
+    def __post_init__(self) -> None:
+        def bad(name: str, want: str) -> RedKnotConfigError:
+            return RedKnotConfigError(f"reuse.{name} is {getattr(self, name)!r}; expected {want}")
+
+        if self.policy not in REUSE_POLICIES:
+            raise bad("policy", f"one of {list(REUSE_POLICIES)}")
+        for name in ("recompute_first", "gpu_bytes", "host_bytes", "disk_bytes"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "an integer >= 0")
+        if not _is_number(self.recompute_fraction) or not 0 <= self.recompute_fraction <= 1:
+            raise bad("recompute_fraction", "a number in [0, 1]")
+        if not _is_int(self.chunk) or self.chunk < 1:
+            raise bad("chunk", "an integer >= 1")
+        if not _is_int(self.min_tokens) or self.min_tokens < 16:
+            raise bad("min_tokens", "an integer >= 16 (segments are found by their first 16 "
+                      "tokens)")
+        if not isinstance(self.auto, bool):
+            raise bad("auto", "true or false")
+        if self.store_dir is not None and not isinstance(self.store_dir, str):
+            raise bad("store_dir", "a folder path or null")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReuseConfig:
+        if not isinstance(d, dict):
+            raise RedKnotConfigError(f"reuse must be an object, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise RedKnotConfigError(f"reuse: unknown option(s) {unknown}; expected {names}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 @dataclass(frozen=True)
 class RedKnotConfig:
     """Everything RedKnot needs in a worker, parsed from ``additional_config["redknot"]``."""
@@ -167,8 +230,10 @@ class RedKnotConfig:
     """Sparse-FFN schedule; None keeps the FFN dense."""
     require_gate: bool = False
     """Refuse to start unless ``redknot gate`` passed for this model, dtype and config."""
+    reuse: ReuseConfig | None = None
+    """Offline KV reuse; None: off (needs the RedKnot connector when on)."""
 
-    _KEYS = ("head_config", "sparse_ffn", "require_gate")
+    _KEYS = ("head_config", "sparse_ffn", "require_gate", "reuse")
 
     @classmethod
     def from_additional_config(cls, additional: dict[str, Any] | None) -> RedKnotConfig | None:
@@ -193,6 +258,7 @@ class RedKnotConfig:
             head_config=None if head is None else _load(head, HeadConfig, "head_config"),
             sparse_ffn=None if sparse is None else _load(sparse, SparseFFNConfig, "sparse_ffn"),
             require_gate=gate,
+            reuse=None if raw.get("reuse") is None else ReuseConfig.from_dict(raw["reuse"]),
         )
 
     def to_additional_config(self) -> dict[str, Any]:
@@ -202,7 +268,8 @@ class RedKnotConfig:
 
         return {REDKNOT_KEY: {"head_config": inline(self.head_config),
                               "sparse_ffn": inline(self.sparse_ffn),
-                              "require_gate": self.require_gate}}
+                              "require_gate": self.require_gate,
+                              "reuse": None if self.reuse is None else self.reuse.to_dict()}}
 
 
 def _load(value: Any, cls: Any, name: str) -> Any:
@@ -283,6 +350,7 @@ def engine_args(
     *,
     request_stats: bool = True,
     require_gate: bool = False,
+    reuse: ReuseConfig | dict[str, Any] | bool | None = None,
     architecture: str | None = None,
     **vllm_kwargs: Any,
 ) -> dict[str, Any]:
@@ -298,6 +366,8 @@ def engine_args(
             and the worker extension still answers ``redknot_prefill_totals``.
         require_gate: refuse to start unless ``redknot gate`` passed for this model, dtype
             and configuration (checked in the worker, so ``vllm serve`` obeys it too).
+        reuse: offline KV reuse (:class:`ReuseConfig`, its dict, or True for the defaults);
+            needs a head config and ``request_stats`` (the connector carries it).
         architecture: the model's stock architecture, if ``model`` has no local config.json.
         **vllm_kwargs: any other ``LLM`` / ``EngineArgs`` argument, passed through.
 
@@ -312,7 +382,13 @@ def engine_args(
         sparse_ffn=None if sparse_ffn is None else _load(sparse_ffn, SparseFFNConfig,
                                                          "sparse_ffn"),
         require_gate=require_gate,
+        reuse=(None if reuse is None or reuse is False else ReuseConfig() if reuse is True
+               else reuse if isinstance(reuse, ReuseConfig) else ReuseConfig.from_dict(reuse)),
     )
+    if cfg.reuse is not None and (cfg.head_config is None or not request_stats):
+        raise RedKnotConfigError(
+            "reuse needs head_config (an all-global one reuses KV under dense attention) and "
+            "request_stats=True (the RedKnot connector plans and splices segments)")
     arch = redknot_architecture(architecture or model_architecture(model))
     _validate_against_local_model(cfg, model, int(vllm_kwargs.get("tensor_parallel_size", 1)))
     out = dict(vllm_kwargs)

@@ -30,7 +30,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from redknot_vllm.config import RedKnotConfigError
 from redknot_vllm.flops import PrefillFlops
+from redknot_vllm.reuse import Capture, Use, catalog_for, parse_params, salt_block_hashes
 from redknot_vllm.runtime import RedknotRuntime, find_runtime
 
 if TYPE_CHECKING:
@@ -50,6 +52,10 @@ class RedknotConnectorMetadata(KVConnectorMetadata):
     by_first_slot: dict[int, tuple[str, int, int]] = field(default_factory=dict)
     """slot of a request's first token this step -> (request id, prompt length,
     tokens already computed before its first step, e.g. prefix-cache hits)."""
+    reuse: dict[int, tuple[str, int, list[Use]]] = field(default_factory=dict)
+    """KV reuse: first slot -> (request id, prompt length, stored segments in this step)."""
+    capture: dict[int, Capture] = field(default_factory=dict)
+    """KV reuse: first slot -> a prompt finishing this step whose KV is stored or probed."""
 
 
 class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
@@ -62,6 +68,9 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
         # scheduler side
         self._blocks: dict[str, list[int]] = {}
         self._prompt: dict[str, tuple[int, int]] = {}
+        self._reuse = catalog_for(vllm_config) if role == KVConnectorRole.SCHEDULER else None
+        self._uses: dict[str, list[Use]] = {}
+        self._captures: dict[str, tuple[tuple[int, ...], tuple[str, int] | None]] = {}
         # worker side
         self._runtime: RedknotRuntime | None = None
         self._acc: dict[str, PrefillFlops] = {}
@@ -74,6 +83,27 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
     # ------------------------------------------------------------ Scheduler-side
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
+        # Claims nothing: reused segments sit mid-prompt, where vLLM has no "computed" state;
+        # they are planned here and skipped in the model (redknot_vllm.reuse).
+        rid = request.request_id
+        if self._reuse is not None and rid not in self._uses:
+            try:
+                params = parse_params(request.kv_transfer_params)
+            except RedKnotConfigError as e:
+                logger.error("RedKnot request %s: %s; reuse off for it", rid, e)
+                params = parse_params({"redknot": {"reuse": "off"}})
+            prompt = request.prompt_token_ids or []
+            uses = self._reuse.plan(prompt, num_computed_tokens, params)
+            self._uses[rid] = uses
+            if uses:
+                cfg = self._reuse.cfg
+                salt = "|".join(["redknot-reuse", repr(cfg), *(f"{u.digest}@{u.start}"
+                                                              for u in uses)])
+                salt_block_hashes(request, num_computed_tokens // self._block_size, salt)
+                logger.info("RedKnot request %s reuses %d stored segment(s), %d of %d prompt "
+                            "tokens", rid, len(uses), sum(u.length for u in uses), len(prompt))
+            if params.store or params.probe is not None:
+                self._captures[rid] = (tuple(prompt), params.probe)
         return 0, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any,
@@ -87,7 +117,7 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
                           else int(req.prompt_embeds.shape[0]))
             self._blocks[req.req_id] = list(req.block_ids[0])
             self._prompt[req.req_id] = (prompt_len, req.num_computed_tokens)
-            self._add(meta, req.req_id, req.num_computed_tokens)
+            self._add(meta, req.req_id, req.num_computed_tokens, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             new_blocks = cached.new_block_ids[i]
@@ -96,21 +126,31 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
                 self._prompt[req_id] = (self._prompt[req_id][0], cached.num_computed_tokens[i])
             elif new_blocks:
                 self._blocks.setdefault(req_id, []).extend(new_blocks[0])
-            self._add(meta, req_id, cached.num_computed_tokens[i])
+            self._add(meta, req_id, cached.num_computed_tokens[i], scheduler_output)
         return meta
 
-    def _add(self, meta: RedknotConnectorMetadata, req_id: str, pos: int) -> None:
+    def _add(self, meta: RedknotConnectorMetadata, req_id: str, pos: int,
+             scheduler_output: Any) -> None:
         prompt_len, first = self._prompt.get(req_id, (0, 0))
         blocks = self._blocks.get(req_id, [])
         if pos >= prompt_len or pos // self._block_size >= len(blocks):
             return  # decoding: nothing to account
         slot = blocks[pos // self._block_size] * self._block_size + pos % self._block_size
         meta.by_first_slot[slot] = (req_id, prompt_len, first)
+        end = pos + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+        uses = [u for u in self._uses.get(req_id, ()) if u.start < end and u.start + u.length > pos]
+        if uses:
+            meta.reuse[slot] = (req_id, prompt_len, uses)
+        if req_id in self._captures and end >= prompt_len:
+            ids, probe = self._captures[req_id]
+            meta.capture[slot] = Capture(req_id, ids, tuple(blocks), probe)
 
     def request_finished(self, request: Any, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
         self._blocks.pop(request.request_id, None)
         self._prompt.pop(request.request_id, None)
+        self._uses.pop(request.request_id, None)
+        self._captures.pop(request.request_id, None)
         return False, None
 
     def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]
@@ -139,15 +179,17 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
         meta = self._get_connector_metadata()
         assert isinstance(meta, RedknotConnectorMetadata)
         for md in self._runtime.drain():
-            firsts = md.slot_mapping[md.query_start_loc[:-1]].tolist() if md.num_reqs else []
+            firsts = md.first_slots()
             kept = md.ffn_kept_host()
             for row, prefill in enumerate(md.is_prefill):
                 hit = meta.by_first_slot.get(firsts[row]) if prefill else None
                 if hit is None:
                     continue
                 req_id, prompt_len, first = hit
-                self._acc.setdefault(req_id, PrefillFlops()).merge(
-                    self._runtime.row_flops(md, row, kept))
+                acc = self._acc.setdefault(req_id, PrefillFlops())
+                acc.merge(self._runtime.row_flops(md, row, kept))
+                for a, b in md.reused.pop(firsts[row], ()):  # once per request and step
+                    acc.add_reused(self._runtime.dims, a, b)
                 self._cached.setdefault(req_id, first)
                 if md.seq_lens[row] >= prompt_len:
                     self._finish(req_id, prompt_len)
@@ -168,15 +210,18 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
                     del self.suffixed[base]
         assert self._runtime is not None
         if self._runtime.tp_rank == 0:
-            logger.info("RedKnot request %s: %d prompt tokens (%d computed), FFN kept %.1f%%, "
-                        "prefill FLOPs saved %.1f%%", req_id, prompt_len, acc.tokens,
-                        100 * acc.ffn_kept_fraction, 100 * acc.saved_fraction)
+            logger.info("RedKnot request %s: %d prompt tokens (%d computed, %d reused), FFN kept "
+                        "%.1f%%, prefill FLOPs saved %.1f%%", req_id, prompt_len, acc.tokens,
+                        acc.reused_tokens, 100 * acc.ffn_kept_fraction,
+                        100 * acc.saved_fraction)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None,
                                                                 set[str] | None]:
         for req_id in finished_req_ids:  # aborted mid-prompt: forget partial sums
             self._acc.pop(req_id, None)
             self._cached.pop(req_id, None)
+        if self._runtime is not None and self._runtime.reuse is not None:
+            self._runtime.reuse.forget(finished_req_ids)
         return None, None
 
 

@@ -119,6 +119,8 @@ class PrefillFlops:
     """(token, layer) pairs in sparse-FFN layers."""
     sparse_pairs_kept: int = 0
     """Of those, the pairs whose FFN ran."""
+    reused_tokens: int = 0
+    """Prompt tokens whose KV was spliced from stored segments instead of computed."""
 
     def add_chunk(self, dims: ModelDims, shape: AttentionShape, start: int, end: int,
                   ffn_token_layers: int, sparse: tuple[int, int] = (0, 0)) -> None:
@@ -136,6 +138,14 @@ class PrefillFlops:
                        + dense_ffn_pairs * dims.ffn_per_token)
         self.redknot += (proj + shape.attention_flops(dims, start, end)
                          + ffn_token_layers * dims.ffn_per_token)
+
+    def add_reused(self, dims: ModelDims, start: int, end: int) -> None:
+        """Account positions [start, end) whose KV was reused: dense computes them, RedKnot
+        does not (the relocation's few FLOPs per element are left out)."""
+        n = end - start
+        self.reused_tokens += n
+        self.dense += (dims.num_layers * n * (dims.projection_per_token + dims.ffn_per_token)
+                       + AttentionShape.dense(dims).attention_flops(dims, start, end))
 
     @property
     def saved_fraction(self) -> float:
@@ -157,9 +167,11 @@ class PrefillFlops:
         self.redknot += other.redknot
         self.ffn_tokens_dense += other.ffn_tokens_dense
         self.ffn_tokens_kept += other.ffn_tokens_kept
+        self.reused_tokens += other.reused_tokens
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"prefill_tokens": self.tokens, "flops_dense": self.dense,
+        return {"prefill_tokens": self.tokens, "reused_tokens": self.reused_tokens,
+                "flops_dense": self.dense,
                 "flops_redknot": self.redknot, "flops_saved": round(self.saved_fraction, 6),
                 "ffn_kept_fraction": round(self.ffn_kept_fraction, 6),
                 "ffn_kept_fraction_sparse_layers": round(self.ffn_kept_fraction_sparse_layers, 6)}

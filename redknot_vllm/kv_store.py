@@ -285,6 +285,24 @@ class SegmentStore:
                     return name
             return "disk" if digest in self._disk else None
 
+    def iter_keys(self) -> list[SegmentKey]:
+        """Keys of every stored segment (disk keys read from file headers, not verified; a
+        bad file is caught when it is loaded)."""
+        with self._lock:
+            keys = {d: seg.key for tier in self._mem.values() for d, seg in tier.items()}
+            disk = [d for d in self._disk if d not in keys]
+        for digest in disk:
+            try:
+                with safe_open(str(self._path(digest)), framework="pt", device="cpu") as f:
+                    md = f.metadata() or {}
+                    ids = f.get_tensor("token_ids")
+                keys[digest] = SegmentKey(bos=md["bos"] == "1", token_ids=tuple(ids.tolist()),
+                                          **{f: md[f] for f in _KEY_STR_FIELDS})
+            except Exception as e:
+                logger.warning("Skipping unreadable KV segment header %s: %s",
+                               self._path(digest), e)
+        return list(keys.values())
+
     def stats(self) -> dict:
         """Per-tier bytes, limits, counts, hits, misses, evictions; corrupt files skipped."""
         with self._lock:

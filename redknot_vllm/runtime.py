@@ -45,6 +45,8 @@ class RedknotRuntime:
             li for li in range(dims.num_layers) if sf is not None and sf.threshold(li) < 1.0)
         self.plans: dict[int, LayerPlan] = {}
         """Layer index -> plan, for the layers on this pipeline stage."""
+        self.reuse: Any = None
+        """:class:`redknot_vllm.reuse.ReuseWorker` when offline KV reuse is on."""
         self.per_request = False
         """Set by the RedKnot connector: it drains the steps itself, by request id."""
         self._pending: list[RedKnotAttentionMetadata] = []
@@ -59,6 +61,12 @@ class RedknotRuntime:
         if not self.per_request:
             self._fold_into_window()
         self._pending.append(md)
+
+    def replace_step(self, old: RedKnotAttentionMetadata, new: RedKnotAttentionMetadata) -> None:
+        """KV reuse restricted a pending step's rows: account the rows that really run."""
+        for i, md in enumerate(self._pending):
+            if md is old:
+                self._pending[i] = new
 
     def drain(self) -> list[RedKnotAttentionMetadata]:
         """Steps whose forward has run, oldest first."""

@@ -117,6 +117,23 @@ class RedKnotAttentionMetadata:
     """attention layer name -> [num_actual_tokens] fp32 Σ over this rank's heads of o²."""
     ffn_kept: dict[int, torch.Tensor] = field(default_factory=dict)
     """layer index -> [num_reqs] int64 prefill tokens whose FFN ran (sparse layers only)."""
+    row_first_slots: list[int] | None = None
+    """KV reuse (:func:`restrict_tokens`): per row, the slot of its request's first token of
+    this step, which the connector keys requests by; None: the slot of the row's own first
+    token."""
+    reused: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    """KV reuse: request first slot -> position ranges spliced from stored KV, not computed."""
+    reuse_overwrite: Any = None
+    """KV reuse, seed policy: (slots, k, v, layer index -> row of k/v) written over the local
+    heads' fresh KV of reused tokens before attention (:mod:`redknot_vllm.reuse`)."""
+
+    def first_slots(self) -> list[int]:
+        """Per row, the slot that identifies its request in this step (one transfer)."""
+        if self.row_first_slots is not None:
+            return self.row_first_slots
+        if not self.num_reqs:
+            return []
+        return self.slot_mapping[torch.tensor(self.query_start_loc[:-1])].tolist()
 
     def ffn_kept_host(self) -> dict[int, list[int]]:
         """``ffn_kept`` on the host, copied in one transfer (after the forward)."""
@@ -131,6 +148,65 @@ class RedKnotAttentionMetadata:
         counts = torch.zeros(self.num_reqs, dtype=torch.long, device=keep.device)
         self.ffn_kept[layer] = counts.index_add_(
             0, self.token_row, (keep & self.token_is_prefill).long())
+
+
+def restrict_tokens(md: RedKnotAttentionMetadata, keep: torch.Tensor
+                    ) -> tuple[RedKnotAttentionMetadata, torch.Tensor]:
+    """Metadata for computing only the kept tokens of a prefill step (KV reuse).
+
+    Every maximal run of kept tokens of a row becomes a row of its own, with the row's block
+    table and ``seq_len`` = the position after the run's last token, so each run attends
+    causally to everything before it: KV spliced into the cache for the dropped tokens, and
+    the run's own fresh KV. ``keep`` is a host bool ``[num_actual_tokens]``.
+
+    Returns:
+        (metadata, kept token indices on the device).
+    """
+    assert keep.device.type == "cpu" and keep.numel() == md.num_actual_tokens
+    firsts = md.first_slots()
+    qsl, rows, seq_lens, prefill, first_slots = [0], [], [], [], []
+    for r in range(md.num_reqs):
+        a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
+        k = keep[a:b]
+        if bool(k.all()):
+            runs = [(0, b - a)]
+        else:
+            edges = torch.diff(k.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
+                               append=torch.zeros(1, dtype=torch.int8))
+            starts = (edges == 1).nonzero().flatten().tolist()
+            ends = (edges == -1).nonzero().flatten().tolist()
+            runs = list(zip(starts, ends, strict=True))
+        end_pos = md.seq_lens[r] - (b - a)  # position of the row's first token
+        for s, e in runs:
+            qsl.append(qsl[-1] + e - s)
+            rows.append(r)
+            seq_lens.append(end_pos + e)
+            prefill.append(md.is_prefill[r])
+            first_slots.append(firsts[r])
+    dev = md.slot_mapping.device
+    kept = keep.nonzero().flatten().to(dev, non_blocking=True)
+    q_lens = [qsl[i + 1] - qsl[i] for i in range(len(rows))]
+    out = RedKnotAttentionMetadata(
+        num_actual_tokens=qsl[-1],
+        num_reqs=len(rows),
+        block_table=md.block_table[torch.tensor(rows, device=md.block_table.device)],
+        slot_mapping=md.slot_mapping[kept],
+        cu_seqlens_q=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+        seqused_k=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+        max_query_len=max(q_lens, default=0),
+        max_seq_len=max(seq_lens, default=0),
+        query_start_loc=qsl,
+        seq_lens=seq_lens,
+        is_prefill=prefill,
+        has_prefill=any(prefill),
+        want_importance=md.want_importance,
+        row_first_slots=first_slots,
+        reused=md.reused,
+        reuse_overwrite=md.reuse_overwrite,
+    )
+    if out.has_prefill:
+        add_token_fields(out, q_lens, dev)
+    return out, kept
 
 
 class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata]):
@@ -332,6 +408,10 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
         if md.fa is not None:  # CUDA, no prefill rows: exactly dense vLLM's attention
             assert self._fa_impl is not None
             return self._fa_impl.forward(layer, query, key, value, kv_cache, md.fa, output)
+        if md.reuse_overwrite is not None:
+            from redknot_vllm.reuse import overwrite_local_heads
+
+            overwrite_local_heads(md.reuse_overwrite, self.plan, kv_cache)
         n = md.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         o = output[:n].view(n, self.num_heads, self.head_size)

@@ -76,6 +76,12 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedknotRuntim
                 attn_layer_name=old.layer_name, threshold=sparse.threshold(li),
                 recent_n=sparse.recent_n, min_keep=sparse.min_keep, tp_size=tp_size,
                 static_forward_context=ctx, by_fraction=sparse.by_fraction)
+    if cfg.reuse is not None:
+        from redknot_vllm.reuse import ReuseWorker, engine_for
+
+        engine = engine_for(vllm_config)
+        assert engine is not None
+        runtime.reuse = ReuseWorker(engine, causal_lm, vllm_config)
     _log_startup(arch, cfg, tp_rank)
     return runtime
 
@@ -89,6 +95,29 @@ class RedknotModelMixin:
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.redknot_runtime = apply_redknot(self, vllm_config)  # type: ignore[arg-type]
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+        """The stock forward; with KV reuse, over the tokens that are not spliced only."""
+        rt = self.redknot_runtime
+        reuse = rt.reuse if rt is not None else None
+        kept = reuse.begin_forward() if reuse is not None else None
+        if kept is None:
+            out = super().forward(input_ids, positions,  # type: ignore[misc]
+                                  intermediate_tensors, inputs_embeds, **kwargs)
+        else:
+            h = super().forward(  # type: ignore[misc]
+                None if input_ids is None else input_ids[kept], positions[..., kept],
+                intermediate_tensors, None if inputs_embeds is None else inputs_embeds[kept],
+                **kwargs)
+            # dropped rows' hidden states are never read: only the last prompt token of a
+            # request is sampled, and it is always computed
+            out = h.new_zeros((positions.shape[-1], *h.shape[1:]))
+            out[kept] = h
+        if reuse is not None:
+            reuse.end_forward()
+        return out
 
     def load_weights(self, weights: Any) -> Any:
         loaded = super().load_weights(weights)  # type: ignore[misc]
