@@ -44,6 +44,9 @@ for step in "$@"; do
       timeout 560 python3 benchmarks/quality.py report --workdir /tmp/rkq \
         --head-config "${QUALITY_HEAD:-/tmp/rkq/default/head_config.json}" "${ffn[@]}" \
         --out "$OUT/quality-smollm2.json" 2>&1 | grep --line-buffered -E "^\[quality\]|Error|error" | tail -40 ;;
+    reuse)
+      timeout ${REUSE_TIMEOUT:-560} python3 benchmarks/reuse.py --out "$OUT/reuse-h100.json" ${REUSE_ARGS:-} 2>&1 \
+        | tee "$OUT/reuse.raw.log" | grep --line-buffered -E "^\[(reuse|stock|redknot|quality)\]|x dense|Error|error|Traceback" | tail -40 ;;
     smollm2|llama8b)
       args=(${TTFT_ARGS:-})
       if [ "$step" = smollm2 ]; then

@@ -257,6 +257,31 @@ class RedknotWorkerExtension:
         rt = find_runtime(self.vllm_config)  # type: ignore[attr-defined]
         return {} if rt is None else rt.take_totals().as_dict()
 
+    def redknot_reuse_tiers(self, gpu_bytes: int, host_bytes: int) -> dict[str, Any]:
+        """Benchmarks: reopen the reuse store with other memory-tier limits (every segment
+        stays on disk); returns the old store's stats."""
+        from redknot_vllm.kv_store import SegmentStore
+        from redknot_vllm.runtime import find_runtime
+
+        rt = find_runtime(self.vllm_config)  # type: ignore[attr-defined]
+        if rt is None or rt.reuse is None:
+            return {}
+        eng = rt.reuse.engine
+        old = eng.store
+        stats = old.stats()
+        eng.store = SegmentStore(gpu_bytes=gpu_bytes, host_bytes=host_bytes,
+                                 disk_dir=old._dir, disk_bytes=eng.cfg.disk_bytes,
+                                 device=old._device if gpu_bytes else None)
+        del old
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return stats
+
     def redknot_request_stats(self, request_ids: list[str] | None) -> dict[str, dict[str, Any]]:
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 

@@ -69,6 +69,9 @@ _FILLER = [
     "The old clock in the square chimed the hour, a little later than it should.",
     "A new café opened near the station, with tables set out on the pavement.",
 ]
+FILLER_SENTENCES: tuple[str, ...] = tuple(_FILLER)
+"""Neutral prose sentences the tasks pad with (also used by the reuse benchmark)."""
+
 _NAMES = ["Amber", "Cobalt", "Crimson", "Ivory", "Jade", "Onyx", "Saffron", "Teal",
           "Violet", "Scarlet", "Indigo", "Silver", "Copper", "Olive", "Coral", "Azure"]
 _PEOPLE = ["Anna Keller", "Boris Novak", "Clara Jensen", "David Moreau", "Elena Rossi",

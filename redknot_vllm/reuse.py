@@ -285,10 +285,19 @@ def key_fields(vllm_config: Any) -> dict[str, str] | None:
 
     mc = vllm_config.model_config
     dtype = str(mc.dtype).removeprefix("torch.")
-    try:
-        fp = model_fingerprint(mc.model, dtype)
-    except FingerprintError as e:
-        raise RedKnotConfigError(f"KV reuse keys segments by the model's weights: {e}") from e
+    if str(vllm_config.load_config.load_format) == "dummy":
+        # random weights (speed runs) are a function of the config and the seed
+        import hashlib
+        import json
+
+        blob = json.dumps([mc.hf_config.to_dict(), dtype, mc.seed], sort_keys=True, default=str)
+        fp = "dummy-" + hashlib.sha256(blob.encode()).hexdigest()
+    else:
+        try:
+            fp = model_fingerprint(mc.model, dtype)
+        except FingerprintError as e:
+            raise RedKnotConfigError(f"KV reuse keys segments by the model's weights: {e}"
+                                     ) from e
     hf = mc.hf_text_config
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     return {
@@ -378,25 +387,44 @@ def _read_kv(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @dataclass
-class OverwritePlan:
-    """Seed policy: fresh KV of reused tokens is replaced, in local heads only."""
+class SplicedKV:
+    """The reused tokens of one step: where they go and where their stored KV is.
+
+    K is relocated one layer at a time (:meth:`layer`), so a 64K-token splice never holds
+    more than one layer's relocated keys."""
 
     slots: torch.Tensor
-    k: torch.Tensor
-    """[num_layers, n, H, D] relocated."""
-    v: torch.Tensor
+    """[n] destination slots."""
+    parts: list[tuple[Segment, torch.Tensor, int]]
+    """(segment, token offsets in it (host), segment start position), in slot order."""
+    rotary: Any
     layer_row: dict[int, int] = field(default_factory=dict)
+    """layer index -> index into the segments' layer dimension."""
+
+    def layer(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Relocated K and V ``[n, H, D]`` of one layer, on the slots' device."""
+        dev = self.slots.device
+        ks, vs, src, dst = [], [], [], []
+        for seg, offs, start in self.parts:
+            o = offs.to(dev)
+            # a host-tier segment crosses PCIe one whole layer at a time, then is gathered
+            ks.append(seg.k[row].to(dev, non_blocking=True)[o])
+            vs.append(seg.v[row].to(dev, non_blocking=True)[o])
+            src.append(o)
+            dst.append(o + start)
+        k = relocate_keys(torch.cat(ks), torch.cat(src), torch.cat(dst), self.rotary)
+        return k, torch.cat(vs)
 
 
-def overwrite_local_heads(ow: OverwritePlan, plan: LayerPlan, kv_cache: torch.Tensor) -> None:
-    """Called by the attention layer after its cache write, before attention."""
+def overwrite_local_heads(ow: SplicedKV, plan: LayerPlan, kv_cache: torch.Tensor) -> None:
+    """Seed policy: called by the attention layer after its cache write, before attention."""
     from redknot_vllm.kernels.headclass_attention import FULL
 
     heads = [h for g in plan.groups if g.window != FULL for h in g.kv_heads]
     row = ow.layer_row.get(plan.layer)
     if heads and row is not None:
-        idx = torch.tensor(heads, device=kv_cache.device)
-        _write_kv(kv_cache, ow.slots, ow.k[row], ow.v[row], idx)
+        k, v = ow.layer(row)
+        _write_kv(kv_cache, ow.slots, k, v, torch.tensor(heads, device=kv_cache.device))
 
 
 class ReuseWorker:
@@ -475,7 +503,7 @@ class ReuseWorker:
                 a, b = max(u.start, c), min(u.start + u.length, c + q1 - q0)
                 if a >= b:
                     continue
-                found = self.engine.store.lookup(u.digest, md.slot_mapping.device)
+                found = self.engine.store.lookup(u.digest)
                 if found is None:
                     logger.warning("RedKnot reuse: segment %s… is no longer stored; its %d "
                                    "tokens are computed", u.digest[:12], b - a)
@@ -501,20 +529,17 @@ class ReuseWorker:
             return None
         t_all = torch.cat(tok_idx)
         dev = md.slot_mapping.device
-        slots = md.slot_mapping[t_all.to(dev)]
-        k = torch.cat([s.k[:, o.to(s.k.device)] for (s, _), o in zip(segs, src, strict=True)],
-                      dim=1)
-        v = torch.cat([s.v[:, o.to(s.v.device)] for (s, _), o in zip(segs, src, strict=True)],
-                      dim=1)
-        k, v = k.to(dev), v.to(dev)
-        k = relocate_keys(k, torch.cat(src).to(dev), torch.cat(dst).to(dev), self.rotary)
+        spliced = SplicedKV(
+            md.slot_mapping[t_all.to(dev)],
+            [(seg, o, d[0].item() - o[0].item())
+             for (seg, _), o, d in zip(segs, src, dst, strict=True)],
+            self.rotary, {li: i for i, li in enumerate(sorted(self._plan_layers()))})
         if self.cfg.policy == "seed":
-            md.reuse_overwrite = OverwritePlan(
-                slots, k, v, {li: i for i, li in enumerate(sorted(self._plan_layers()))})
+            md.reuse_overwrite = spliced
             return None
         md.reused = reused
-        for cache, kl, vl in zip(self._kv_caches(), k, v, strict=True):
-            _write_kv(cache, slots, kl, vl)
+        for i, cache in enumerate(self._kv_caches()):
+            _write_kv(cache, spliced.slots, *spliced.layer(i))
         keep[t_all] = False
         if not bool(keep.any()):
             keep[-1] = True  # a step computes at least one token
@@ -639,9 +664,11 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
         raise RedKnotConfigError("precompute needs an engine built with engine_args(..., "
                                  "reuse=...)")
     min_tokens = RedKnotConfig.from_additional_config(vcfg.additional_config).reuse.min_tokens
-    tok = llm.get_tokenizer()
-    ids = [list(tok(d, add_special_tokens=False)["input_ids"]) if isinstance(d, str)
-           else [int(t) for t in d] for d in docs]
+
+    def encode(text: str) -> list[int]:
+        return list(llm.get_tokenizer()(text, add_special_tokens=False)["input_ids"])
+
+    ids = [encode(d) if isinstance(d, str) else [int(t) for t in d] for d in docs]
     short = [i for i, x in enumerate(ids) if len(x) < min_tokens]
     if short:
         raise RedKnotConfigError(f"documents {short[:5]} have fewer than reuse.min_tokens="
@@ -656,8 +683,7 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
     llm.generate([{"prompt_token_ids": x} for x in ids], params({"store": True}),
                  use_tqdm=progress)
     if probe is not None:
-        pre = (list(tok(probe, add_special_tokens=False)["input_ids"]) if isinstance(probe, str)
-               else [int(t) for t in probe])
+        pre = encode(probe) if isinstance(probe, str) else [int(t) for t in probe]
         llm.generate([{"prompt_token_ids": pre + x} for x in ids],
                      [params({"probe": {"digest": d, "offset": len(pre)}}) for d in digests],
                      use_tqdm=progress)
