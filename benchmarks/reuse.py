@@ -104,7 +104,8 @@ def child(a: argparse.Namespace) -> None:
         hc = HeadConfig.shape(n_layers, n_kv, 1.0, window=4096)
         gpu, host = TIERS["gpu"]
         llm = LLM(**engine_args(model, head_config=hc, reuse={
-            "store_dir": a.store, "gpu_bytes": gpu, "host_bytes": host}, **kw))
+            "store_dir": a.store, "gpu_bytes": gpu, "host_bytes": host, "chunk": a.chunk},
+            **kw))
     res["engine_start_s"] = time.perf_counter() - t0
     for n in a.lengths:
         docs = workload(n, vocab)
@@ -153,7 +154,7 @@ def quality_child(a: argparse.Namespace) -> None:
     model = model_dir("smollm2", Path(a.workdir))
     kw = engine_kwargs("smollm2")
     llm = LLM(**engine_args(model, head_config=HeadConfig.shape(30, 3, 1.0, window=4096),
-                            reuse={"store_dir": a.store}, **kw))
+                            reuse={"store_dir": a.store, "chunk": a.chunk}, **kw))
     tok = llm.get_tokenizer()
     rng = random.Random(2024)
     names = ["amber", "blue", "coral", "dune", "elm", "fern", "gold", "hazel", "iris", "jade",
@@ -203,7 +204,7 @@ def parent(a: argparse.Namespace) -> None:
                 "--lengths", *map(str, a.lengths), "--prompts", str(a.prompts),
                 "--store", str(Path(work) / "store"), "--tiers", *a.tiers,
                 "--disk-max-len", str(a.disk_max_len), "--disk-prompts", str(a.disk_prompts),
-                "--quality-n", str(a.quality_n)]
+                "--quality-n", str(a.quality_n), "--chunk", str(a.chunk)]
         for engine in (*(["quality"] if a.quality_n else []), "stock", "redknot"):
             js = Path(work) / f"{engine}.json"
             # SmolLM2 engines with a separate engine-core process hung at start on the H100
@@ -242,7 +243,7 @@ def parent(a: argparse.Namespace) -> None:
                       "question_tokens": QUESTION, "prompts_per_length": a.prompts,
                       "head_config": "every head global (reuse alone)",
                       "reuse": {"policy": "selective", "recompute_first": 16,
-                                "recompute_fraction": 0.15, "chunk": 16},
+                                "recompute_fraction": 0.15, "chunk": a.chunk},
                       "tiers": {k: {"gpu_bytes": v[0], "host_bytes": v[1]}
                                 for k, v in TIERS.items()},
                       "ttft": "wall clock of generate(), max_tokens=1, one request at a time, "
@@ -272,6 +273,7 @@ def main() -> None:
     p.add_argument("--disk-max-len", type=int, default=32768)
     p.add_argument("--disk-prompts", type=int, default=2)
     p.add_argument("--quality-n", type=int, default=100, help="0 skips the quality run")
+    p.add_argument("--chunk", type=int, default=128, help="reuse.chunk (recompute granularity)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reuse-h100.json"))
     p.add_argument("--child", action="store_true")
     p.add_argument("--engine", choices=["stock", "redknot", "quality"])

@@ -172,8 +172,10 @@ class ReuseConfig:
     compute is saved, kept for comparison)."""
     recompute_first: int = 16
     recompute_fraction: float = 0.15
-    chunk: int = 16
-    """Tokens per recompute decision (fewer, longer runs for the attention kernels)."""
+    chunk: int = 128
+    """Tokens per recompute decision. 128 = FA3's query tile: a shorter run of recomputed
+    tokens still costs a whole tile of attention over the full context (measured on H100:
+    16-token chunks made 64K reuse 3.6x faster than dense instead of the FLOPs' 6.9x)."""
     min_tokens: int = 64
     """Shortest segment that is stored or matched."""
     auto: bool = True

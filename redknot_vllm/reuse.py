@@ -523,8 +523,7 @@ class ReuseWorker:
                 src.append(offs)
                 dst.append(offs + u.start)
                 segs.append((seg, offs.numel()))
-                pos = (offs + u.start).tolist()
-                reused.setdefault(slot, []).extend(_ranges(pos))
+                reused.setdefault(slot, []).extend(_ranges(offs + u.start))
         if not tok_idx:
             return None
         t_all = torch.cat(tok_idx)
@@ -621,15 +620,14 @@ def _cudagraph_step(fc: Any) -> bool:
     return mode is not None and getattr(mode, "name", "NONE") != "NONE"
 
 
-def _ranges(pos: list[int]) -> list[tuple[int, int]]:
-    """Sorted positions -> [start, end) runs."""
-    out: list[tuple[int, int]] = []
-    for p in pos:
-        if out and out[-1][1] == p:
-            out[-1] = (out[-1][0], p + 1)
-        else:
-            out.append((p, p + 1))
-    return out
+def _ranges(pos: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted positions (host tensor) -> [start, end) runs."""
+    if not pos.numel():
+        return []
+    breaks = (torch.diff(pos) != 1).nonzero().flatten()
+    starts = torch.cat([pos[:1], pos[breaks + 1]]).tolist()
+    ends = torch.cat([pos[breaks] + 1, pos[-1:] + 1]).tolist()
+    return list(zip(starts, ends, strict=True))
 
 
 # ------------------------------------------------------------------------- precompute

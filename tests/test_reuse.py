@@ -31,7 +31,8 @@ def reuse_llm(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     store = tmp_path_factory.mktemp("segments")
     hc = HeadConfig.shape(30, 3, 1.0, window=64)
     yield from _engine(**engine_args(smollm2, head_config=hc,
-                                     reuse={"store_dir": str(store)}, **COMMON))
+                                     reuse={"store_dir": str(store), "chunk": 16},
+                                     **COMMON))
 
 
 @pytest.fixture(scope="session")
