@@ -173,9 +173,9 @@ class ReuseConfig:
     recompute_first: int = 16
     recompute_fraction: float = 0.15
     chunk: int = 128
-    """Tokens per recompute decision. 128 = FA3's query tile: a shorter run of recomputed
-    tokens still costs a whole tile of attention over the full context (measured on H100:
-    16-token chunks made 64K reuse 3.6x faster than dense instead of the FLOPs' 6.9x)."""
+    """Tokens per recompute decision. 128 is FA3's query tile: a shorter run of recomputed
+    tokens is padded to a whole tile of attention over its full context. (On H100 at 32K,
+    chunks of 16 and 128 measured the same TTFT; 64K with 128 is not measured yet.)"""
     min_tokens: int = 64
     """Shortest segment that is stored or matched."""
     auto: bool = True
