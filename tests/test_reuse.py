@@ -47,14 +47,20 @@ def stored(reuse_llm: Any) -> dict[str, Any]:
     return {"tok": tok, "ids": ids, "digests": dict(zip(ids, digests, strict=True))}
 
 
-def _run(llm: Any, prompt: list[int], reuse: str | None = None) -> tuple[str, dict[str, Any]]:
+def _run(llm: Any, prompt: list[int], reuse: str | None = None,
+         salt: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Greedy text and RedKnot stats; ``salt`` keeps the prompt off earlier prefix-cache
+    entries (a stored document's own blocks would otherwise be an exact hit)."""
     from vllm import SamplingParams
 
     from redknot_vllm import request_stats
 
     extra = {} if reuse is None else {"kv_transfer_params": {"redknot": {"reuse": reuse}}}
     sp = SamplingParams(max_tokens=6, temperature=0.0, extra_args=extra)
-    out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+    p: dict[str, Any] = {"prompt_token_ids": prompt}
+    if salt is not None:
+        p["cache_salt"] = salt
+    out = llm.generate([p], sp, use_tqdm=False)[0]
     return out.outputs[0].text, request_stats(llm, [out.request_id])[out.request_id]
 
 
@@ -108,14 +114,20 @@ def test_reuse_in_place_is_exact(reuse_llm, stored):
     tok, ids = stored["tok"], stored["ids"]
     prompt = ids["red"] + _ids(tok, QUESTION.format(name="red"))
 
-    def logprobs(reuse: str) -> list[float]:
+    from redknot_vllm import request_stats
+
+    def logprobs(reuse: str) -> tuple[list[float], Any, dict[str, Any]]:
         sp = SamplingParams(max_tokens=4, temperature=0.0, logprobs=5,
                             extra_args={"kv_transfer_params": {"redknot": {"reuse": reuse}}})
-        out = reuse_llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+        # salted: the stored document's own blocks are in the prefix cache
+        out = reuse_llm.generate([{"prompt_token_ids": prompt, "cache_salt": reuse}], sp,
+                                 use_tqdm=False)[0]
         first = out.outputs[0].logprobs[0]
-        return [first[t].logprob for t in sorted(first)], out.outputs[0].token_ids
+        stats = request_stats(reuse_llm, [out.request_id])[out.request_id]
+        return [first[t].logprob for t in sorted(first)], out.outputs[0].token_ids, stats
 
-    (lp_reuse, toks_reuse), (lp_dense, toks_dense) = logprobs("auto"), logprobs("off")
+    (lp_reuse, toks_reuse, st), (lp_dense, toks_dense, _) = logprobs("auto"), logprobs("off")
+    assert st["reused_tokens"] > len(ids["red"]) // 2 and st["cached_tokens"] == 0
     assert toks_reuse == toks_dense
     assert lp_reuse == pytest.approx(lp_dense, abs=1e-4)
 
@@ -250,3 +262,33 @@ def test_restrict_tokens_runs_attend_like_the_full_step():
     paged_headclass_attention(q[kept], cache, small.block_table, small.query_start_loc,
                               small.seq_lens, small.is_prefill, groups, 0.3, out)
     torch.testing.assert_close(out, full[kept])
+
+
+@pytest.fixture(scope="session")
+def seed_policy_llm(smollm2: str, local_head_config: Any,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from redknot_vllm import engine_args
+
+    store = tmp_path_factory.mktemp("segments-seed")
+    yield from _engine(**engine_args(smollm2, head_config=local_head_config,
+                                     reuse={"store_dir": str(store), "policy": "seed"},
+                                     **COMMON))
+
+
+def test_seed_policy_computes_every_token_and_reads_stored_kv_in_local_heads(seed_policy_llm):
+    from redknot_vllm.reuse import precompute
+
+    tok = seed_policy_llm.get_tokenizer()
+    doc = _ids(tok, _doc("blue", "48213", 14))
+    precompute(seed_policy_llm, [doc], probe=None, progress=False)
+    q = _ids(tok, QUESTION.format(name="blue"))
+    # in place the stored KV is the in-context KV: overwriting local heads changes nothing
+    in_place, st = _run(seed_policy_llm, doc + q, salt="a")
+    assert st["cached_tokens"] == 0
+    assert in_place == _run(seed_policy_llm, doc + q, reuse="off", salt="b")[0]
+    prompt = _ids(tok, PREFACE) + doc + q
+    _, stats = _run(seed_policy_llm, prompt)
+    _, exact = _run(seed_policy_llm, prompt, reuse="off")
+    # nothing is skipped: the seed policy only swaps local heads' KV of reused tokens
+    assert stats["reused_tokens"] == 0 and stats["prefill_tokens"] == len(prompt)
+    assert stats["flops_saved"] == pytest.approx(exact["flops_saved"])

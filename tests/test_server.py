@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -30,7 +31,9 @@ def server(smollm2, tmp_path_factory):
            "--sparse-ffn", str(ROOT / "head_class/smollm2-135m-instruct.sparse_ffn.json"),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2",
            "--enforce-eager", "--dtype", "float32", "--max-model-len", "4096",
-           "--kv-cache-memory-bytes", str(512 << 20)]
+           "--kv-cache-memory-bytes", str(512 << 20),
+           "--reuse", json.dumps({"store_dir": str(tmp_path_factory.mktemp("segments")),
+                                  "chunk": 16})]
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
@@ -74,3 +77,36 @@ def test_chat_completion_over_http(server):
     out = log.read_text()
     assert "RedKnot on for RedknotLlamaForCausalLM" in out
     assert "RedKnot request" in out and "prefill FLOPs saved" in out
+
+
+def test_reuse_over_http(server, smollm2):
+    """A document stored through the API is found in a later prompt and spliced."""
+    import re
+
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    from tests.conftest import FILLER
+
+    base_url, log = server
+    client = OpenAI(base_url=base_url, api_key="unused")
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    doc = tok("The secret code of the blue vault is 48213. " + FILLER * 8,
+              add_special_tokens=False)["input_ids"]
+    q = tok("\nWhat is the secret code of the blue vault? The code is",
+            add_special_tokens=False)["input_ids"]
+    client.completions.create(model="smollm2", prompt=doc, max_tokens=1, temperature=0,
+                              extra_body={"kv_transfer_params": {"redknot": {"store": True}}})
+    pre = tok("A short preface. " * 4, add_special_tokens=False)["input_ids"]
+    reply = client.completions.create(model="smollm2", prompt=pre + doc + q, max_tokens=6,
+                                      temperature=0)
+    assert "48213" in reply.choices[0].text
+    deadline = time.monotonic() + 10
+    n = len(pre + doc + q)
+    pattern = re.compile(rf"RedKnot request \S+: {n} prompt tokens \((\d+) computed, (\d+) "
+                         r"reused\)")
+    while not pattern.search(log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    m = pattern.search(log.read_text())
+    assert m is not None, log.read_text()[-2000:]
+    assert int(m.group(2)) > len(doc) // 2
