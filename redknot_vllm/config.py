@@ -181,8 +181,12 @@ class ReuseConfig:
     auto: bool = True
     """Find stored segments in every prompt by content hash; else only ranges a request
     marks (``kv_transfer_params={"redknot": {"reuse": [[start, end], ...]}}``)."""
+    store_marked: bool = False
+    """Store a marked range that is not stored yet the first time a request marks it
+    (opt-in). Its KV is the in-context KV of that request, moved back to ``[0, L)``; a
+    ``redknot precompute`` of the same tokens replaces it with the KV prefilled alone."""
     store_dir: str | None = None
-    """Disk tier (safetensors + index); None keeps segments in memory only."""
+    """Disk tier (safetensors + index); the default is ``$VLLM_REDKNOT_CACHE_DIR/kv-segments``."""
     gpu_bytes: int = 0
     host_bytes: int = 4 << 30
     disk_bytes: int = 64 << 30
@@ -203,8 +207,9 @@ class ReuseConfig:
         if not _is_int(self.min_tokens) or self.min_tokens < 16:
             raise bad("min_tokens", "an integer >= 16 (segments are found by their first 16 "
                       "tokens)")
-        if not isinstance(self.auto, bool):
-            raise bad("auto", "true or false")
+        for name in ("auto", "store_marked"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
         if self.store_dir is not None and not isinstance(self.store_dir, str):
             raise bad("store_dir", "a folder path or null")
 

@@ -70,7 +70,8 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
         self._prompt: dict[str, tuple[int, int]] = {}
         self._reuse = catalog_for(vllm_config) if role == KVConnectorRole.SCHEDULER else None
         self._uses: dict[str, list[Use]] = {}
-        self._captures: dict[str, tuple[tuple[int, ...], tuple[str, int] | None]] = {}
+        self._captures: dict[str, tuple[tuple[int, ...], tuple[str, int] | None,
+                                        tuple[tuple[int, int], ...]]] = {}
         # worker side
         self._runtime: RedknotRuntime | None = None
         self._acc: dict[str, PrefillFlops] = {}
@@ -93,7 +94,7 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
                 logger.error("RedKnot request %s: %s; reuse off for it", rid, e)
                 params = parse_params({"redknot": {"reuse": "off"}})
             prompt = request.prompt_token_ids or []
-            uses = self._reuse.plan(prompt, num_computed_tokens, params)
+            uses, misses = self._reuse.plan_and_misses(prompt, num_computed_tokens, params)
             self._uses[rid] = uses
             if uses:
                 cfg = self._reuse.cfg
@@ -102,8 +103,8 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
                 salt_block_hashes(request, num_computed_tokens // self._block_size, salt)
                 logger.info("RedKnot request %s reuses %d stored segment(s), %d of %d prompt "
                             "tokens", rid, len(uses), sum(u.length for u in uses), len(prompt))
-            if params.store or params.probe is not None:
-                self._captures[rid] = (tuple(prompt), params.probe)
+            if params.store or params.probe is not None or misses:
+                self._captures[rid] = (tuple(prompt), params.probe, tuple(misses))
         return 0, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any,
@@ -142,8 +143,8 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
         if uses:
             meta.reuse[slot] = (req_id, prompt_len, uses)
         if req_id in self._captures and end >= prompt_len:
-            ids, probe = self._captures[req_id]
-            meta.capture[slot] = Capture(req_id, ids, tuple(blocks), probe)
+            ids, probe, ranges = self._captures[req_id]
+            meta.capture[slot] = Capture(req_id, ids, tuple(blocks), probe, ranges)
 
     def request_finished(self, request: Any, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:

@@ -75,6 +75,9 @@ class Capture:
     block_ids: tuple[int, ...]
     probe: tuple[str, int] | None = None
     """(digest, offset): compare the tokens at ``[offset, offset + L)`` with segment digest."""
+    ranges: tuple[tuple[int, int], ...] = ()
+    """Store these ``[start, end)`` ranges of the prompt (in-context KV, ``store_marked``)
+    instead of the whole prompt."""
 
 
 @dataclass
@@ -214,11 +217,16 @@ class SegmentCatalog:
 
     def plan(self, prompt: Sequence[int], start: int, params: RequestParams) -> list[Use]:
         """Segments this request reuses at positions ``>= start`` (its prefix-cache hit)."""
+        return self.plan_and_misses(prompt, start, params)[0]
+
+    def plan_and_misses(self, prompt: Sequence[int], start: int, params: RequestParams
+                        ) -> tuple[list[Use], list[tuple[int, int]]]:
+        """(segments reused, marked ranges to store because they are not stored yet)."""
         if params.store or params.probe is not None or params.reuse == "off":
-            return []
+            return [], []
         self.refresh()
         if isinstance(params.reuse, list):
-            uses = []
+            uses, misses = [], []
             for a, b in params.reuse:
                 if b > len(prompt) or a < start:
                     logger.warning("RedKnot reuse range [%d, %d) is outside the computed part "
@@ -227,14 +235,20 @@ class SegmentCatalog:
                     continue
                 digest = self.catalog.exact(prompt[a:b])
                 if digest is None:
-                    logger.info("RedKnot reuse range [%d, %d) is not stored; computed (store "
-                                "it with `redknot precompute`)", a, b)
+                    if self.cfg.store_marked and b - a >= self.cfg.min_tokens:
+                        misses.append((a, b))
+                        logger.info("RedKnot reuse range [%d, %d) is not stored; computed "
+                                    "and stored from this request (store_marked)", a, b)
+                    else:
+                        logger.info("RedKnot reuse range [%d, %d) is not stored; computed "
+                                    "(store it with `redknot precompute`)", a, b)
                     continue
                 uses.append(Use(digest, a, b - a))
-            return uses
+            return uses, misses
         if not self.cfg.auto or not len(self.catalog):
-            return []
-        return [u for u in self.catalog.find(prompt, start) if u.length >= self.cfg.min_tokens]
+            return [], []
+        return [u for u in self.catalog.find(prompt, start)
+                if u.length >= self.cfg.min_tokens], []
 
 
 class ReuseEngine:
@@ -572,6 +586,9 @@ class ReuseWorker:
         caches = self._kv_caches()
         bs = caches[0].shape[2]
         for cap in meta.capture.values():
+            if cap.ranges:
+                self._store_ranges(cap, caches)
+                continue
             start = 0 if cap.probe is None else cap.probe[1]
             pos = torch.arange(start, len(cap.token_ids))
             blocks = torch.tensor(cap.block_ids)[pos // bs]
@@ -583,6 +600,23 @@ class ReuseWorker:
                 self._store(cap, k, v)
             else:
                 self._probe(cap, k, v)
+
+    def _store_ranges(self, cap: Capture, caches: list[torch.Tensor]) -> None:
+        """store_marked: ranges of a finished prompt, moved back to ``[0, L)``."""
+        bs = caches[0].shape[2]
+        for a, b in cap.ranges:
+            pos = torch.arange(a, b)
+            blocks = torch.tensor(cap.block_ids)[pos // bs]
+            slots = (blocks * bs + pos % bs).to(caches[0].device)
+            kv = [_read_kv(c, slots) for c in caches]
+            k = torch.stack([x[0] for x in kv])
+            v = torch.stack([x[1] for x in kv])
+            k = relocate_keys(k, a, 0, self.rotary)
+            digest = self.engine.put(Segment(
+                self.engine.key(cap.token_ids[a:b]), k.contiguous(), v.contiguous(),
+                meta={"source": f"in-context at {a} of request {cap.req_id}"}))
+            logger.info("RedKnot store_marked: tokens [%d, %d) stored as %s…", a, b,
+                        digest[:12])
 
     def _store(self, cap: Capture, k: torch.Tensor, v: torch.Tensor) -> None:
         ids = cap.token_ids

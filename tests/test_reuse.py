@@ -31,7 +31,8 @@ def reuse_llm(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     store = tmp_path_factory.mktemp("segments")
     hc = HeadConfig.shape(30, 3, 1.0, window=64)
     yield from _engine(**engine_args(smollm2, head_config=hc,
-                                     reuse={"store_dir": str(store), "chunk": 16},
+                                     reuse={"store_dir": str(store), "chunk": 16,
+                                            "store_marked": True},
                                      **COMMON))
 
 
@@ -292,3 +293,17 @@ def test_seed_policy_computes_every_token_and_reads_stored_kv_in_local_heads(see
     # nothing is skipped: the seed policy only swaps local heads' KV of reused tokens
     assert stats["reused_tokens"] == 0 and stats["prefill_tokens"] == len(prompt)
     assert stats["flops_saved"] == pytest.approx(exact["flops_saved"])
+
+
+def test_marked_range_is_stored_the_first_time_it_is_seen(reuse_llm, stored):
+    tok = stored["tok"]
+    doc = _ids(tok, _doc("green", "61724", 10))
+    q = _ids(tok, QUESTION.format(name="green"))
+    pre = _ids(tok, PREFACE)
+    first = pre + doc + q
+    text, stats = _run(reuse_llm, first, reuse=[[len(pre), len(pre) + len(doc)]])  # type: ignore[arg-type]
+    assert stats["reused_tokens"] == 0 and "61724" in text  # computed, then stored
+    later = _ids(tok, PREFACE * 2) + doc + q  # elsewhere, found by content
+    text, stats = _run(reuse_llm, later)
+    assert stats["reused_tokens"] > len(doc) // 2
+    assert "61724" in text
