@@ -1,4 +1,4 @@
-"""The RedKnot KV connector: per-request accounting now, the reuse path later.
+"""The RedKnot KV connector: per-request accounting and the offline KV reuse plan.
 
 Selected with ``--kv-transfer-config '{"kv_connector": "RedknotConnector",
 "kv_connector_module_path": "redknot_vllm.connector", "kv_role": "kv_both"}'`` (what
@@ -8,11 +8,15 @@ Hook contracts, in base-class order:
 
 * Scheduler side (engine core): tracks each request's block ids and prompt length, and for
   every step emits ``first slot of the step's tokens -> (request id, prompt length)`` for
-  requests still in their prompt. It claims no external tokens.
-* Worker side: after the forward (``wait_for_save``), attributes the step's prefill rows to
+  requests still in their prompt. It claims no external tokens: with reuse on
+  (:mod:`redknot_vllm.reuse`), ``get_num_new_matched_tokens`` plans which stored segments a
+  prompt contains and salts its block hashes, and each step's metadata carries the segments
+  inside that step's tokens and the prompts whose KV is to be stored or probed.
+* Worker side: the model's forward reads the bound metadata to splice and skip reused tokens.
+  After the forward (``wait_for_save``) the connector attributes the step's prefill rows to
   request ids by the slot of their first token (slots are unique among running requests),
-  accumulates prefill FLOPs and kept FFN tokens per request, and when a prompt is done logs
-  one line and keeps the result for :func:`request_stats`.
+  accumulates prefill FLOPs, kept FFN tokens and reused tokens per request, and when a
+  prompt is done logs one line and keeps the result for :func:`request_stats`.
 """
 
 from __future__ import annotations
