@@ -98,6 +98,12 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
                 logger.error("RedKnot request %s: %s; reuse off for it", rid, e)
                 params = parse_params({"redknot": {"reuse": "off"}})
             prompt = request.prompt_token_ids or []
+            sp = request.sampling_params
+            if sp is not None and sp.prompt_logprobs is not None and params.reuse != "off":
+                # skipped tokens have no hidden states to score
+                logger.warning("RedKnot request %s asks for prompt logprobs; KV reuse off for "
+                               "it", rid)
+                params.reuse = "off"
             uses, misses = self._reuse.plan_and_misses(prompt, num_computed_tokens, params)
             self._uses[rid] = uses
             if uses:
@@ -198,6 +204,14 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
                 self._cached.setdefault(req_id, first)
                 if md.seq_lens[row] >= prompt_len:
                     self._finish(req_id, prompt_len)
+            for slot, ranges in md.reused.items():  # a chunk whose every token was reused
+                hit = meta.by_first_slot.get(slot)
+                if hit is not None:
+                    acc = self._acc.setdefault(hit[0], PrefillFlops())
+                    self._cached.setdefault(hit[0], hit[2])
+                    for a, b in ranges:
+                        acc.add_reused(self._runtime.dims, a, b)
+            md.reused.clear()
 
     def _finish(self, req_id: str, prompt_len: int) -> None:
         acc = self._acc.pop(req_id)

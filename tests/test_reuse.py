@@ -307,3 +307,17 @@ def test_marked_range_is_stored_the_first_time_it_is_seen(reuse_llm, stored):
     text, stats = _run(reuse_llm, later)
     assert stats["reused_tokens"] > len(doc) // 2
     assert "61724" in text
+
+
+def test_prompt_logprobs_turn_reuse_off(reuse_llm, stored):
+    from vllm import SamplingParams
+
+    from redknot_vllm import request_stats
+
+    tok, ids = stored["tok"], stored["ids"]
+    prompt = _ids(tok, PREFACE) + ids["blue"] + _ids(tok, QUESTION.format(name="blue"))
+    sp = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=1)
+    out = reuse_llm.generate([{"prompt_token_ids": prompt, "cache_salt": "plp"}], sp,
+                             use_tqdm=False)[0]
+    assert len(out.prompt_logprobs) == len(prompt)
+    assert request_stats(reuse_llm, [out.request_id])[out.request_id]["reused_tokens"] == 0
