@@ -290,7 +290,7 @@ class RedknotWorkerExtension:
         stats = old.stats()
         eng.store = SegmentStore(gpu_bytes=gpu_bytes, host_bytes=host_bytes,
                                  disk_dir=old._dir, disk_bytes=eng.cfg.disk_bytes,
-                                 device=old._device if gpu_bytes else None)
+                                 device=eng.device)
         del old
         import gc
 

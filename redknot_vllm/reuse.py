@@ -259,6 +259,7 @@ class ReuseEngine:
         self.cfg = cfg
         self.key_fields = key_fields
         self.bos_token_id = bos_token_id
+        self.device = device
         self.store = SegmentStore(gpu_bytes=cfg.gpu_bytes if device is not None else 0,
                                   host_bytes=cfg.host_bytes, disk_dir=store_dir(cfg),
                                   disk_bytes=cfg.disk_bytes, device=device)
