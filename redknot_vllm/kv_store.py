@@ -285,24 +285,6 @@ class SegmentStore:
                     return name
             return "disk" if digest in self._disk else None
 
-    def iter_keys(self) -> list[SegmentKey]:
-        """Keys of every stored segment (disk keys read from file headers, not verified; a
-        bad file is caught when it is loaded)."""
-        with self._lock:
-            keys = {d: seg.key for tier in self._mem.values() for d, seg in tier.items()}
-            disk = [d for d in self._disk if d not in keys]
-        for digest in disk:
-            try:
-                with safe_open(str(self._path(digest)), framework="pt", device="cpu") as f:
-                    md = f.metadata() or {}
-                    ids = f.get_tensor("token_ids")
-                keys[digest] = SegmentKey(bos=md["bos"] == "1", token_ids=tuple(ids.tolist()),
-                                          **{f: md[f] for f in _KEY_STR_FIELDS})
-            except Exception as e:
-                logger.warning("Skipping unreadable KV segment header %s: %s",
-                               self._path(digest), e)
-        return list(keys.values())
-
     def stats(self) -> dict:
         """Per-tier bytes, limits, counts, hits, misses, evictions; corrupt files skipped."""
         with self._lock:
@@ -383,7 +365,7 @@ class SegmentStore:
 
     def _path(self, digest: str) -> Path:
         assert self._dir is not None
-        return self._dir / digest[:2] / f"{digest}.safetensors"
+        return segment_file(self._dir, digest)
 
     def _write_disk(self, digest: str, seg: Segment) -> None:
         key = seg.key
@@ -437,8 +419,7 @@ class SegmentStore:
             ids = tensors["token_ids"]
             if ids.dtype != torch.int32 or ids.dim() != 1:
                 raise ValueError("token_ids must be a 1-D int32 tensor")
-            key = SegmentKey(bos=md["bos"] == "1", token_ids=tuple(ids.tolist()),
-                             **{f: md[f] for f in _KEY_STR_FIELDS})
+            key = _key_from_header(md, ids)
             if key.digest() != digest:
                 raise ValueError("key fields hash to another digest (renamed or foreign file)")
             if _checksum(tensors, md["meta"]) != md.get("checksum"):
@@ -499,6 +480,23 @@ class SegmentStore:
             self._bytes["disk"] += size
         self._evict_disk()
         self._write_index()
+
+
+def segment_file(disk_dir: str | Path, digest: str) -> Path:
+    """Where a store's disk tier keeps the segment ``digest``."""
+    return Path(disk_dir) / digest[:2] / f"{digest}.safetensors"
+
+
+def read_key(path: str | Path) -> SegmentKey:
+    """The key in a segment file's header, without loading or verifying its tensors (a bad
+    file is caught when the store loads it). Raises on an unreadable header."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return _key_from_header(f.metadata() or {}, f.get_tensor("token_ids"))
+
+
+def _key_from_header(md: dict[str, str], token_ids: torch.Tensor) -> SegmentKey:
+    return SegmentKey(bos=md["bos"] == "1", token_ids=tuple(token_ids.tolist()),
+                      **{f: md[f] for f in _KEY_STR_FIELDS})
 
 
 def _as_digest(key_or_digest: SegmentKey | str) -> str:

@@ -41,7 +41,7 @@ import torch
 from vllm.logger import init_logger
 
 from redknot_vllm.config import RedKnotConfig, RedKnotConfigError, ReuseConfig
-from redknot_vllm.kv_store import Segment, SegmentKey, SegmentStore
+from redknot_vllm.kv_store import Segment, SegmentKey, SegmentStore, read_key, segment_file
 from redknot_vllm.relocation import check_relocatable, relocate_keys
 
 if TYPE_CHECKING:
@@ -140,6 +140,9 @@ class Catalog:
         self._by_tokens[key.token_ids] = digest
         self._ids[digest] = key.token_ids
 
+    def digests(self) -> set[str]:
+        return set(self._ids)
+
     def discard(self, digest: str) -> None:
         ids = self._ids.pop(digest, None)
         if ids is not None:
@@ -187,8 +190,6 @@ class SegmentCatalog:
     def refresh(self) -> None:
         import json
 
-        from safetensors import safe_open
-
         index = self.dir / "index.json"
         try:
             mtime = index.stat().st_mtime_ns
@@ -201,19 +202,16 @@ class SegmentCatalog:
             digests = set(json.loads(index.read_text())["segments"])
         except (OSError, ValueError, KeyError):
             return  # mid-replace or damaged: the worker's store repairs it; retry next time
-        for d in [d for d in self.catalog._ids if d not in digests]:
+        known = self.catalog.digests()
+        for d in known - digests:
             self.catalog.discard(d)
-        for d in digests - set(self.catalog._ids):
+        for d in digests - known:
             try:
-                with safe_open(str(self.dir / d[:2] / f"{d}.safetensors"), framework="pt",
-                               device="cpu") as f:
-                    md = f.metadata() or {}
-                    ids = tuple(f.get_tensor("token_ids").tolist())
+                key = read_key(segment_file(self.dir, d))
             except Exception:  # a bad file is reported by the worker's store when loaded
                 continue
-            if all(md.get(k) == v for k, v in self.key_fields.items()):
-                self.catalog.add(SegmentKey(bos=md.get("bos") == "1", token_ids=ids,
-                                            **self.key_fields), d)
+            if all(getattr(key, k) == v for k, v in self.key_fields.items()):
+                self.catalog.add(key, d)
 
     def plan(self, prompt: Sequence[int], start: int, params: RequestParams) -> list[Use]:
         """Segments this request reuses at positions ``>= start`` (its prefix-cache hit)."""
@@ -282,8 +280,9 @@ def store_dir(cfg: ReuseConfig) -> str:
     return cfg.store_dir or str(envs.cache_dir() / "kv-segments")
 
 
-def key_fields(vllm_config: Any) -> dict[str, str] | None:
-    """The segment key space of an engine (None if reuse is off); validates the setup."""
+def reuse_setup(vllm_config: Any) -> tuple[ReuseConfig, dict[str, str]] | None:
+    """An engine's reuse options and segment key space (None if reuse is off); validates the
+    setup."""
     cfg = RedKnotConfig.from_additional_config(vllm_config.additional_config)
     if cfg is None or cfg.reuse is None:
         return None
@@ -315,7 +314,7 @@ def key_fields(vllm_config: Any) -> dict[str, str] | None:
                                      ) from e
     hf = mc.hf_text_config
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    return {
+    return cfg.reuse, {
         "model_fingerprint": fp,
         "head_config_hash": cfg.head_config.content_hash(),
         "tokenizer": f"{Path(str(mc.tokenizer)).name}|{mc.tokenizer_mode}",
@@ -324,26 +323,20 @@ def key_fields(vllm_config: Any) -> dict[str, str] | None:
 
 
 def catalog_for(vllm_config: Any) -> SegmentCatalog | None:
-    fields_ = key_fields(vllm_config)
-    if fields_ is None:
-        return None
-    cfg = RedKnotConfig.from_additional_config(vllm_config.additional_config)
-    assert cfg is not None and cfg.reuse is not None
-    return SegmentCatalog(cfg.reuse, fields_)
+    setup = reuse_setup(vllm_config)
+    return None if setup is None else SegmentCatalog(*setup)
 
 
 def engine_for(vllm_config: Any) -> ReuseEngine | None:
     """The worker's :class:`ReuseEngine`; None if reuse is off."""
-    fields_ = key_fields(vllm_config)
-    if fields_ is None:
+    setup = reuse_setup(vllm_config)
+    if setup is None:
         return None
-    cfg = RedKnotConfig.from_additional_config(vllm_config.additional_config)
-    assert cfg is not None and cfg.reuse is not None
     from vllm.platforms import current_platform
 
     device = torch.device("cuda") if current_platform.is_cuda() else None
     hf = vllm_config.model_config.hf_text_config
-    return ReuseEngine(cfg.reuse, fields_, getattr(hf, "bos_token_id", None), device)
+    return ReuseEngine(*setup, getattr(hf, "bos_token_id", None), device)
 
 
 def salt_block_hashes(request: Any, from_block: int, salt: str) -> None:
@@ -395,9 +388,15 @@ def _write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: t
         kv_cache[blocks[:, None], heads[None, :], offs[:, None], d:] = v[:, heads]
 
 
-def _read_kv(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    bs, d = kv_cache.shape[2], kv_cache.shape[3] // 2
-    kv = kv_cache[slots // bs, :, slots % bs]  # [n, H, 2D]
+def _gather(caches: list[torch.Tensor], block_ids: Sequence[int], start: int, end: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[layers, end - start, H, D]`` of a request's positions ``[start, end)``,
+    read from its pages in every layer's logical ``[blocks, H, bs, 2D]`` cache."""
+    bs, d = caches[0].shape[2], caches[0].shape[3] // 2
+    pos = torch.arange(start, end)
+    blocks = torch.tensor(block_ids)[pos // bs].to(caches[0].device)
+    offs = (pos % bs).to(caches[0].device)
+    kv = torch.stack([c[blocks, :, offs] for c in caches])  # [layers, n, H, 2D]
     return kv[..., :d], kv[..., d:]
 
 
@@ -503,9 +502,7 @@ class ReuseWorker:
         firsts = md.first_slots()
         keep = torch.ones(md.num_actual_tokens, dtype=torch.bool)
         tok_idx: list[torch.Tensor] = []
-        src: list[torch.Tensor] = []
-        dst: list[torch.Tensor] = []
-        segs: list[tuple[Segment, int]] = []
+        parts: list[tuple[Segment, torch.Tensor, int]] = []
         reused: dict[int, list[tuple[int, int]]] = {}
         for r, slot in enumerate(firsts):
             hit = meta.reuse.get(slot)
@@ -535,19 +532,14 @@ class ReuseWorker:
                     continue
                 t = q0 + (offs + u.start - c)
                 tok_idx.append(t)
-                src.append(offs)
-                dst.append(offs + u.start)
-                segs.append((seg, offs.numel()))
+                parts.append((seg, offs, u.start))
                 reused.setdefault(slot, []).extend(_ranges(offs + u.start))
         if not tok_idx:
             return None
         t_all = torch.cat(tok_idx)
         dev = md.slot_mapping.device
-        spliced = SplicedKV(
-            md.slot_mapping[t_all.to(dev)],
-            [(seg, o, d[0].item() - o[0].item())
-             for (seg, _), o, d in zip(segs, src, dst, strict=True)],
-            self.rotary, {li: i for i, li in enumerate(sorted(self._plan_layers()))})
+        spliced = SplicedKV(md.slot_mapping[t_all.to(dev)], parts, self.rotary,
+                            {li: i for i, li in enumerate(sorted(self._plan_layers()))})
         if self.cfg.policy == "seed":
             md.reuse_overwrite = spliced
             return None
@@ -585,18 +577,12 @@ class ReuseWorker:
         if meta is None or not meta.capture:
             return
         caches = self._kv_caches()
-        bs = caches[0].shape[2]
         for cap in meta.capture.values():
             if cap.ranges:
                 self._store_ranges(cap, caches)
                 continue
             start = 0 if cap.probe is None else cap.probe[1]
-            pos = torch.arange(start, len(cap.token_ids))
-            blocks = torch.tensor(cap.block_ids)[pos // bs]
-            slots = (blocks * bs + pos % bs).to(caches[0].device)
-            kv = [_read_kv(c, slots) for c in caches]
-            k = torch.stack([x[0] for x in kv])
-            v = torch.stack([x[1] for x in kv])
+            k, v = _gather(caches, cap.block_ids, start, len(cap.token_ids))
             if cap.probe is None:
                 self._store(cap, k, v)
             else:
@@ -604,14 +590,8 @@ class ReuseWorker:
 
     def _store_ranges(self, cap: Capture, caches: list[torch.Tensor]) -> None:
         """store_marked: ranges of a finished prompt, moved back to ``[0, L)``."""
-        bs = caches[0].shape[2]
         for a, b in cap.ranges:
-            pos = torch.arange(a, b)
-            blocks = torch.tensor(cap.block_ids)[pos // bs]
-            slots = (blocks * bs + pos % bs).to(caches[0].device)
-            kv = [_read_kv(c, slots) for c in caches]
-            k = torch.stack([x[0] for x in kv])
-            v = torch.stack([x[1] for x in kv])
+            k, v = _gather(caches, cap.block_ids, a, b)
             k = relocate_keys(k, a, 0, self.rotary)
             digest = self.engine.put(Segment(
                 self.engine.key(cap.token_ids[a:b]), k.contiguous(), v.contiguous(),
@@ -692,11 +672,11 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
     from redknot_vllm.kv_store import SegmentKey
 
     vcfg = llm.llm_engine.vllm_config
-    fields_ = key_fields(vcfg)
-    if fields_ is None:
+    setup = reuse_setup(vcfg)
+    if setup is None:
         raise RedKnotConfigError("precompute needs an engine built with engine_args(..., "
                                  "reuse=...)")
-    min_tokens = RedKnotConfig.from_additional_config(vcfg.additional_config).reuse.min_tokens
+    min_tokens, fields_ = setup[0].min_tokens, setup[1]
 
     def encode(text: str) -> list[int]:
         return list(llm.get_tokenizer()(text, add_special_tokens=False)["input_ids"])
