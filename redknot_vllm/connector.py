@@ -190,21 +190,8 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
         meta = self._get_connector_metadata()
         assert isinstance(meta, RedknotConnectorMetadata)
         for md in self._runtime.drain():
-            firsts = md.first_slots()
-            kept = md.ffn_kept_host()
-            for row, prefill in enumerate(md.is_prefill):
-                hit = meta.by_first_slot.get(firsts[row]) if prefill else None
-                if hit is None:
-                    continue
-                req_id, prompt_len, first = hit
-                acc = self._acc.setdefault(req_id, PrefillFlops())
-                acc.merge(self._runtime.row_flops(md, row, kept))
-                for a, b in md.reused.pop(firsts[row], ()):  # once per request and step
-                    acc.add_reused(self._runtime.dims, a, b)
-                self._cached.setdefault(req_id, first)
-                if md.seq_lens[row] >= prompt_len:
-                    self._finish(req_id, prompt_len)
-            for slot, ranges in md.reused.items():  # a chunk whose every token was reused
+            # reused (not computed) positions, also of requests with no computed row here
+            for slot, ranges in md.reused.items():
                 hit = meta.by_first_slot.get(slot)
                 if hit is not None:
                     acc = self._acc.setdefault(hit[0], PrefillFlops())
@@ -212,6 +199,18 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
                     for a, b in ranges:
                         acc.add_reused(self._runtime.dims, a, b)
             md.reused.clear()
+            firsts = md.first_slots()
+            kept = md.ffn_kept_host()
+            for row, prefill in enumerate(md.is_prefill):
+                hit = meta.by_first_slot.get(firsts[row]) if prefill else None
+                if hit is None:
+                    continue
+                req_id, prompt_len, first = hit
+                self._acc.setdefault(req_id, PrefillFlops()).merge(
+                    self._runtime.row_flops(md, row, kept))
+                self._cached.setdefault(req_id, first)
+                if md.seq_lens[row] >= prompt_len:
+                    self._finish(req_id, prompt_len)
 
     def _finish(self, req_id: str, prompt_len: int) -> None:
         acc = self._acc.pop(req_id)
