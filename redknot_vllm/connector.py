@@ -108,7 +108,7 @@ class RedknotConnector(KVConnectorBase_V1, SupportsHMA):
             self._uses[rid] = uses
             if uses:
                 cfg = self._reuse.cfg
-                salt = "|".join(["redknot-reuse", repr(cfg), *(f"{u.digest}@{u.start}"
+                salt = "|".join(["redknot-reuse", repr(cfg), *(f"{u.digest}@{u.start}~{u.fraction}"
                                                               for u in uses)])
                 salt_block_hashes(request, num_computed_tokens // self._block_size, salt)
                 logger.info("RedKnot request %s reuses %d stored segment(s), %d of %d prompt "

@@ -101,6 +101,13 @@ class Case:
     prompt_ids: tuple[int, ...]
     answers: tuple[str, ...]
     """All of these must appear in the generated text for the case to count as correct."""
+    question_tokens: int = 0
+    """The prompt's last tokens that are the question (the rest is context)."""
+
+    @property
+    def context_ids(self) -> tuple[int, ...]:
+        """The prompt without its question: what a RAG system would retrieve and reuse."""
+        return self.prompt_ids[:len(self.prompt_ids) - self.question_tokens]
 
 
 def _rng(seed: int, task: str, tokens: int, index: int) -> random.Random:
@@ -118,6 +125,8 @@ class _Builder:
     def __init__(self, tokenizer: Any) -> None:
         self.tok = tokenizer
         self._filler_ids = [self._ids(" " + s) for s in _FILLER]
+        self.question_tokens = 0
+        """Length of the question of the last prompt built."""
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
@@ -156,6 +165,7 @@ class _Builder:
         while j < len(filler):
             body += filler[j]
             j += 1
+        self.question_tokens = len(tail)
         return tuple(body + tail)
 
 
@@ -253,7 +263,7 @@ def make_cases(tokenizer: Any, tasks: Sequence[str], lengths: Sequence[int], n: 
             for i in range(n):
                 ids, ans = _GENERATORS[task](b, _rng(seed, task, tokens, i), tokens
                                              - PROMPT_MARGIN)
-                out.append(Case(task, tokens, i, ids, ans))
+                out.append(Case(task, tokens, i, ids, ans, b.question_tokens))
     return out
 
 
@@ -287,12 +297,15 @@ class Outcome:
 
 
 def run_cases(llm: Any, cases: Sequence[Case], *, redknot: bool,
-              max_tokens: int = MAX_NEW_TOKENS, use_tqdm: bool = True) -> list[Outcome]:
-    """Greedy completions of every case in one batched ``generate`` call."""
+              max_tokens: int = MAX_NEW_TOKENS, use_tqdm: bool = True,
+              extra_args: dict[str, Any] | None = None) -> list[Outcome]:
+    """Greedy completions of every case in one batched ``generate`` call (``extra_args``:
+    the requests' ``SamplingParams.extra_args``, e.g. RedKnot's ``kv_transfer_params``)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    sp = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=TOP_LOGPROBS)
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=TOP_LOGPROBS,
+                        extra_args=extra_args)
     prompts = [TokensPrompt(prompt_token_ids=list(c.prompt_ids)) for c in cases]
     outs = llm.generate(prompts, sp, use_tqdm=use_tqdm)
     stats: dict[str, dict[str, Any]] = {}

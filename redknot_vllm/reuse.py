@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,8 @@ class Use:
     start: int
     """Position of the segment's first token in the prompt."""
     length: int
+    fraction: float | None = None
+    """The request's ``recompute_fraction`` (None: the engine's ``reuse.recompute_fraction``)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class RequestParams:
     reuse: str | list[tuple[int, int]] = "auto"
     store: bool = False
     probe: tuple[str, int] | None = None
+    recompute_fraction: float | None = None
 
 
 def parse_params(kv_transfer_params: dict[str, Any] | None) -> RequestParams:
@@ -95,10 +98,10 @@ def parse_params(kv_transfer_params: dict[str, Any] | None) -> RequestParams:
     where = f'kv_transfer_params["{PARAMS_KEY}"]'
     if not isinstance(raw, dict):
         raise RedKnotConfigError(f"{where} must be an object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"reuse", "store", "probe"})
+    unknown = sorted(set(raw) - {"reuse", "store", "probe", "recompute_fraction"})
     if unknown:
         raise RedKnotConfigError(f"{where}: unknown key(s) {unknown}; expected reuse, store, "
-                                 "probe")
+                                 "probe, recompute_fraction")
     out = RequestParams()
     reuse = raw.get("reuse", "auto")
     if reuse in ("auto", "off"):
@@ -120,6 +123,13 @@ def parse_params(kv_transfer_params: dict[str, Any] | None) -> RequestParams:
             raise RedKnotConfigError(f'{where}["probe"] must be {{"digest": str, "offset": '
                                      "int > 0}")
         out.probe = (probe["digest"], probe["offset"])
+    frac = raw.get("recompute_fraction")
+    if frac is not None:
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+            raise RedKnotConfigError(f'{where}["recompute_fraction"] is {frac!r}; expected a '
+                                     "number in [0, 1] (the engine's reuse.recompute_fraction "
+                                     "when absent)")
+        out.recompute_fraction = float(frac)
     return out
 
 
@@ -241,12 +251,12 @@ class SegmentCatalog:
                         logger.info("RedKnot reuse range [%d, %d) is not stored; computed "
                                     "(store it with `redknot precompute`)", a, b)
                     continue
-                uses.append(Use(digest, a, b - a))
+                uses.append(Use(digest, a, b - a, params.recompute_fraction))
             return uses, misses
         if not self.cfg.auto or not len(self.catalog):
             return [], []
-        return [u for u in self.catalog.find(prompt, start)
-                if u.length >= self.cfg.min_tokens], []
+        return [replace(u, fraction=params.recompute_fraction)
+                for u in self.catalog.find(prompt, start) if u.length >= self.cfg.min_tokens], []
 
 
 class ReuseEngine:
@@ -354,12 +364,15 @@ def salt_block_hashes(request: Any, from_block: int, salt: str) -> None:
 
 
 # ----------------------------------------------------------------------------- worker
-def recompute_mask(segment: Segment, cfg: ReuseConfig) -> torch.Tensor:
-    """Host bool ``[L]``: the segment's tokens to recompute under the selective policy."""
+def recompute_mask(segment: Segment, cfg: ReuseConfig,
+                   fraction: float | None = None) -> torch.Tensor:
+    """Host bool ``[L]``: the segment's tokens to recompute under the selective policy
+    (``fraction`` overrides ``cfg.recompute_fraction``)."""
     n = len(segment.key.token_ids)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[:cfg.recompute_first] = True
-    extra = math.ceil(cfg.recompute_fraction * n / cfg.chunk)
+    frac = cfg.recompute_fraction if fraction is None else fraction
+    extra = math.ceil(frac * n / cfg.chunk)
     if extra and segment.deviation is not None:
         dev = segment.deviation.float().cpu()
         pad = (-n) % cfg.chunk
@@ -525,7 +538,7 @@ class ReuseWorker:
                 if self.cfg.policy == "selective":
                     mkey = (req_id, u.digest, u.start)
                     if mkey not in self._masks:
-                        self._masks[mkey] = recompute_mask(seg, self.cfg)
+                        self._masks[mkey] = recompute_mask(seg, self.cfg, u.fraction)
                     offs = offs[~self._masks[mkey][offs]]
                 offs = offs[offs + u.start != prompt_len - 1]  # its logits are sampled
                 if not offs.numel():

@@ -33,6 +33,10 @@ def test_cases_are_deterministic_and_fit_their_length(tokenizer):
             # which is there several times
             assert ans in text, (case.task, ans)
             assert not text.rstrip().endswith(ans)
+        # the context ends where the question starts (reuse stores the context only)
+        question = tokenizer.decode(case.prompt_ids[len(case.context_ids):])
+        assert question.startswith("\n") and "?" in question, (case.task, question)
+        assert 0 < case.question_tokens < 40
 
 
 def test_multidoc_evidence_is_never_only_in_the_first_document(tokenizer):

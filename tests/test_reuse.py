@@ -190,9 +190,35 @@ def test_request_params_validation():
     assert parse_params({"redknot": {"reuse": [[3, 90]]}}).reuse == [(3, 90)]
     for bad, field in (({"reuse": 5}, '"reuse"'), ({"reuse": [[5, 2]]}, '"reuse"'),
                        ({"store": "yes"}, '"store"'), ({"probe": {"digest": 1}}, '"probe"'),
-                       ({"nope": 1}, "unknown")):
+                       ({"nope": 1}, "unknown"), ({"recompute_fraction": 1.5},
+                                                  '"recompute_fraction"'),
+                       ({"recompute_fraction": True}, '"recompute_fraction"')):
         with pytest.raises(RedKnotConfigError, match=re.escape(field)):
             parse_params({"redknot": bad})
+    assert parse_params({"redknot": {"recompute_fraction": 0}}).recompute_fraction == 0.0
+
+
+def test_request_recompute_fraction_overrides_the_engine_share(reuse_llm, stored):
+    from vllm import SamplingParams
+
+    from redknot_vllm import request_stats
+
+    tok, ids = stored["tok"], stored["ids"]
+    prompt = _ids(tok, PREFACE * 2) + ids["red"] + ids["blue"] + _ids(
+        tok, QUESTION.format(name="blue"))
+    reused = {}
+    for frac in (0.0, 0.5):
+        sp = SamplingParams(max_tokens=6, temperature=0.0, extra_args={"kv_transfer_params": {
+            "redknot": {"reuse": "auto", "recompute_fraction": frac}}})
+        out = reuse_llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+        st = request_stats(reuse_llm, [out.request_id])[out.request_id]
+        reused[frac] = st["reused_tokens"]
+        assert "48213" in out.outputs[0].text
+        assert st["cached_tokens"] <= len(_ids(tok, PREFACE * 2))  # salted per fraction
+    n_docs = len(ids["blue"]) + len(ids["red"])
+    # 0.0: only each segment's first 16 tokens (and the sampled last one) are computed
+    assert reused[0.0] >= n_docs - 2 * 16 - 1
+    assert reused[0.5] < reused[0.0] - 0.4 * n_docs
 
 
 def test_reuse_config_validation():
