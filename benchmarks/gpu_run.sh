@@ -45,8 +45,12 @@ for step in "$@"; do
         --head-config "${QUALITY_HEAD:-/tmp/rkq/default/head_config.json}" "${ffn[@]}" \
         --out "$OUT/quality-smollm2.json" 2>&1 | grep --line-buffered -E "^\[quality\]|Error|error" | tail -40 ;;
     reuse)
-      timeout ${REUSE_TIMEOUT:-560} python3 benchmarks/reuse.py --out "$OUT/reuse-h100.json" ${REUSE_ARGS:-} 2>&1 \
-        | tee "$OUT/reuse.raw.log" | grep --line-buffered -E "^\[(reuse|stock|redknot|quality)\]|x dense|Error|error|Traceback" | tail -40 ;;
+      # REUSE_ARGS="--engines quality stock" in one call and "--engines redknot" in the next:
+      # finished engines wait in /tmp/rkr while the machine stays warm
+      df -h /tmp /dev/shm | tail -2
+      timeout ${REUSE_TIMEOUT:-560} python3 benchmarks/reuse.py --workdir /tmp/rkr --out "$OUT/reuse-h100.json" ${REUSE_ARGS:-} 2>&1 \
+        | tee "$OUT/reuse.raw.log" | grep --line-buffered -E "^\[(reuse|stock|redknot|quality)\]|x dense|Error|error|Traceback" | tail -40
+      mkdir -p "$OUT/reuse-parts" && cp /tmp/rkr/*.json "$OUT/reuse-parts/" 2>/dev/null ;;
     smollm2|llama8b)
       args=(${TTFT_ARGS:-})
       if [ "$step" = smollm2 ]; then

@@ -2,6 +2,9 @@
 
     python benchmarks/reuse.py --out results/reuse-h100.json           # GPU: 8B shape, 32K/64K
     python benchmarks/reuse.py --model smollm2 --lengths 1024 --prompts 2 --out /tmp/r.json
+    # split over two calls: the second finds the first's results in --workdir
+    python benchmarks/reuse.py --workdir /tmp/rkr --engines quality stock
+    python benchmarks/reuse.py --workdir /tmp/rkr --engines redknot
 
 Workload per length N: 8 documents of about N/8 tokens, stored once; every timed prompt is a
 unique 16-token header, the 8 documents in a fresh random order, and a 32-token question.
@@ -13,21 +16,27 @@ unique 16-token header, the 8 documents in a fresh random order, and a 32-token 
   reuse policy ``selective``; segments precomputed (stored alone, deviation-probed) before
   timing. Tiers: ``gpu`` (segments resident in GPU memory), ``host`` (host memory, copied per
   request), ``disk`` (loaded and checksum-verified from safetensors per request); the copy
-  or load is inside the TTFT.
+  or load is inside the TTFT. The GPU tier is timed at every ``--fractions`` share of
+  recomputed tokens (per request, ``kv_transfer_params``); host and disk at the first.
 
 TTFT is the wall clock of ``generate()`` with ``max_tokens=1``, one request at a time, after a
-warm-up. Quality comes from ``--quality`` (SmolLM2, real weights): vault-code questions over
-6 stored documents in random order, reuse against the same engine with reuse off.
-Each engine runs in its own subprocess.
+warm-up. Quality comes from the quality harness (:mod:`redknot_vllm.quality`, SmolLM2 real
+weights): its six tasks, each case's context cut into documents of ``--quality-doc-tokens``
+that are precomputed, then the case answered with reuse at every ``--fractions`` share and
+with reuse off (dense attention, the same engine); reuse runs first, so the prefix cache
+holds no dense KV of the case. Each engine runs in its own subprocess; ``--workdir`` keeps
+finished engines' results, so ``--engines`` can split the run over several calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,8 +92,10 @@ def child(a: argparse.Namespace) -> None:
     def rand(n: int) -> list[int]:
         return [rng.randrange(100, vocab) for _ in range(n)]
 
-    def ttft(prompt: list[int]) -> tuple[float, str]:
-        sp = SamplingParams(max_tokens=1, temperature=0.0)
+    def ttft(prompt: list[int], fraction: float | None = None) -> tuple[float, str]:
+        extra = None if fraction is None else {"kv_transfer_params": {"redknot": {
+            "reuse": "auto", "recompute_fraction": fraction}}}
+        sp = SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra)
         t = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
         return time.perf_counter() - t, out.request_id
@@ -104,8 +115,8 @@ def child(a: argparse.Namespace) -> None:
         hc = HeadConfig.shape(n_layers, n_kv, 1.0, window=4096)
         gpu, host = TIERS["gpu"]
         llm = LLM(**engine_args(model, head_config=hc, reuse={
-            "store_dir": a.store, "gpu_bytes": gpu, "host_bytes": host, "chunk": a.chunk},
-            **kw))
+            "store_dir": a.store, "gpu_bytes": gpu, "host_bytes": host, "chunk": a.chunk,
+            "recompute_fraction": a.fractions[0]}, **kw))
     res["engine_start_s"] = time.perf_counter() - t0
     for n in a.lengths:
         docs = workload(n, vocab)
@@ -121,6 +132,7 @@ def child(a: argparse.Namespace) -> None:
         else:
             from redknot_vllm.reuse import precompute
 
+            llm.collective_rpc("redknot_reuse_tiers", args=TIERS["gpu"])
             t = time.perf_counter()
             precompute(llm, docs, probe=rand(64), progress=False)
             row["precompute_s"] = time.perf_counter() - t
@@ -128,91 +140,139 @@ def child(a: argparse.Namespace) -> None:
                 if tier == "disk" and n > a.disk_max_len:
                     continue
                 llm.collective_rpc("redknot_reuse_tiers", args=TIERS[tier])
-                ttft(rand(HEADER) + shuffled(docs) + rand(QUESTION))  # warm-up / promotion
-                times, stats = [], []
-                for _ in range(a.prompts if tier != "disk" else a.disk_prompts):
-                    s, rid = ttft(rand(HEADER) + shuffled(docs) + rand(QUESTION))
-                    times.append(s)
-                    stats.append(request_stats(llm, [rid]).get(rid, {}))
-                row[tier] = {"ttft_s": times, "request_stats": stats}
-                print(f"[reuse] {n} {tier}: median TTFT {statistics.median(times):.4f} s, "
-                      f"reused {stats[-1].get('reused_tokens')} of {n}", flush=True)
+                for frac in a.fractions if tier == "gpu" else a.fractions[:1]:
+                    # warm-up (and promotion into the tier)
+                    ttft(rand(HEADER) + shuffled(docs) + rand(QUESTION), frac)
+                    times, stats = [], []
+                    for _ in range(a.prompts if tier != "disk" else a.disk_prompts):
+                        s, rid = ttft(rand(HEADER) + shuffled(docs) + rand(QUESTION), frac)
+                        times.append(s)
+                        stats.append(request_stats(llm, [rid]).get(rid, {}))
+                    row[f"{tier}@{frac}"] = {"ttft_s": times, "request_stats": stats}
+                    print(f"[reuse] {n} {tier} fraction {frac}: median TTFT "
+                          f"{statistics.median(times):.4f} s, reused "
+                          f"{stats[-1].get('reused_tokens')} of {n}", flush=True)
         res["lengths"][str(n)] = row
-        print(f"[{a.engine}] {n}: {json.dumps({k: v for k, v in row.items() if 'ttft' in k})}",
-              flush=True)
+        if a.engine == "stock":
+            print(f"[stock] {n}: {json.dumps(row)}", flush=True)
     Path(a.json_out).write_text(json.dumps(res))
 
 
-def quality_child(a: argparse.Namespace) -> None:
-    """Vault-code retrieval over stored documents (SmolLM2 real weights), reuse vs off."""
-    from vllm import LLM, SamplingParams
+def documents(case: Any, size: int, min_tokens: int) -> list[list[int]]:
+    """A harness case's context cut into documents of ``size`` tokens (a tail shorter than
+    ``min_tokens`` joins the previous one); the question stays computed."""
+    ctx = list(case.context_ids)
+    docs = [ctx[i:i + size] for i in range(0, len(ctx), size)]
+    if len(docs) > 1 and len(docs[-1]) < min_tokens:
+        docs[-2] += docs.pop()
+    return docs
 
-    from redknot_vllm import HeadConfig, engine_args
-    from redknot_vllm.quality import FILLER_SENTENCES
+
+def quality_store(work: Path, need_bytes: int) -> Path:
+    """A RAM-backed folder for the quality run's many segments when there is room (the disk
+    tier is only the catalog's index here; its speed is measured by the 8B run)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 2 * need_bytes:
+        return Path(tempfile.mkdtemp(prefix="rk-quality-", dir=shm))
+    return work / "quality-store"
+
+
+def quality_child(a: argparse.Namespace) -> None:
+    """The quality harness's tasks with their contexts reused (SmolLM2, real weights)."""
+    from dataclasses import asdict
+
+    from transformers import AutoTokenizer
+    from vllm import LLM
+
+    from redknot_vllm import HeadConfig, engine_args, quality
     from redknot_vllm.reuse import precompute
 
     model = model_dir("smollm2", Path(a.workdir))
-    kw = engine_kwargs("smollm2")
+    tok = AutoTokenizer.from_pretrained(model)
+    cases = quality.make_cases(tok, quality.TASKS, a.quality_lengths, a.quality_n,
+                               a.quality_seed)
+    per_token = 30 * 2 * 3 * 64 * 2  # SmolLM2 bf16 K+V bytes per token
+    store = quality_store(Path(a.workdir), a.quality_batch * max(a.quality_lengths) * per_token)
+    kw = dict(engine_kwargs("smollm2"), enforce_eager=True)  # a CUDA-graph step never reuses
     llm = LLM(**engine_args(model, head_config=HeadConfig.shape(30, 3, 1.0, window=4096),
-                            reuse={"store_dir": a.store, "chunk": a.chunk}, **kw))
-    tok = llm.get_tokenizer()
-    rng = random.Random(2024)
-    names = ["amber", "blue", "coral", "dune", "elm", "fern", "gold", "hazel", "iris", "jade",
-             "kelp", "lime", "mint", "navy", "olive", "pearl", "quartz", "rose", "sage", "teal",
-             "umber", "violet", "wheat", "yew"]
-    codes = {nm: str(rng.randrange(10000, 99999)) for nm in names}
+                            reuse={"store_dir": str(store), "chunk": a.chunk,
+                                   "gpu_bytes": 4 << 30, "host_bytes": 8 << 30,
+                                   "disk_bytes": 3 * a.quality_batch * max(a.quality_lengths)
+                                   * per_token}, **kw))
 
-    def doc(nm: str) -> list[int]:
-        body = " ".join(rng.choice(FILLER_SENTENCES) for _ in range(20))
-        text = (f"Record of the {nm} vault. The secret code of the {nm} vault is {codes[nm]}. "
-                f"{body} End of the {nm} record.\n")
-        return tok(text, add_special_tokens=False)["input_ids"]
+    def mode(frac: float | None) -> dict[str, Any]:
+        p = {"reuse": "off"} if frac is None else {"reuse": "auto", "recompute_fraction": frac}
+        return {"kv_transfer_params": {"redknot": p}}
 
-    docs = {nm: doc(nm) for nm in names}
-    precompute(llm, list(docs.values()), progress=False)
-    outcomes = []
-    for i in range(a.quality_n):
-        chosen = rng.sample(names, 6)
-        target = chosen[rng.choice([4, 5])]  # SmolLM2 reads the last documents reliably
-        q = tok(f"\nQuestion: what is the secret code of the {target} vault? Answer: The code "
-                "is", add_special_tokens=False)["input_ids"]
-        head = tok(f"Case {i}. Records follow.\n", add_special_tokens=False)["input_ids"]
-        prompt = head + [t for nm in chosen for t in docs[nm]] + q
-        row = {"target": target, "tokens": len(prompt)}
-        for mode in ("off", "auto"):
-            sp = SamplingParams(max_tokens=8, temperature=0.0, extra_args={
-                "kv_transfer_params": {"redknot": {"reuse": mode}}})
-            text = llm.generate([{"prompt_token_ids": prompt}], sp,
-                                use_tqdm=False)[0].outputs[0].text
-            row[mode] = {"text": text, "correct": codes[target] in text}
-        outcomes.append(row)
-    dense = sum(o["off"]["correct"] for o in outcomes) / len(outcomes)
-    reuse = sum(o["auto"]["correct"] for o in outcomes) / len(outcomes)
-    agree = sum(o["off"]["text"] == o["auto"]["text"] for o in outcomes) / len(outcomes)
-    out = {"task": "vault-code retrieval, 6 stored documents in random order, target among the "
-                   "last two", "n": len(outcomes), "dense_acc": dense, "reuse_acc": reuse,
-           "ratio": reuse / dense if dense else None, "agreement": agree,
-           "mean_tokens": statistics.mean(o["tokens"] for o in outcomes), "outcomes": outcomes}
-    Path(a.json_out).write_text(json.dumps(out))
-    print(f"[quality] dense {dense:.3f} reuse {reuse:.3f} agreement {agree:.3f}", flush=True)
+    outs: dict[str, list[quality.Outcome]] = {str(f): [] for f in (*a.fractions, "dense")}
+    n_docs = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(cases), a.quality_batch):
+        batch = cases[i:i + a.quality_batch]
+        docs = [d for c in batch for d in documents(c, a.quality_doc_tokens, 64)]
+        n_docs += len(docs)
+        precompute(llm, docs, progress=False)
+        for f in a.fractions:  # before dense: a dense run would fill the prefix cache
+            outs[str(f)] += quality.run_cases(llm, batch, redknot=True, use_tqdm=False,
+                                              extra_args=mode(f))
+        outs["dense"] += quality.run_cases(llm, batch, redknot=True, use_tqdm=False,
+                                           extra_args=mode(None))
+        print(f"[quality] {i + len(batch)}/{len(cases)} cases, {time.perf_counter() - t0:.0f} s",
+              flush=True)
+    shutil.rmtree(store, ignore_errors=True)
+    by_fraction = {}
+    for f in a.fractions:
+        cells = quality.compare(outs["dense"], outs[str(f)])
+        summary = quality.summarize(cells, quality.Bar(avg_ratio=0.97, min_cell_ratio=0.0))
+        pooled_d = sum(o.correct for o in outs["dense"])
+        pooled_r = sum(o.correct for o in outs[str(f)])
+        by_fraction[str(f)] = {**summary, "pooled_ratio": pooled_r / pooled_d if pooled_d
+                               else None, "cells": [c.as_dict() for c in cells]}
+        print(f"[quality] fraction {f}: avg ratio {summary['avg_ratio']}, min cell "
+              f"{summary['min_ratio']}, pooled {by_fraction[str(f)]['pooled_ratio']}, "
+              f"FLOPs saved {summary['flops_saved']}", flush=True)
+    Path(a.json_out).write_text(json.dumps({
+        "harness": "redknot_vllm.quality: six tasks, each case's context cut into documents "
+                   f"of {a.quality_doc_tokens} tokens, precomputed alone and reused in place "
+                   "(relocated from position 0); dense = reuse off in the same engine (every "
+                   "head global)",
+        "tasks": list(quality.TASKS), "lengths": a.quality_lengths, "n": a.quality_n,
+        "seed": a.quality_seed, "documents": n_docs, "store": str(store),
+        "by_fraction": by_fraction,
+        "outcomes": {k: [asdict(o) for o in v] for k, v in outs.items()}}))
 
 
 def parent(a: argparse.Namespace) -> None:
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="rk-reuse-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shared = ["--model", a.model, "--lengths", *map(str, a.lengths), "--prompts", str(a.prompts),
+              "--tiers", *a.tiers, "--disk-max-len", str(a.disk_max_len), "--disk-prompts",
+              str(a.disk_prompts), "--quality-n", str(a.quality_n), "--chunk", str(a.chunk),
+              "--fractions", *map(str, a.fractions), "--quality-lengths",
+              *map(str, a.quality_lengths), "--quality-seed", str(a.quality_seed),
+              "--quality-doc-tokens", str(a.quality_doc_tokens), "--quality-batch",
+              str(a.quality_batch)]
+    key = hashlib.sha256(json.dumps(shared).encode()).hexdigest()[:12]
+    wanted = [*(["quality"] if a.quality_n else []), "stock", "redknot"]
     runs: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as work:
-        base = [sys.executable, __file__, "--child", "--workdir", work, "--model", a.model,
-                "--lengths", *map(str, a.lengths), "--prompts", str(a.prompts),
-                "--store", str(Path(work) / "store"), "--tiers", *a.tiers,
-                "--disk-max-len", str(a.disk_max_len), "--disk-prompts", str(a.disk_prompts),
-                "--quality-n", str(a.quality_n), "--chunk", str(a.chunk)]
-        for engine in (*(["quality"] if a.quality_n else []), "stock", "redknot"):
-            js = Path(work) / f"{engine}.json"
+    for engine in wanted:
+        js = work / f"{engine}-{key}.json"
+        if engine in a.engines and not js.is_file():
             # SmolLM2 engines with a separate engine-core process hung at start on the H100
             env = {**os.environ, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
                                     if engine == "quality" else {})}
-            subprocess.run([*base, "--engine", engine, "--json-out", str(js)], check=True,
-                           env=env)
+            store = work / f"store-{key}"
+            subprocess.run([sys.executable, __file__, "--child", "--workdir", str(work),
+                            "--store", str(store), *shared, "--engine", engine,
+                            "--json-out", str(js)], check=True, env=env)
+            shutil.rmtree(store, ignore_errors=True)
+        if js.is_file():
             runs[engine] = json.loads(js.read_text())
+    missing = [e for e in wanted if e not in runs]
+    if missing:
+        print(f"[reuse] not assembled yet: run --engines {' '.join(missing)} --workdir {work}",
+              flush=True)
+        return
     stock, rk = runs["stock"], runs["redknot"]
     quality = runs.get("quality")
     results = []
@@ -221,21 +281,26 @@ def parent(a: argparse.Namespace) -> None:
         dense_med = statistics.median(d["dense_ttft_s"])
         pc_med = statistics.median(d["prefix_cache_ttft_s"])
         for tier in a.tiers:
-            if tier not in r:
-                continue
-            med = statistics.median(r[tier]["ttft_s"])
-            st = r[tier]["request_stats"]
-            results.append({
-                "tokens": int(n), "tier": tier,
-                "dense_ttft_s": d["dense_ttft_s"], "prefix_cache_ttft_s": d["prefix_cache_ttft_s"],
-                "redknot_ttft_s": r[tier]["ttft_s"],
-                "speedup_vs_dense_median": dense_med / med,
-                "speedup_vs_prefix_cache_median": pc_med / med,
-                "reused_tokens": [s.get("reused_tokens") for s in st],
-                "flops_saved": [s.get("flops_saved") for s in st],
-                "precompute_s": r.get("precompute_s"),
-                "quality_ratio": quality["ratio"] if quality else None,
-            })
+            for frac in a.fractions:
+                run = r.get(f"{tier}@{frac}")
+                if run is None:
+                    continue
+                med = statistics.median(run["ttft_s"])
+                st = run["request_stats"]
+                q = quality["by_fraction"][str(frac)] if quality else None
+                results.append({
+                    "tokens": int(n), "tier": tier, "recompute_fraction": frac,
+                    "dense_ttft_s": d["dense_ttft_s"],
+                    "prefix_cache_ttft_s": d["prefix_cache_ttft_s"],
+                    "redknot_ttft_s": run["ttft_s"],
+                    "speedup_vs_dense_median": dense_med / med,
+                    "speedup_vs_prefix_cache_median": pc_med / med,
+                    "reused_tokens": [s.get("reused_tokens") for s in st],
+                    "flops_saved": [s.get("flops_saved") for s in st],
+                    "precompute_s": r.get("precompute_s"),
+                    "quality_ratio": q["avg_ratio"] if q else None,
+                    "quality_min_cell_ratio": q["min_ratio"] if q else None,
+                })
     doc = {**env_info(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "model": a.model, "policy": "selective",
@@ -243,25 +308,30 @@ def parent(a: argparse.Namespace) -> None:
                       "question_tokens": QUESTION, "prompts_per_length": a.prompts,
                       "head_config": "every head global (reuse alone)",
                       "reuse": {"policy": "selective", "recompute_first": 16,
-                                "recompute_fraction": 0.15, "chunk": a.chunk},
+                                "recompute_fractions": a.fractions, "chunk": a.chunk},
                       "tiers": {k: {"gpu_bytes": v[0], "host_bytes": v[1]}
                                 for k, v in TIERS.items()},
                       "ttft": "wall clock of generate(), max_tokens=1, one request at a time, "
-                              "after a warm-up; tier copies and disk loads included"},
+                              "after a warm-up; tier copies and disk loads included",
+                      "quality_ratio": "the quality harness's avg over task x length cells of "
+                                       "reuse accuracy / dense accuracy (SmolLM2)"},
            "engine_start_s": {"dense": stock["engine_start_s"],
                               "redknot": rk["engine_start_s"]},
-           "results": results, "quality": quality and {k: v for k, v in quality.items()
-                                                       if k != "outcomes"},
-           "quality_outcomes": quality and quality["outcomes"]}
+           "results": results,
+           "quality": quality and {k: v for k, v in quality.items() if k != "outcomes"}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
+    if quality:
+        raw = Path(a.out).with_suffix(".quality-outcomes.json")
+        raw.write_text(json.dumps(quality["outcomes"]) + "\n")
     for row in results:
-        print(f"{row['tokens']:>6} {row['tier']:>4}: dense "
+        print(f"{row['tokens']:>6} {row['tier']:>4} @{row['recompute_fraction']}: dense "
               f"{statistics.median(row['dense_ttft_s']):.3f} s, prefix cache "
               f"{statistics.median(row['prefix_cache_ttft_s']):.3f} s, RedKnot "
               f"{statistics.median(row['redknot_ttft_s']):.3f} s: "
               f"{row['speedup_vs_dense_median']:.2f}x dense, "
-              f"{row['speedup_vs_prefix_cache_median']:.2f}x prefix cache")
+              f"{row['speedup_vs_prefix_cache_median']:.2f}x prefix cache, quality ratio "
+              f"{row['quality_ratio']}")
 
 
 def main() -> None:
@@ -272,12 +342,23 @@ def main() -> None:
     p.add_argument("--tiers", nargs="+", default=["gpu", "host", "disk"])
     p.add_argument("--disk-max-len", type=int, default=32768)
     p.add_argument("--disk-prompts", type=int, default=2)
-    p.add_argument("--quality-n", type=int, default=100, help="0 skips the quality run")
-    p.add_argument("--chunk", type=int, default=128, help="reuse.chunk (recompute granularity)")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.15, 0.1],
+                   help="recompute fractions (per request); the first is the engine's")
+    p.add_argument("--quality-n", type=int, default=30,
+                   help="harness cases per task and length; 0 skips the quality run")
+    p.add_argument("--quality-lengths", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--quality-seed", type=int, default=1)
+    p.add_argument("--quality-doc-tokens", type=int, default=1024)
+    p.add_argument("--quality-batch", type=int, default=40,
+                   help="cases whose documents are stored at a time")
+    p.add_argument("--chunk", type=int, default=16, help="reuse.chunk (recompute granularity)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reuse-h100.json"))
+    p.add_argument("--engines", nargs="+", default=["quality", "stock", "redknot"],
+                   help="the engines this call runs (others are read from --workdir)")
     p.add_argument("--child", action="store_true")
     p.add_argument("--engine", choices=["stock", "redknot", "quality"])
-    p.add_argument("--workdir")
+    p.add_argument("--workdir", help="keeps finished engines' results (default: a new "
+                   "temporary folder)")
     p.add_argument("--store")
     p.add_argument("--json-out")
     a = p.parse_args()

@@ -166,16 +166,18 @@ class ReuseConfig:
 
     policy: str = "selective"
     """``selective``: reused tokens are not computed, except the first ``recompute_first``
-    of each segment and the ``recompute_fraction`` of chunks whose stored KV deviated most
-    from in-context KV when profiled (``redknot precompute``). ``seed``: every token is
-    computed and the local heads read the relocated stored KV (the original's policy; no
-    compute is saved, kept for comparison)."""
+    of each segment and the chunks whose stored KV deviated most from in-context KV when
+    profiled (``redknot precompute``), up to ``recompute_fraction`` of the segment in all.
+    ``seed``: every token is computed and the local heads read the relocated stored KV (the
+    original's policy; no compute is saved, kept for comparison)."""
     recompute_first: int = 16
     recompute_fraction: float = 0.15
-    chunk: int = 128
-    """Tokens per recompute decision. 128 is FA3's query tile: a shorter run of recomputed
-    tokens is padded to a whole tile of attention over its full context. (On H100 at 32K,
-    chunks of 16 and 128 measured the same TTFT; 64K with 128 is not measured yet.)"""
+    """Share of each segment's tokens that is recomputed, its first ``recompute_first``
+    included, rounded to whole chunks; a request can set its own
+    (``kv_transfer_params={"redknot": {"recompute_fraction": f}}``)."""
+    chunk: int = 16
+    """Tokens per recompute decision. (On H100 at 32K, chunks of 16 and 128, FA3's query
+    tile, measured the same TTFT; ``benchmarks/results/reuse-h100.json`` is measured at 16.)"""
     min_tokens: int = 64
     """Shortest segment that is stored or matched."""
     auto: bool = True

@@ -82,28 +82,40 @@ def rope_rows(rotary_emb: torch.nn.Module,
     return cos / norm, sin / norm
 
 
+def relocation_rows(rotary_emb: torch.nn.Module, src_pos: torch.Tensor,
+                    dst_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(cos, sin)``, ``[n, 1, rotary_dim // 2]``: per token and frequency, the rotation
+    ``R(dst) @ R(src)^T`` that moves a key from ``src_pos`` to ``dst_pos`` (positions on the
+    keys' device). Shared by every layer of a model, so compute it once per step."""
+    cs, ss = rope_rows(rotary_emb, src_pos)
+    cd, sd = rope_rows(rotary_emb, dst_pos)
+    return (cd * cs + sd * ss).unsqueeze(-2), (sd * cs - cd * ss).unsqueeze(-2)
+
+
 def relocate_keys(k: torch.Tensor, src_pos: torch.Tensor | int, dst_pos: torch.Tensor | int,
-                  rotary_emb: torch.nn.Module, *, out: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  rotary_emb: torch.nn.Module, *, out: torch.Tensor | None = None,
+                  rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Move post-RoPE keys from ``src_pos`` to ``dst_pos``.
 
     ``k``: ``[..., num_tokens, num_kv_heads, head_size]`` (leading dims, e.g. layers, share
     the positions). ``src_pos``/``dst_pos``: per-token positions ``[num_tokens]``, or an int
-    start (positions ``start + arange(num_tokens)``). Only the first ``rotary_dim`` dims
-    rotate; the rest are copied. Computed in fp32 on ``k``'s device, returned in ``k``'s
-    dtype, written to ``out`` if given (``out=k`` relocates in place). Keys only: values
-    are position-free and must not be passed here.
+    start (positions ``start + arange(num_tokens)``). ``rows``: their
+    :func:`relocation_rows`, if already computed (the positions are then not read). Only the
+    first ``rotary_dim`` dims rotate; the rest are copied. Computed in fp32 on ``k``'s
+    device, returned in ``k``'s dtype, written to ``out`` if given (``out=k`` relocates in
+    place). Keys only: values are position-free and must not be passed here.
     """
     check_relocatable(rotary_emb)
     if k.dim() < 3 or k.shape[-1] != rotary_emb.head_size:
         raise ValueError(f"keys of shape {tuple(k.shape)} are not [..., tokens, heads, "
                          f"{rotary_emb.head_size}]")
     n = k.shape[-3]
-    cs, ss = rope_rows(rotary_emb, _positions(src_pos, n, k.device))
-    cd, sd = rope_rows(rotary_emb, _positions(dst_pos, n, k.device))
-    # R(dst) @ R(src)^T as one rotation per token and frequency; [n, 1, rotary_dim // 2].
-    cos = (cd * cs + sd * ss).unsqueeze(-2)
-    sin = (sd * cs - cd * ss).unsqueeze(-2)
+    if rows is None:
+        rows = relocation_rows(rotary_emb, _positions(src_pos, n, k.device),
+                               _positions(dst_pos, n, k.device))
+    cos, sin = rows
+    if cos.shape[0] != n:
+        raise ValueError(f"rows are for {cos.shape[0]} tokens, keys have {n}")
 
     r = rotary_emb.rotary_dim
     x = k[..., :r].float()

@@ -42,7 +42,7 @@ from vllm.logger import init_logger
 
 from redknot_vllm.config import RedKnotConfig, RedKnotConfigError, ReuseConfig
 from redknot_vllm.kv_store import Segment, SegmentKey, SegmentStore, read_key, segment_file
-from redknot_vllm.relocation import check_relocatable, relocate_keys
+from redknot_vllm.relocation import check_relocatable, relocate_keys, relocation_rows
 
 if TYPE_CHECKING:
     from redknot_vllm.attention.plan import LayerPlan
@@ -372,7 +372,9 @@ def recompute_mask(segment: Segment, cfg: ReuseConfig,
     mask = torch.zeros(n, dtype=torch.bool)
     mask[:cfg.recompute_first] = True
     frac = cfg.recompute_fraction if fraction is None else fraction
-    extra = math.ceil(frac * n / cfg.chunk)
+    # the fraction is of the whole segment, its first tokens included, so that it means the
+    # same share for a 1K-token document as for an 8K one
+    extra = max(0, round((frac * n - min(cfg.recompute_first, n)) / cfg.chunk))
     if extra and segment.deviation is not None:
         dev = segment.deviation.float().cpu()
         pad = (-n) % cfg.chunk
@@ -418,7 +420,8 @@ class SplicedKV:
     """The reused tokens of one step: where they go and where their stored KV is.
 
     K is relocated one layer at a time (:meth:`layer`), so a 64K-token splice never holds
-    more than one layer's relocated keys."""
+    more than one layer's relocated keys; the token indices and the rotation rows are
+    built once per step, on the first layer."""
 
     slots: torch.Tensor
     """[n] destination slots."""
@@ -427,19 +430,28 @@ class SplicedKV:
     rotary: Any
     layer_row: dict[int, int] = field(default_factory=dict)
     """layer index -> index into the segments' layer dimension."""
+    _step: tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _prepare(self) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        if self._step is None:
+            dev = self.slots.device
+            offs = [o.to(dev, non_blocking=True) for _, o, _ in self.parts]
+            src = torch.cat(offs)
+            dst = torch.cat([o + start for o, (_, _, start) in zip(offs, self.parts,
+                                                                   strict=True)])
+            self._step = offs, relocation_rows(self.rotary, src, dst)
+        return self._step
 
     def layer(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Relocated K and V ``[n, H, D]`` of one layer, on the slots' device."""
         dev = self.slots.device
-        ks, vs, src, dst = [], [], [], []
-        for seg, offs, start in self.parts:
-            o = offs.to(dev)
-            # a host-tier segment crosses PCIe one whole layer at a time, then is gathered
-            ks.append(seg.k[row].to(dev, non_blocking=True)[o])
-            vs.append(seg.v[row].to(dev, non_blocking=True)[o])
-            src.append(o)
-            dst.append(o + start)
-        k = relocate_keys(torch.cat(ks), torch.cat(src), torch.cat(dst), self.rotary)
+        offs, rows = self._prepare()
+        # a host-tier segment crosses PCIe one whole layer at a time, then is gathered
+        ks = [seg.k[row].to(dev, non_blocking=True)[o] for (seg, _, _), o in zip(
+            self.parts, offs, strict=True)]
+        vs = [seg.v[row].to(dev, non_blocking=True)[o] for (seg, _, _), o in zip(
+            self.parts, offs, strict=True)]
+        k = relocate_keys(torch.cat(ks), 0, 0, self.rotary, rows=rows)
         return k, torch.cat(vs)
 
 

@@ -12,7 +12,7 @@ import torch
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.model_executor.layers.rotary_embedding import get_rope
 
-from redknot_vllm.relocation import check_relocatable, relocate_keys, rope_rows
+from redknot_vllm.relocation import check_relocatable, relocate_keys, relocation_rows, rope_rows
 
 L, H = 48, 4
 POSITIONS = (1, 37, 1000, 12000, 30000)
@@ -122,6 +122,12 @@ def test_per_token_positions_leading_dims_and_in_place(rope: torch.nn.Module) ->
     buf = stored.clone()
     assert relocate_keys(buf, src, dst, rope, out=buf) is buf
     assert torch.equal(buf, moved)
+    # rows computed once and shared by every layer give the same keys
+    rows = relocation_rows(rope, src, dst)
+    assert torch.equal(torch.stack([relocate_keys(x, 0, 0, rope, rows=rows) for x in stored]),
+                       moved)
+    with pytest.raises(ValueError, match="rows are for"):
+        relocate_keys(stored[:, :3], 0, 0, rope, rows=rows)
 
 
 @pytest.mark.parametrize("case", ["default-neox", "default-gptj", "llama3", "yarn"])
