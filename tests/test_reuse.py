@@ -347,3 +347,23 @@ def test_prompt_logprobs_turn_reuse_off(reuse_llm, stored):
                              use_tqdm=False)[0]
     assert len(out.prompt_logprobs) == len(prompt)
     assert request_stats(reuse_llm, [out.request_id])[out.request_id]["reused_tokens"] == 0
+
+
+def test_recompute_fraction_is_the_share_of_the_whole_segment():
+    from redknot_vllm.config import ReuseConfig
+    from redknot_vllm.kv_store import Segment, SegmentKey
+    from redknot_vllm.reuse import recompute_mask
+
+    cfg = ReuseConfig()  # first 16, chunk 16, fraction 0.15
+    for n in (1024, 8192):
+        key = SegmentKey(model_fingerprint="m", head_config_hash="h", tokenizer="t",
+                         layout="l", bos=False, token_ids=tuple(range(n)))
+        dev = torch.arange(n, dtype=torch.float32).flip(0)  # earliest chunks deviate most
+        seg = Segment(key, torch.zeros(1, n, 1, 2), torch.zeros(1, n, 1, 2), dev)
+        for frac in (0.0, 0.1, 0.15):
+            mask = recompute_mask(seg, cfg, frac)
+            assert mask[:16].all()
+            # within one chunk of the requested share, first tokens included
+            assert abs(int(mask.sum()) - max(16, frac * n)) <= cfg.chunk / 2 + 1, (n, frac)
+        # the most deviating chunks are the ones chosen
+        assert recompute_mask(seg, cfg, 0.1)[:int(0.1 * n) - 8].all()
