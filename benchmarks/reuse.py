@@ -59,6 +59,17 @@ ENGINE: dict[str, dict[str, Any]] = {
     "smollm2": {"max_model_len": 8192, "max_num_batched_tokens": 8192},
 }
 TIERS = {"gpu": (24 << 30, 32 << 30), "host": (0, 64 << 30), "disk": (0, 0)}
+SMOLLM2 = {"num_hidden_layers": 30, "num_key_value_heads": 3, "head_dim": 64}
+SHAPES = {"llama8b": LLAMA8B, "smollm2": SMOLLM2}
+
+
+def all_global(model: str) -> Any:
+    """Every head global: RedKnot attention is dense, so only reuse differs from dense."""
+    from redknot_vllm import HeadConfig
+
+    cfg = SHAPES[model]
+    return HeadConfig.shape(cfg["num_hidden_layers"], cfg["num_key_value_heads"], 1.0,
+                            window=4096)
 
 
 def workload(n: int, vocab: int, seed: int = 7) -> list[list[int]]:
@@ -82,7 +93,7 @@ def engine_kwargs(model: str) -> dict[str, Any]:
 def child(a: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
 
-    from redknot_vllm import HeadConfig, engine_args, request_stats
+    from redknot_vllm import engine_args, request_stats
 
     model = model_dir(a.model, Path(a.workdir))
     vocab = LLAMA8B["vocab_size"] if a.model == "llama8b" else 49000
@@ -110,14 +121,12 @@ def child(a: argparse.Namespace) -> None:
     if a.engine == "stock":
         llm = LLM(model=model, **kw)
     else:
-        n_layers = LLAMA8B["num_hidden_layers"] if a.model == "llama8b" else 30
-        n_kv = LLAMA8B["num_key_value_heads"] if a.model == "llama8b" else 3
-        hc = HeadConfig.shape(n_layers, n_kv, 1.0, window=4096)
         gpu, host = TIERS["gpu"]
-        llm = LLM(**engine_args(model, head_config=hc, reuse={
+        llm = LLM(**engine_args(model, head_config=all_global(a.model), reuse={
             "store_dir": a.store, "gpu_bytes": gpu, "host_bytes": host, "chunk": a.chunk,
             "recompute_fraction": a.fractions[0]}, **kw))
     res["engine_start_s"] = time.perf_counter() - t0
+    tier_now = "gpu"  # the engine's reuse options above
     for n in a.lengths:
         docs = workload(n, vocab)
         row: dict[str, Any] = {}
@@ -132,14 +141,18 @@ def child(a: argparse.Namespace) -> None:
         else:
             from redknot_vllm.reuse import precompute
 
-            llm.collective_rpc("redknot_reuse_tiers", args=TIERS["gpu"])
+            if tier_now != "gpu":
+                llm.collective_rpc("redknot_reuse_tiers", args=TIERS["gpu"])
+                tier_now = "gpu"
             t = time.perf_counter()
             precompute(llm, docs, probe=rand(64), progress=False)
             row["precompute_s"] = time.perf_counter() - t
             for tier in a.tiers:
                 if tier == "disk" and n > a.disk_max_len:
                     continue
-                llm.collective_rpc("redknot_reuse_tiers", args=TIERS[tier])
+                if tier != tier_now:  # reopening drops the segments held in memory
+                    llm.collective_rpc("redknot_reuse_tiers", args=TIERS[tier])
+                    tier_now = tier
                 for frac in a.fractions if tier == "gpu" else a.fractions[:1]:
                     # warm-up (and promotion into the tier)
                     ttft(rand(HEADER) + shuffled(docs) + rand(QUESTION), frac)
@@ -184,21 +197,24 @@ def quality_child(a: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from redknot_vllm import HeadConfig, engine_args, quality
+    from redknot_vllm import engine_args, quality
+    from redknot_vllm.config import ReuseConfig
     from redknot_vllm.reuse import precompute
 
     model = model_dir("smollm2", Path(a.workdir))
     tok = AutoTokenizer.from_pretrained(model)
     cases = quality.make_cases(tok, quality.TASKS, a.quality_lengths, a.quality_n,
                                a.quality_seed)
-    per_token = 30 * 2 * 3 * 64 * 2  # SmolLM2 bf16 K+V bytes per token
-    store = quality_store(Path(a.workdir), a.quality_batch * max(a.quality_lengths) * per_token)
+    per_token = 2 * 2 * (SMOLLM2["num_hidden_layers"] * SMOLLM2["num_key_value_heads"]
+                         * SMOLLM2["head_dim"])  # bf16 K and V bytes per token
+    batch_bytes = a.quality_batch * max(a.quality_lengths) * per_token
+    store = quality_store(Path(a.workdir), batch_bytes)
     kw = dict(engine_kwargs("smollm2"), enforce_eager=True)  # a CUDA-graph step never reuses
-    llm = LLM(**engine_args(model, head_config=HeadConfig.shape(30, 3, 1.0, window=4096),
+    llm = LLM(**engine_args(model, head_config=all_global("smollm2"),
                             reuse={"store_dir": str(store), "chunk": a.chunk,
                                    "gpu_bytes": 4 << 30, "host_bytes": 8 << 30,
-                                   "disk_bytes": 3 * a.quality_batch * max(a.quality_lengths)
-                                   * per_token}, **kw))
+                                   "disk_bytes": 3 * batch_bytes}, **kw))
+    min_tokens = ReuseConfig().min_tokens
 
     def mode(frac: float | None) -> dict[str, Any]:
         p = {"reuse": "off"} if frac is None else {"reuse": "auto", "recompute_fraction": frac}
@@ -209,7 +225,7 @@ def quality_child(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     for i in range(0, len(cases), a.quality_batch):
         batch = cases[i:i + a.quality_batch]
-        docs = [d for c in batch for d in documents(c, a.quality_doc_tokens, 64)]
+        docs = [d for c in batch for d in documents(c, a.quality_doc_tokens, min_tokens)]
         n_docs += len(docs)
         precompute(llm, docs, progress=False)
         for f in a.fractions:  # before dense: a dense run would fill the prefix cache
@@ -221,10 +237,10 @@ def quality_child(a: argparse.Namespace) -> None:
               flush=True)
     shutil.rmtree(store, ignore_errors=True)
     by_fraction = {}
+    pooled_d = sum(o.correct for o in outs["dense"])
     for f in a.fractions:
         cells = quality.compare(outs["dense"], outs[str(f)])
         summary = quality.summarize(cells, quality.Bar(avg_ratio=0.97, min_cell_ratio=0.0))
-        pooled_d = sum(o.correct for o in outs["dense"])
         pooled_r = sum(o.correct for o in outs[str(f)])
         by_fraction[str(f)] = {**summary, "pooled_ratio": pooled_r / pooled_d if pooled_d
                                else None, "cells": [c.as_dict() for c in cells]}
@@ -232,6 +248,8 @@ def quality_child(a: argparse.Namespace) -> None:
               f"{summary['min_ratio']}, pooled {by_fraction[str(f)]['pooled_ratio']}, "
               f"FLOPs saved {summary['flops_saved']}", flush=True)
     Path(a.json_out).write_text(json.dumps({
+        **env_info(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "harness": "redknot_vllm.quality: six tasks, each case's context cut into documents "
                    f"of {a.quality_doc_tokens} tokens, precomputed alone and reused in place "
                    "(relocated from position 0); dense = reuse off in the same engine (every "
@@ -243,6 +261,8 @@ def quality_child(a: argparse.Namespace) -> None:
 
 
 def parent(a: argparse.Namespace) -> None:
+    from redknot_vllm.config import ReuseConfig
+
     work = Path(a.workdir or tempfile.mkdtemp(prefix="rk-reuse-"))
     work.mkdir(parents=True, exist_ok=True)
     shared = ["--model", a.model, "--lengths", *map(str, a.lengths), "--prompts", str(a.prompts),
@@ -307,7 +327,8 @@ def parent(a: argparse.Namespace) -> None:
            "config": {"engine": engine_kwargs(a.model), "docs": DOCS, "header_tokens": HEADER,
                       "question_tokens": QUESTION, "prompts_per_length": a.prompts,
                       "head_config": "every head global (reuse alone)",
-                      "reuse": {"policy": "selective", "recompute_first": 16,
+                      "reuse": {"policy": "selective",
+                                "recompute_first": ReuseConfig().recompute_first,
                                 "recompute_fractions": a.fractions, "chunk": a.chunk},
                       "tiers": {k: {"gpu_bytes": v[0], "host_bytes": v[1]}
                                 for k, v in TIERS.items()},

@@ -430,7 +430,8 @@ class SplicedKV:
     rotary: Any
     layer_row: dict[int, int] = field(default_factory=dict)
     """layer index -> index into the segments' layer dimension."""
-    _step: tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    _step: tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = field(
+        default=None, init=False, repr=False)
 
     def _prepare(self) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         if self._step is None:
