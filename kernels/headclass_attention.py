@@ -1,6 +1,6 @@
 """Head-class attention over vLLM's paged KV cache, in plain torch (CPU path and reference).
 
-Two functions:
+Two functions (the paged-cache access itself is :mod:`redknot_vllm.kernels.paged_kv`):
 
 * :func:`headclass_attention_ref`: the naive masked-softmax definition, materialising
   the whole score matrix in fp32. It is the ground truth for tests.
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from redknot_vllm.kernels.paged_kv import gather_sequence_kv
 
 FULL = -1
 """Window value meaning "no window" (full causal prefix)."""
@@ -83,28 +85,6 @@ def headclass_attention_ref(
         s = s.masked_fill(~mask, float("-inf"))
         out[:, h] = torch.softmax(s, dim=-1) @ value[:, kvh].float()
     return out
-
-
-def gather_sequence_kv(
-    kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, head_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of one sequence from the paged cache.
-
-    Args:
-        kv_cache: logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``
-            (K in ``[..., :head_size]``, V in ``[..., head_size:]``), any physical layout.
-        block_ids: ``[>= ceil(seq_len / block_size)]`` the sequence's block-table row.
-        seq_len: number of tokens in the cache for this sequence.
-
-    Returns:
-        K, V each ``[num_kv_heads, seq_len, head_size]`` (copies, contiguous).
-    """
-    _, num_kv_heads, block_size, _ = kv_cache.shape
-    num_blocks = -(-seq_len // block_size)
-    kv = kv_cache[block_ids[:num_blocks].long()]  # [nb, H, bs, 2D]
-    kv = kv.transpose(0, 1).reshape(num_kv_heads, num_blocks * block_size, 2 * head_size)
-    kv = kv[:, :seq_len]
-    return kv[..., :head_size].contiguous(), kv[..., head_size:].contiguous()
 
 
 def sequence_headclass_attention(
@@ -192,23 +172,3 @@ def paged_headclass_attention(
         groups = prefill_groups if is_prefill[r] else full
         sequence_headclass_attention(query[a:b], k, v, seq_len - (b - a), groups, scale,
                                      out[a:b])
-
-
-def write_kv_cache(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Store this step's K/V at their slots (``slot = block * block_size + offset``).
-
-    Args:
-        key, value: ``[num_tokens, num_kv_heads, head_size]``.
-        kv_cache: logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``.
-        slot_mapping: ``[>= num_tokens]`` int64; negative slots (padding) are skipped.
-    """
-    n = key.shape[0]
-    slots = slot_mapping[:n].long()
-    valid = slots >= 0
-    if not bool(valid.all()):
-        slots, key, value = slots[valid], key[valid], value[valid]
-    block_size = kv_cache.shape[2]
-    kv_cache[slots // block_size, :, slots % block_size] = torch.cat([key, value], dim=-1).to(
-        kv_cache.dtype)

@@ -178,7 +178,7 @@ def paged_headclass_attention_cuda(query: torch.Tensor, kv_cache: torch.Tensor, 
         query: ``[T, Hq, D]``; out: ``[T, Hq, D]`` written in place.
         kv_cache: logical ``[blocks, Hkv, page, 2 * D]`` (already holding this step's KV).
         md: :class:`redknot_vllm.attention.backend.RedKnotAttentionMetadata` with its device
-            fields (``cu_seqlens_q``, ``seqused_k``, ``token_row``, ``token_pos``, ...).
+            fields (``query_start_loc``, ``seq_lens``, ``token_row``, ``token_pos``, ...).
     """
     flash_attn_varlen_func, fa_version = _fa()
     num_heads, d = query.shape[1:]
@@ -194,15 +194,15 @@ def paged_headclass_attention_cuda(query: torch.Tensor, kv_cache: torch.Tensor, 
         kc, vc = key_cache[:, :, h0:h1], value_cache[:, :, h0:h1]
         common = dict(softmax_scale=scale, causal=True, fa_version=fa_version)
         if g.window == FULL:
-            flash_attn_varlen_func(q=q, k=kc, v=vc, out=o, cu_seqlens_q=md.cu_seqlens_q,
-                                   max_seqlen_q=md.max_query_len, seqused_k=md.seqused_k,
+            flash_attn_varlen_func(q=q, k=kc, v=vc, out=o, cu_seqlens_q=md.query_start_loc,
+                                   max_seqlen_q=md.max_query_len, seqused_k=md.seq_lens,
                                    max_seqlen_k=md.max_seq_len, block_table=md.block_table,
                                    **common)
             continue
         # the window pass writes the group's output in place; the sinks merge into it
         _, lse_w = flash_attn_varlen_func(
-            q=q, k=kc, v=vc, out=o, cu_seqlens_q=md.cu_seqlens_q, max_seqlen_q=md.max_query_len,
-            seqused_k=md.seqused_k, max_seqlen_k=md.max_seq_len, block_table=md.block_table,
+            q=q, k=kc, v=vc, out=o, cu_seqlens_q=md.query_start_loc, max_seqlen_q=md.max_query_len,
+            seqused_k=md.seq_lens, max_seqlen_k=md.max_seq_len, block_table=md.block_table,
             window_size=[g.window - 1, 0], return_softmax_lse=True, **common)
         if g.sink > 0:
             sink_merge(o, o, lse_w, q, kc, vc, md.block_table, md.token_row, md.token_pos,
@@ -216,12 +216,12 @@ def _decode_rows_full(fa: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tens
     """Full attention for the batch's decode rows of a local group."""
     if md.decode_prefix_rows is not None:  # decode rows lead the batch: plain slices
         r, n = md.decode_prefix_rows, md.num_decode_tokens
-        fa(q=q[:n], k=kc, v=vc, out=o[:n], cu_seqlens_q=md.cu_seqlens_q[:r + 1],
-           max_seqlen_q=md.max_decode_query_len, seqused_k=md.seqused_k[:r],
+        fa(q=q[:n], k=kc, v=vc, out=o[:n], cu_seqlens_q=md.query_start_loc[:r + 1],
+           max_seqlen_q=md.max_decode_query_len, seqused_k=md.seq_lens[:r],
            max_seqlen_k=md.max_seq_len, block_table=md.block_table[:r], **common)
         return
     idx, rows = md.decode_token_index, md.decode_rows
-    res = fa(q=q[idx], k=kc, v=vc, cu_seqlens_q=md.decode_cu_seqlens,
-             max_seqlen_q=md.max_decode_query_len, seqused_k=md.seqused_k[rows],
+    res = fa(q=q[idx], k=kc, v=vc, cu_seqlens_q=md.decode_query_start_loc,
+             max_seqlen_q=md.max_decode_query_len, seqused_k=md.seq_lens[rows],
              max_seqlen_k=md.max_seq_len, block_table=md.block_table[rows], **common)
     o[idx] = res

@@ -20,31 +20,25 @@ from vllm.triton_utils import tl, triton
 
 
 @triton.jit
-def _gather_rows_kernel(x_ptr, stride_x, idx_ptr, y_ptr, stride_y, n_ptr, H,
-                        BLOCK: tl.constexpr):
+def _move_rows_kernel(src_ptr, stride_s, idx_ptr, dst_ptr, stride_d, n_ptr, H,
+                      SCATTER: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per row r < n (n read on the device): gather dst[r] = src[idx[r]], or
+    # (SCATTER) scatter dst[idx[r]] = src[r]. Rows r >= n exit at once.
     r = tl.program_id(0).to(tl.int64)
     if r >= tl.load(n_ptr):
         return
-    src = tl.load(idx_ptr + r).to(tl.int64)
+    i = tl.load(idx_ptr + r).to(tl.int64)
+    if SCATTER:
+        src_row = r
+        dst_row = i
+    else:
+        src_row = i
+        dst_row = r
     for c in range(0, H, BLOCK):
         cols = c + tl.arange(0, BLOCK)
         m = cols < H
-        tl.store(y_ptr + r * stride_y + cols, tl.load(x_ptr + src * stride_x + cols, mask=m),
-                 mask=m)
-
-
-@triton.jit
-def _scatter_rows_kernel(src_ptr, stride_s, idx_ptr, out_ptr, stride_o, n_ptr, H,
-                         BLOCK: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)
-    if r >= tl.load(n_ptr):
-        return
-    dst = tl.load(idx_ptr + r).to(tl.int64)
-    for c in range(0, H, BLOCK):
-        cols = c + tl.arange(0, BLOCK)
-        m = cols < H
-        tl.store(out_ptr + dst * stride_o + cols, tl.load(src_ptr + r * stride_s + cols, mask=m),
-                 mask=m)
+        tl.store(dst_ptr + dst_row * stride_d + cols,
+                 tl.load(src_ptr + src_row * stride_s + cols, mask=m), mask=m)
 
 
 @triton.jit
@@ -68,15 +62,15 @@ _BLOCK = 1024
 def gather_rows(x: torch.Tensor, idx: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """``y[i] = x[idx[i]]`` for ``i < n`` (``n`` a 1-element device tensor); other rows unset."""
     y = torch.empty_like(x)
-    _gather_rows_kernel[(x.shape[0],)](x, x.stride(0), idx, y, y.stride(0), n, x.shape[1],
-                                       BLOCK=_BLOCK)
+    _move_rows_kernel[(x.shape[0],)](x, x.stride(0), idx, y, y.stride(0), n, x.shape[1],
+                                     SCATTER=False, BLOCK=_BLOCK)
     return y
 
 
 def scatter_rows(src: torch.Tensor, idx: torch.Tensor, n: torch.Tensor, out: torch.Tensor) -> None:
     """``out[idx[i]] = src[i]`` for ``i < n``."""
-    _scatter_rows_kernel[(src.shape[0],)](src, src.stride(0), idx, out, out.stride(0), n,
-                                          src.shape[1], BLOCK=_BLOCK)
+    _move_rows_kernel[(src.shape[0],)](src, src.stride(0), idx, out, out.stride(0), n,
+                                       src.shape[1], SCATTER=True, BLOCK=_BLOCK)
 
 
 def silu_mul_rows(gate_up: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

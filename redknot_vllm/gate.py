@@ -18,7 +18,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 from redknot_vllm import envs
 from redknot_vllm.config import RedKnotConfig, RedKnotConfigError
 from redknot_vllm.fingerprint import model_fingerprint
+from redknot_vllm.fsutil import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +91,6 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_gate(model: str, cfg: RedKnotConfig, *, tasks: Sequence[str] = DEFAULT_TASKS,
              lengths: Sequence[int] = DEFAULT_LENGTHS, n: int = DEFAULT_N,
              seed: int = GATE_SEED, bar: Any = None, engine_kwargs: dict[str, Any] | None = None,
@@ -146,7 +139,7 @@ def run_gate(model: str, cfg: RedKnotConfig, *, tasks: Sequence[str] = DEFAULT_T
         cells=[c.as_dict() for c in cells],
         params={"tasks": list(tasks), "lengths": list(lengths), "n": n, "seed": seed,
                 "bar": asdict(bar)})
-    _write_atomic(gate_path(gate_key(fp, cfg)), json.dumps(asdict(result), indent=1))
+    atomic_write(gate_path(gate_key(fp, cfg)), json.dumps(asdict(result), indent=1))
     logger.warning("%s", result.message())
     return result
 
@@ -189,53 +182,3 @@ def require_passed(model: str, cfg: RedKnotConfig, dtype: Any) -> GateResult:
         raise GateRefused(f"require_gate: this configuration failed its gate on "
                           f"{result.date}: {result.message()}")
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``redknot gate``: exit 0 when the configuration passes, 1 when it is refused."""
-    import argparse
-
-    from redknot_vllm import quality
-    from redknot_vllm.cli import resolve_model
-
-    p = argparse.ArgumentParser(prog="redknot gate", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="local HF model folder, or `smollm2`")
-    p.add_argument("--head-config", required=True, help="head-class JSON")
-    p.add_argument("--sparse-ffn", default=None, help="sparse-FFN JSON")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                   help=f"comma-separated, from {','.join(quality.TASKS)}")
-    p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
-    p.add_argument("--n", type=int, default=DEFAULT_N, help="cases per (task, length)")
-    p.add_argument("--seed", type=int, default=GATE_SEED)
-    p.add_argument("--avg-bar", type=float, default=quality.Bar.avg_ratio)
-    p.add_argument("--cell-bar", type=float, default=quality.Bar.min_cell_ratio)
-    p.add_argument("--dtype", default="auto", help="engine dtype (part of the cache key)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vLLM's; on CPU it is the share of host RAM (default 0.3 there)")
-    a = p.parse_args(argv)
-    model = resolve_model(a.model)
-    cfg = RedKnotConfig.from_additional_config(
-        {"redknot": {"head_config": a.head_config, "sparse_ffn": a.sparse_ffn}})
-    assert cfg is not None
-    try:
-        lengths = [int(x) for x in a.lengths.split(",") if x]
-    except ValueError:
-        p.error(f"--lengths must be comma-separated integers, got {a.lengths!r}")
-    kw: dict[str, Any] = {"dtype": a.dtype, "enforce_eager": True, "seed": 0,
-                          "max_num_batched_tokens": max(lengths)}
-    import torch
-
-    if a.gpu_memory_utilization is not None:
-        kw["gpu_memory_utilization"] = a.gpu_memory_utilization
-    elif not torch.cuda.is_available():
-        kw["gpu_memory_utilization"] = 0.3
-    result = run_gate(model, cfg, tasks=[t for t in a.tasks.split(",") if t], lengths=lengths,
-                      n=a.n, seed=a.seed, bar=quality.Bar(a.avg_bar, a.cell_bar),
-                      engine_kwargs=kw)
-    print(result.message())
-    for c in result.cells:
-        print(f"  {c['task']:<18} {c['tokens']:>6}  dense {c['dense_acc']:.2f}  redknot "
-              f"{c['redknot_acc']:.2f}  ratio {_fmt(c['ratio'])}  agreement "
-              f"{c['agreement']:.2f}")
-    print(f"cached at {gate_path(gate_key(result.model_fingerprint, cfg))}")
-    return 0 if result.passed else 1

@@ -33,24 +33,13 @@ DEFAULT_RETRIEVAL_TOP_P = 0.9
 
 
 class HeadClass(str, Enum):
-    """Head classes, with the seed's integer codes for device tensors."""
+    """Head classes, as the seed's JSON names them."""
 
     LOCAL = "local"
     GLOBAL = "global"
     RETRIEVAL = "retrieval"
     DENSE = "dense"
 
-    @property
-    def code(self) -> int:
-        return _CODES[self]
-
-    @property
-    def is_full(self) -> bool:
-        """True when the head attends to the whole causal prefix in prefill."""
-        return self is not HeadClass.LOCAL
-
-
-_CODES = {HeadClass.LOCAL: 0, HeadClass.GLOBAL: 1, HeadClass.RETRIEVAL: 2, HeadClass.DENSE: 3}
 
 LEGACY_ALIASES: dict[str, HeadClass] = {
     "local_full": HeadClass.LOCAL,

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +39,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from vllm.logger import init_logger
+
+from redknot_vllm.fsutil import atomic_write
 
 logger = init_logger(__name__)
 
@@ -158,27 +159,6 @@ def _checksum(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
             h.update(t.reshape(-1).view(torch.uint8).numpy())
     h.update(meta_json.encode())
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)``, fsync, rename over ``path``; the temp file never survives."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)  # make the rename itself durable
 
 
 def _pid_alive(pid: int) -> bool:
@@ -380,7 +360,8 @@ class SegmentStore:
                     **{f: getattr(key, f) for f in _KEY_STR_FIELDS}}
         path = self._path(digest)
         path.parent.mkdir(exist_ok=True)
-        _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                     durable=True)
         old = self._disk.pop(digest, None)
         self._bytes["disk"] -= old.nbytes if old else 0
         self._disk[digest] = _DiskEntry(path.stat().st_size, time.time())
@@ -442,7 +423,7 @@ class SegmentStore:
                 "file": f"{d[:2]}/{d}.safetensors"} for d, e in self._disk.items()}}
         data = json.dumps(body, indent=0).encode()
         try:
-            _atomic_write(self._dir / "index.json", lambda tmp: tmp.write_bytes(data))
+            atomic_write(self._dir / "index.json", data, durable=True)
         except OSError as e:
             logger.warning("Could not write the KV segment index in %s: %s", self._dir, e)
 

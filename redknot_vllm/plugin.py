@@ -7,12 +7,8 @@ nothing here imports torch-heavy modules or touches devices.
 
 from __future__ import annotations
 
-_MODELS = {
-    "RedknotLlamaForCausalLM": "redknot_vllm.models.llama:RedknotLlamaForCausalLM",
-    "RedknotMistralForCausalLM": "redknot_vllm.models.llama:RedknotMistralForCausalLM",
-    "RedknotQwen2ForCausalLM": "redknot_vllm.models.qwen:RedknotQwen2ForCausalLM",
-    "RedknotQwen3ForCausalLM": "redknot_vllm.models.qwen:RedknotQwen3ForCausalLM",
-}
+from redknot_vllm.architectures import override_classes
+
 BACKEND_PATH = "redknot_vllm.attention.backend.RedKnotAttentionBackend"
 
 
@@ -42,7 +38,7 @@ def register() -> None:
 
     check_vllm_version()
     supported = ModelRegistry.get_supported_archs()
-    for arch, path in _MODELS.items():
+    for arch, path in override_classes().items():
         if arch not in supported:
             ModelRegistry.register_model(arch, path)
     # Layers get the backend class directly (Attention(attn_backend=...)); the enum slot

@@ -1,9 +1,9 @@
 """Sparse FFN in prefill: run the MLP only on the prompt tokens that matter.
 
 Importance of a token is the L2 norm of its attention output before ``o_proj``, over all
-query heads (the attention backend leaves the per-rank sum of squares in the step's
-metadata; it is all-reduced over tensor-parallel ranks here so every rank picks the same
-tokens). Per sequence and per scheduled chunk, the kept set is:
+query heads (the attention layer leaves the per-rank sum of squares in the runtime's step
+state, :mod:`redknot_vllm.step`; it is all-reduced over tensor-parallel ranks here so every
+rank picks the same tokens). Per sequence and per scheduled chunk, the kept set is:
 
 * the highest-importance tokens whose cumulative share of the chunk's total importance
   stays strictly below the layer's threshold, always including the top token;
@@ -20,12 +20,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from redknot_vllm import compat
+
 if TYPE_CHECKING:
-    from redknot_vllm.attention.backend import RedKnotAttentionMetadata
+    from redknot_vllm.runtime import RedKnotRuntime
 
 logger = init_logger(__name__)
 
@@ -102,7 +104,7 @@ class SparseFFNMixin:
     """
 
     redknot_layer_name: str
-    redknot_attn_layer_name: str
+    redknot_runtime: RedKnotRuntime
     redknot_layer: int
     redknot_threshold: float
     redknot_by_fraction: bool
@@ -125,7 +127,7 @@ def make_sparse(
     *,
     layer: int,
     prefix: str,
-    attn_layer_name: str,
+    runtime: RedKnotRuntime,
     threshold: float,
     recent_n: int,
     min_keep: int,
@@ -139,7 +141,7 @@ def make_sparse(
         _SPARSE_CLASSES[base] = type(f"Sparse{base.__name__}", (SparseFFNMixin, base), {})
     mlp.__class__ = _SPARSE_CLASSES[base]
     mlp.redknot_layer_name = prefix
-    mlp.redknot_attn_layer_name = attn_layer_name
+    mlp.redknot_runtime = runtime
     mlp.redknot_layer = layer
     mlp.redknot_threshold = threshold
     mlp.redknot_by_fraction = by_fraction
@@ -154,13 +156,12 @@ def make_sparse(
 
 def _sparse_mlp(x: torch.Tensor, layer_name: str) -> torch.Tensor:
     mlp: Any = get_forward_context().no_compile_layers[layer_name]
-    md = _step_metadata(mlp.redknot_attn_layer_name)
-    if md is None or not md.has_prefill or (
-            x.is_cuda and torch.cuda.is_current_stream_capturing()):
+    step = mlp.redknot_runtime.step
+    if step is None or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         # Captured CUDA graphs replay this branch: small mixed batches run the FFN densely
         # (and are accounted as dense, since nothing is recorded).
         return mlp.dense_forward(x)
-    sq = md.token_importance_sq.get(mlp.redknot_attn_layer_name)
+    sq = step.token_importance_sq.get(mlp.redknot_layer)
     if sq is None:
         logger.warning_once("RedKnot sparse FFN found no attention importance; running dense")
         return mlp.dense_forward(x)
@@ -168,11 +169,12 @@ def _sparse_mlp(x: torch.Tensor, layer_name: str) -> torch.Tensor:
         from vllm.distributed import tensor_model_parallel_all_reduce
 
         sq = tensor_model_parallel_all_reduce(sq)
+    md = step.attn
     n = md.num_actual_tokens
     keep = select_tokens(sq.sqrt(), md.token_row, md.num_reqs, md.token_is_prefill,
-                         md.tokens_to_row_end, mlp.redknot_threshold, mlp.redknot_recent_n,
+                         step.tokens_to_row_end(), mlp.redknot_threshold, mlp.redknot_recent_n,
                          mlp.redknot_min_keep, mlp.redknot_by_fraction)
-    md.record_ffn_kept(mlp.redknot_layer, keep)
+    step.record_ffn_kept(mlp.redknot_layer, keep)
     if x.is_cuda and _sync_free_ok(mlp):
         from redknot_vllm.kernels.sparse_mlp import sparse_swiglu
 
@@ -198,8 +200,7 @@ def _sync_free_ok(mlp: Any) -> bool:
         layers = (getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))
         ok = (hasattr(torch, "_grouped_mm")
               and isinstance(getattr(mlp, "act_fn", None), SiluAndMul)
-              and all(lin is not None
-                      and type(lin.quant_method).__name__ == "UnquantizedLinearMethod"
+              and all(lin is not None and compat.is_unquantized(lin)
                       and getattr(lin, "bias", None) is None
                       and lin.weight.dtype in (torch.bfloat16, torch.float16)
                       for lin in layers))
@@ -213,18 +214,6 @@ def _sync_free_ok(mlp: Any) -> bool:
 
 def _sparse_mlp_fake(x: torch.Tensor, layer_name: str) -> torch.Tensor:
     return torch.empty_like(x)
-
-
-def _step_metadata(attn_layer_name: str) -> RedKnotAttentionMetadata | None:
-    from redknot_vllm.attention.backend import RedKnotAttentionMetadata
-
-    if not is_forward_context_available():
-        return None
-    md = get_forward_context().attn_metadata
-    if not isinstance(md, dict):  # None (profiling) or a list (micro-batching)
-        return None
-    md = md.get(attn_layer_name)
-    return md if isinstance(md, RedKnotAttentionMetadata) else None
 
 
 direct_register_custom_op(

@@ -77,7 +77,7 @@ def test_additional_config_round_trip():
 def _model_dir(tmp_path, arch="LlamaForCausalLM", layers=4, kv=2):
     (tmp_path / "config.json").write_text(json.dumps({
         "architectures": [arch], "num_hidden_layers": layers, "num_key_value_heads": kv,
-        "num_attention_heads": 4}))
+        "num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 128}))
     return str(tmp_path)
 
 
@@ -87,15 +87,15 @@ def test_engine_args_wires_vllm_channels(tmp_path):
                        sparse_ffn={"mass_thresh": 0.5, "dense_until": 1}, enforce_eager=True,
                        hf_overrides={"rope_theta": 1.0})
     assert args["hf_overrides"] == {"rope_theta": 1.0,
-                                    "architectures": ["RedknotLlamaForCausalLM"]}
+                                    "architectures": ["RedKnotLlamaForCausalLM"]}
     assert args["additional_config"]["redknot"]["sparse_ffn"]["mass_thresh"] == 0.5
-    assert args["kv_transfer_config"]["kv_connector"] == "RedknotConnector"
-    assert args["worker_extension_cls"] == "redknot_vllm.connector.RedknotWorkerExtension"
+    assert args["kv_transfer_config"]["kv_connector"] == "RedKnotConnector"
+    assert args["worker_extension_cls"] == "redknot_vllm.worker_extension.RedKnotWorkerExtension"
     assert args["enforce_eager"] is True and args["model"] == model
     json.dumps(args)  # everything crosses process boundaries as JSON
     plain = engine_args(model, request_stats=False)
     assert "kv_transfer_config" not in plain
-    assert plain["worker_extension_cls"] == "redknot_vllm.connector.RedknotWorkerExtension"
+    assert plain["worker_extension_cls"] == "redknot_vllm.worker_extension.RedKnotWorkerExtension"
     assert plain["additional_config"]["redknot"]["head_config"] is None
 
 
@@ -137,7 +137,7 @@ def test_redknot_model_without_head_config_runs_dense_and_says_so():
     log.setLevel(logging.INFO)
     try:
         cfg = types.SimpleNamespace(additional_config={})
-        model = type("RedknotTestForCausalLM", (), {})()
+        model = type("RedKnotTestForCausalLM", (), {})()
         assert apply_redknot(model, cfg) is None
         assert apply_redknot(model, cfg) is None
     finally:

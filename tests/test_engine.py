@@ -43,7 +43,7 @@ def test_all_global_is_token_identical_to_stock(stock_llm, rk_global_llm):
 def test_plugin_is_active_in_the_engine_core_process(rk_global_llm):
     info = rk_global_llm.collective_rpc("redknot_worker_info")[0]
     assert info["pid"] != os.getpid()
-    assert info["model_class"] == "RedknotLlamaForCausalLM"
+    assert info["model_class"] == "RedKnotLlamaForCausalLM"
     assert info["redknot_attention_layers"] == 30
     assert info["runtime"] is True and info["sparse_ffn_layers"] == 0
 
@@ -102,7 +102,7 @@ def test_misfit_head_config_stops_engine_start(smollm2, capfd):
     bad = HeadConfig.shape(28, 3, 0.5, window=64)  # the model has 30 layers
     # bypass engine_args' up-front check to exercise the worker-side validation
     with pytest.raises(Exception, match=r"initialization failed|num_layers"):
-        LLM(model=smollm2, hf_overrides={"architectures": ["RedknotLlamaForCausalLM"]},
+        LLM(model=smollm2, hf_overrides={"architectures": ["RedKnotLlamaForCausalLM"]},
             additional_config={"redknot": {"head_config": bad.to_dict()}}, **COMMON)
     captured = capfd.readouterr()
     assert "num_layers is 28 but the model has 30 decoder layers" in captured.out + captured.err

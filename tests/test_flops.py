@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from redknot_vllm.flops import AttentionShape, ModelDims, PrefillFlops
+from redknot_vllm.dims import ModelDims
+from redknot_vllm.flops import AttentionShape, PrefillFlops
 from redknot_vllm.head_config import HeadConfig
 
 DIMS = ModelDims(num_layers=3, hidden=64, intermediate=160, num_q_heads=4, num_kv_heads=2,

@@ -6,7 +6,7 @@ import types
 
 import torch
 
-from redknot_vllm.attention.backend import RedKnotAttentionMetadata, add_token_fields
+from redknot_vllm.attention.metadata import build_metadata, tokens_to_row_end
 from redknot_vllm.attention.plan import build_layer_plan, permute_attention_heads
 from redknot_vllm.head_config import HeadConfig
 from redknot_vllm.kernels.headclass_attention import FULL
@@ -39,7 +39,9 @@ class _Lin(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(out_f, in_f))
         self.bias = torch.nn.Parameter(torch.randn(out_f)) if bias else None
-        self.quant_method = type("UnquantizedLinearMethod", (), {})()
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+        self.quant_method = UnquantizedLinearMethod()
 
     def forward(self, x):
         return torch.nn.functional.linear(x, self.weight, self.bias)
@@ -73,28 +75,23 @@ def test_weight_permutation_preserves_the_layer_function():
 
 
 def test_token_fields_with_interleaved_decode_rows():
-    md = RedKnotAttentionMetadata(
-        num_actual_tokens=7, num_reqs=4, block_table=torch.zeros(4, 1, dtype=torch.int32),
-        slot_mapping=torch.zeros(7), cu_seqlens_q=torch.tensor([0, 1, 4, 5, 7]),
-        seqused_k=torch.tensor([9, 3, 20, 12]), max_query_len=3, max_seq_len=20,
-        query_start_loc=[0, 1, 4, 5, 7], seq_lens=[9, 3, 20, 12],
-        is_prefill=[False, True, False, True], has_prefill=True, want_importance=False)
-    add_token_fields(md, [1, 3, 1, 2], torch.device("cpu"))
+    md = build_metadata(
+        query_start_loc_cpu=[0, 1, 4, 5, 7], seq_lens_cpu=[9, 3, 20, 12],
+        is_prefill_cpu=[False, True, False, True], block_table=torch.zeros(4, 1, dtype=torch.int32),
+        slot_mapping=torch.zeros(7), device=torch.device("cpu"))
+    assert md.max_query_len == 3 and md.max_seq_len == 20 and md.num_actual_tokens == 7
     assert md.token_row.tolist() == [0, 1, 1, 1, 2, 3, 3]
     assert md.token_pos.tolist() == [8, 0, 1, 2, 19, 10, 11]
-    assert md.tokens_to_row_end.tolist() == [0, 2, 1, 0, 0, 1, 0]
+    assert tokens_to_row_end(md).tolist() == [0, 2, 1, 0, 0, 1, 0]
     assert md.token_is_prefill.tolist() == [False, True, True, True, False, True, True]
     assert md.num_decode_tokens == 2 and md.decode_prefix_rows is None
     assert md.decode_rows.tolist() == [0, 2] and md.decode_token_index.tolist() == [0, 4]
-    assert md.decode_cu_seqlens.tolist() == [0, 1, 2]
+    assert md.decode_query_start_loc.tolist() == [0, 1, 2]
 
 
 def test_token_fields_with_leading_decode_rows():
-    md = RedKnotAttentionMetadata(
-        num_actual_tokens=4, num_reqs=3, block_table=torch.zeros(3, 1, dtype=torch.int32),
-        slot_mapping=torch.zeros(4), cu_seqlens_q=torch.tensor([0, 1, 2, 4]),
-        seqused_k=torch.tensor([5, 6, 2]), max_query_len=2, max_seq_len=6,
-        query_start_loc=[0, 1, 2, 4], seq_lens=[5, 6, 2], is_prefill=[False, False, True],
-        has_prefill=True, want_importance=False)
-    add_token_fields(md, [1, 1, 2], torch.device("cpu"))
+    md = build_metadata(
+        query_start_loc_cpu=[0, 1, 2, 4], seq_lens_cpu=[5, 6, 2],
+        is_prefill_cpu=[False, False, True], block_table=torch.zeros(3, 1, dtype=torch.int32),
+        slot_mapping=torch.zeros(4), device=torch.device("cpu"))
     assert md.decode_prefix_rows == 2 and md.num_decode_tokens == 2

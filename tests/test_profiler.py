@@ -13,21 +13,19 @@ from redknot_vllm.cli import main as cli_main
 from redknot_vllm.head_config import HeadClass, HeadConfig
 from redknot_vllm.profiler import (
     METHOD,
+    AttentionProbe,
     ProfileError,
     ProfileScores,
-    _Probe,
-    _run,
-    _Tok,
     classify,
     combined_scores,
     load_model,
     load_scores,
     load_texts,
-    probe_attention,
     profile,
     profile_heads,
     synthetic_texts,
 )
+from redknot_vllm.profiler.samples import Tokens, needle_sample
 
 TINY = dict(windows=(32, 64), sink=4, max_tokens=256, n_texts=2, n_retrieval=2, seed=0,
             progress=False)
@@ -49,7 +47,7 @@ def test_probe_attention_matches_sdpa_and_eager(smollm2: str):
     class Module:
         layer_idx, scaling, num_key_value_groups, is_causal, training = 0, 0.125, 3, True, False
 
-    ours, _ = probe_attention(Module(), q, k, v, None)
+    ours, _ = AttentionProbe()(Module(), q, k, v, None)
     ref, _ = sdpa_attention_forward(Module(), q, k, v, None, scaling=0.125)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
@@ -65,13 +63,14 @@ def test_probe_attention_matches_sdpa_and_eager(smollm2: str):
 def test_row_maps_equal_full_maps(smollm2: str):
     """The retrieval path (fused output, maps for a few rows) sees the same probabilities
     (up to the fused-vs-eager fp32 noise carried through the layers)."""
-    model = load_model(smollm2)
+    probe = AttentionProbe()
+    model = load_model(smollm2, probe=probe)
     ids = torch.randint(100, 49000, (1, 120), generator=torch.Generator().manual_seed(1))
     rows = torch.tensor([0, 57, 119])
     full: dict[int, torch.Tensor] = {}
     part: dict[int, torch.Tensor] = {}
-    _run(model, ids, _Probe(lambda li, p: full.__setitem__(li, p[0, :, rows].clone())))
-    _run(model, ids, _Probe(lambda li, p: part.__setitem__(li, p[0].clone()), rows=rows))
+    probe.run(model, ids, lambda li, p: full.__setitem__(li, p[0, :, rows].clone()))
+    probe.run(model, ids, lambda li, p: part.__setitem__(li, p[0].clone()), rows=rows)
     assert sorted(full) == sorted(part) == list(range(L))
     for li in full:
         torch.testing.assert_close(part[li], full[li], atol=1e-5, rtol=0)
@@ -209,12 +208,10 @@ def test_synthetic_texts_are_deterministic():
 def test_needle_sample_layout(smollm2: str):
     from transformers import AutoTokenizer
 
-    from redknot_vllm.profiler import _needle_sample
-
     raw = AutoTokenizer.from_pretrained(smollm2)
-    tok = _Tok(raw)
+    tok = Tokens(raw)
     for i in range(3):
-        ns = _needle_sample(tok, random.Random(i), 300)
+        ns = needle_sample(tok, random.Random(i), 300)
         assert len(ns.ids) <= 300
         number = raw.decode(ns.ids[ns.needle[0]:ns.needle[-1] + 1]).strip()
         assert len(number) == 5 and number.isdigit()

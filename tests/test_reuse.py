@@ -70,8 +70,8 @@ def _ids(tok: Any, text: str) -> list[int]:
 
 
 def test_precompute_writes_verified_segments_with_deviation(reuse_llm, stored):
+    from redknot_vllm.config import RedKnotConfig
     from redknot_vllm.kv_store import SegmentStore
-    from redknot_vllm.reuse import RedKnotConfig
 
     cfg = RedKnotConfig.from_additional_config(
         reuse_llm.llm_engine.vllm_config.additional_config)
@@ -184,7 +184,7 @@ def test_marked_ranges_reuse_only_what_is_marked(reuse_llm, stored):
 
 def test_request_params_validation():
     from redknot_vllm.config import RedKnotConfigError
-    from redknot_vllm.reuse import parse_params
+    from redknot_vllm.reuse.params import parse_params
 
     assert parse_params(None).reuse == "auto"
     assert parse_params({"redknot": {"reuse": [[3, 90]]}}).reuse == [(3, 90)]
@@ -234,7 +234,7 @@ def test_reuse_config_validation():
 
 def test_catalog_finds_leftmost_longest_segments():
     from redknot_vllm.kv_store import SegmentKey
-    from redknot_vllm.reuse import Catalog
+    from redknot_vllm.reuse.catalog import Catalog
 
     def key(ids: list[int]) -> SegmentKey:
         return SegmentKey("f", "h", "t", False, tuple(ids), "l")
@@ -254,7 +254,7 @@ def test_catalog_finds_leftmost_longest_segments():
 def test_restrict_tokens_runs_attend_like_the_full_step():
     """Attention of kept tokens over a cache holding every token's KV is the same whether the
     step computes all tokens or only the kept runs."""
-    from redknot_vllm.attention.backend import RedKnotAttentionMetadata, restrict_tokens
+    from redknot_vllm.attention.metadata import build_metadata, restrict_tokens
     from redknot_vllm.kernels.headclass_attention import (
         FULL,
         HeadGroup,
@@ -270,24 +270,23 @@ def test_restrict_tokens_runs_attend_like_the_full_step():
     slots = torch.cat([torch.arange(c, s) + 0 for c, s in zip(ctx, seq, strict=True)])
     slots[40:] += 4 * bs
     cache = torch.randn(n_blocks, h, bs, 2 * d)
-    md = RedKnotAttentionMetadata(
-        num_actual_tokens=41, num_reqs=2, block_table=table, slot_mapping=slots,
-        cu_seqlens_q=torch.tensor(qsl), seqused_k=torch.tensor(seq), max_query_len=40,
-        max_seq_len=40, query_start_loc=qsl, seq_lens=seq, is_prefill=[True, False],
-        has_prefill=True, want_importance=False)
+    md = build_metadata(query_start_loc_cpu=qsl, seq_lens_cpu=seq, is_prefill_cpu=[True, False],
+                        block_table=table, slot_mapping=slots, device=torch.device("cpu"))
+    assert md.max_query_len == 40 and md.max_seq_len == 40
     groups = (HeadGroup((0,), FULL, 0), HeadGroup((1,), 8, 2))
     q = torch.randn(41, h, d)
     full = torch.empty_like(q)
-    paged_headclass_attention(q, cache, table, qsl, seq, md.is_prefill, groups, 0.3, full)
+    paged_headclass_attention(q, cache, table, qsl, seq, md.is_prefill_cpu, groups, 0.3, full)
     keep = torch.ones(41, dtype=torch.bool)
     keep[5:17] = False
     keep[20:33] = False
-    small, kept = restrict_tokens(md, keep)
-    assert small.num_reqs == 4 and small.query_start_loc == [0, 5, 8, 15, 16]
-    assert small.seq_lens == [5, 20, 40, 31]
+    small, kept, firsts = restrict_tokens(md, keep)
+    assert small.num_reqs == 4 and small.query_start_loc_cpu == [0, 5, 8, 15, 16]
+    assert small.seq_lens_cpu == [5, 20, 40, 31]
+    assert firsts == [0, 0, 0, 30 + 4 * bs]  # each run keeps its request's first slot
     out = torch.empty(int(keep.sum()), h, d)
-    paged_headclass_attention(q[kept], cache, small.block_table, small.query_start_loc,
-                              small.seq_lens, small.is_prefill, groups, 0.3, out)
+    paged_headclass_attention(q[kept], cache, small.block_table, small.query_start_loc_cpu,
+                              small.seq_lens_cpu, small.is_prefill_cpu, groups, 0.3, out)
     torch.testing.assert_close(out, full[kept])
 
 
@@ -352,7 +351,7 @@ def test_prompt_logprobs_turn_reuse_off(reuse_llm, stored):
 def test_recompute_fraction_is_the_share_of_the_whole_segment():
     from redknot_vllm.config import ReuseConfig
     from redknot_vllm.kv_store import Segment, SegmentKey
-    from redknot_vllm.reuse import recompute_mask
+    from redknot_vllm.reuse.policy import recompute_mask
 
     cfg = ReuseConfig()  # first 16, chunk 16, fraction 0.15
     for n in (1024, 8192):

@@ -75,7 +75,7 @@ def test_chat_completion_over_http(server):
     while "RedKnot request" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.5)
     out = log.read_text()
-    assert "RedKnot on for RedknotLlamaForCausalLM" in out
+    assert "RedKnot on for RedKnotLlamaForCausalLM" in out
     assert "RedKnot request" in out and "prefill FLOPs saved" in out
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from redknot_vllm import compat
 from redknot_vllm.head_config import HeadClass, HeadConfig
 from redknot_vllm.kernels.headclass_attention import FULL, HeadGroup
 
@@ -70,7 +71,7 @@ def permute_attention_heads(self_attn: torch.nn.Module, plan: LayerPlan) -> None
         return
     qkv, o = self_attn.qkv_proj, self_attn.o_proj
     for lin in (qkv, o):
-        if type(lin.quant_method).__name__ != "UnquantizedLinearMethod":
+        if not compat.is_unquantized(lin):
             raise NotImplementedError(
                 f"RedKnot regroups attention heads by permuting weights, which needs "
                 f"unquantized projections; {lin.prefix if hasattr(lin, 'prefix') else 'a layer'}"

@@ -2,12 +2,14 @@
 
 For every decoder layer on this pipeline stage:
 
-* its ``Attention`` is rebuilt with the RedKnot backend and the layer's head-class plan;
+* its ``Attention`` is rebuilt with the RedKnot backend, the layer's head-class plan and
+  the engine's runtime;
 * its MLP becomes token-sparse (:func:`redknot_vllm.sparse_ffn.make_sparse`) when the
   sparse-FFN schedule makes that layer sparse.
 
 Works for any model whose layers have ``self_attn.attn`` and ``mlp`` (Llama, Mistral,
-Qwen2, Qwen3). Weights, parameter names and the decoder forward are untouched.
+Qwen2, Qwen3). Weights, parameter names and the decoder forward are untouched; with KV
+reuse the forward runs over the tokens the step state says are computed.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from redknot_vllm import compat
 from redknot_vllm.attention.backend import RedKnotAttentionBackend
 from redknot_vllm.attention.plan import build_layer_plan, permute_attention_heads
 from redknot_vllm.config import RedKnotConfig
-from redknot_vllm.flops import ModelDims
-from redknot_vllm.runtime import RUNTIME_KEY, RedknotRuntime
+from redknot_vllm.dims import ModelDims
+from redknot_vllm.runtime import RUNTIME_KEY, RedKnotRuntime
 from redknot_vllm.sparse_ffn import make_sparse
 
 logger = init_logger(__name__)
 
 
-def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedknotRuntime | None:
+def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedKnotRuntime | None:
     """Switch RedKnot on for ``causal_lm`` per ``additional_config["redknot"]``.
 
     Returns the runtime, or None when no head config is given (the model then runs exactly
@@ -42,8 +44,7 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedknotRuntim
             "%s: no RedKnot head config (additional_config['redknot']['head_config']); "
             "running dense, identical to stock vLLM", arch)
         return None
-    hf_config = vllm_config.model_config.hf_text_config
-    dims = ModelDims.from_hf_config(hf_config)
+    dims = ModelDims.from_hf_config(vllm_config.model_config.hf_text_config)
     tp_size = vllm_config.parallel_config.tensor_parallel_size
     tp_rank = get_tensor_model_parallel_rank()
     hc = cfg.head_config
@@ -56,41 +57,54 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedknotRuntim
         passed = require_passed(vllm_config.model_config.model, cfg,
                                 vllm_config.model_config.dtype)
         logger.info_once("RedKnot quality gate found: %s", passed.message())
-    runtime = RedknotRuntime(cfg, dims, tp_rank)
+    runtime = RedKnotRuntime(cfg, dims, tp_rank)
     ctx = vllm_config.compilation_config.static_forward_context
     ctx[RUNTIME_KEY] = runtime
 
     model = causal_lm.model
+    layers: list[tuple[int, str]] = []
     for li in range(model.start_layer, model.end_layer):
         layer = model.layers[li]
         old = layer.self_attn.attn
         plan = build_layer_plan(hc, li, tp_rank, tp_size)
         runtime.plans[li] = plan
+        layers.append((li, old.layer_name))
         layer.self_attn.attn = compat.rebuild_attention(
-            old, attn_backend=RedKnotAttentionBackend, redknot_plan=plan)
+            old, attn_backend=RedKnotAttentionBackend, redknot_plan=plan,
+            redknot_runtime=runtime)
         sparse = cfg.sparse_ffn
         if sparse is not None and sparse.threshold(li) < 1.0:
             make_sparse(
                 layer.mlp, layer=li,
                 prefix=old.layer_name.removesuffix("self_attn.attn") + "mlp",
-                attn_layer_name=old.layer_name, threshold=sparse.threshold(li),
+                runtime=runtime, threshold=sparse.threshold(li),
                 recent_n=sparse.recent_n, min_keep=sparse.min_keep, tp_size=tp_size,
                 static_forward_context=ctx, by_fraction=sparse.by_fraction)
     if cfg.reuse is not None:
-        from redknot_vllm.reuse import ReuseWorker, engine_for
-
-        engine = engine_for(vllm_config)
-        assert engine is not None
-        runtime.reuse = ReuseWorker(engine, causal_lm, vllm_config)
+        runtime.reuse = _reuse_worker(vllm_config, model, layers)
     _log_startup(arch, cfg, tp_rank)
     return runtime
 
 
-class RedknotModelMixin:
+def _reuse_worker(vllm_config: Any, model: torch.nn.Module, layers: list[tuple[int, str]]
+                  ) -> Any:
+    from vllm.platforms import current_platform
+
+    from redknot_vllm.reuse.keys import reuse_setup
+    from redknot_vllm.reuse.worker import ReuseWorker
+
+    setup = reuse_setup(vllm_config)
+    assert setup is not None
+    rotary = model.layers[model.start_layer].self_attn.rotary_emb
+    device = torch.device("cuda") if current_platform.is_cuda() else None
+    return ReuseWorker(setup, rotary, layers, device)
+
+
+class RedKnotModelMixin:
     """Mixed in front of a stock ``*ForCausalLM``: installs RedKnot after construction and
     regroups attention heads after the weights are loaded."""
 
-    redknot_runtime: RedknotRuntime | None
+    redknot_runtime: RedKnotRuntime | None
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
@@ -101,12 +115,11 @@ class RedknotModelMixin:
                 **kwargs: Any) -> Any:
         """The stock forward; with KV reuse, over the tokens that are not spliced only."""
         rt = self.redknot_runtime
-        reuse = rt.reuse if rt is not None else None
-        kept = reuse.begin_forward() if reuse is not None else None
-        if kept is None:
-            out = super().forward(input_ids, positions,  # type: ignore[misc]
-                                  intermediate_tensors, inputs_embeds, **kwargs)
-        else:
+        kept = None if rt is None else rt.compute_index()
+        try:
+            if kept is None:
+                return super().forward(input_ids, positions,  # type: ignore[misc]
+                                       intermediate_tensors, inputs_embeds, **kwargs)
             h = super().forward(  # type: ignore[misc]
                 None if input_ids is None else input_ids[kept], positions[..., kept],
                 intermediate_tensors, None if inputs_embeds is None else inputs_embeds[kept],
@@ -115,9 +128,10 @@ class RedknotModelMixin:
             # request is sampled, and it is always computed
             out = h.new_zeros((positions.shape[-1], *h.shape[1:]))
             out[kept] = h
-        if reuse is not None:
-            reuse.end_forward()
-        return out
+            return out
+        finally:
+            if rt is not None:
+                rt.end_forward()
 
     def load_weights(self, weights: Any) -> Any:
         loaded = super().load_weights(weights)  # type: ignore[misc]

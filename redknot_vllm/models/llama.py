@@ -1,16 +1,16 @@
-"""RedKnot Llama and Mistral: the stock classes with :class:`RedknotModelMixin` in front."""
+"""RedKnot Llama and Mistral: the stock classes with :class:`RedKnotModelMixin` in front."""
 
 from __future__ import annotations
 
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 
-from redknot_vllm.models.apply import RedknotModelMixin
+from redknot_vllm.models.apply import RedKnotModelMixin
 
 
-class RedknotLlamaForCausalLM(RedknotModelMixin, LlamaForCausalLM):
+class RedKnotLlamaForCausalLM(RedKnotModelMixin, LlamaForCausalLM):
     pass
 
 
-class RedknotMistralForCausalLM(RedknotModelMixin, MistralForCausalLM):
+class RedKnotMistralForCausalLM(RedKnotModelMixin, MistralForCausalLM):
     pass

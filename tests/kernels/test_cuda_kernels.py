@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redknot_vllm.attention.backend import RedKnotAttentionMetadata, add_token_fields
+from redknot_vllm.attention.metadata import build_metadata
 from redknot_vllm.kernels.headclass_attention import FULL, HeadGroup, headclass_attention_ref
 
 pytestmark = pytest.mark.gpu
@@ -35,16 +35,11 @@ def _batch(rows, hkv, d, num_blocks=512, seed=0):
     for n in q_lens:
         qsl.append(qsl[-1] + n)
     seq = [c + n for c, n, _ in rows]
-    md = RedKnotAttentionMetadata(
-        num_actual_tokens=qsl[-1], num_reqs=len(rows), block_table=table,
-        slot_mapping=torch.zeros(qsl[-1], device=DEV),
-        cu_seqlens_q=torch.tensor(qsl, dtype=torch.int32, device=DEV),
-        seqused_k=torch.tensor(seq, dtype=torch.int32, device=DEV),
-        max_query_len=max(q_lens), max_seq_len=max(seq), query_start_loc=qsl, seq_lens=seq,
-        is_prefill=[p for _, _, p in rows], has_prefill=any(p for _, _, p in rows),
-        want_importance=False)
-    if md.has_prefill:
-        add_token_fields(md, q_lens, torch.device(DEV))
+    md = build_metadata(
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq, is_prefill_cpu=[p for _, _, p in rows],
+        block_table=table, slot_mapping=torch.zeros(qsl[-1], device=DEV),
+        device=torch.device(DEV))
+    assert md.max_query_len == max(q_lens) and md.max_seq_len == max(seq)
     return cache, md
 
 
@@ -81,7 +76,7 @@ def test_paged_headclass_attention_cuda_matches_reference(rows, hkv, per, groups
             win[h], sink[h] = g.window, g.sink
     for r, (c, n, prefill) in enumerate(rows):
         k, v = _seq_kv(cache, md.block_table[r], c + n, d)
-        a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
+        a, b = md.query_start_loc_cpu[r], md.query_start_loc_cpu[r + 1]
         w = win if prefill else torch.full((hkv,), FULL)
         ref = headclass_attention_ref(q[a:b].cpu(), k.cpu(), v.cpu(), torch.arange(c, c + n),
                                       w, sink, d**-0.5)

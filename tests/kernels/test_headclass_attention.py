@@ -10,8 +10,8 @@ from redknot_vllm.kernels.headclass_attention import (
     HeadGroup,
     headclass_attention_ref,
     paged_headclass_attention,
-    write_kv_cache,
 )
+from redknot_vllm.kernels.paged_kv import write_kv
 
 BLOCK = 16
 
@@ -35,7 +35,7 @@ def _run_chunks(q, k, v, chunks, groups, scale, num_blocks=96, seed=0):
         end = start + c
         pos = torch.arange(start, end)
         slots = blocks[pos // BLOCK] * BLOCK + pos % BLOCK
-        write_kv_cache(k[start:end], v[start:end], cache, slots)
+        write_kv(cache, slots, k[start:end], v[start:end])
         paged_headclass_attention(q[start:end], cache, blocks[None], [0, c], [end], [True],
                                   groups, scale, out[start:end])
         start = end
@@ -95,7 +95,7 @@ def test_mixed_batch_decode_rows_attend_fully():
     vs = [torch.randn(n, hkv, d) for n in lens]
     for r in range(2):
         pos = torch.arange(lens[r])
-        write_kv_cache(ks[r], vs[r], cache, tables[r][pos // BLOCK] * BLOCK + pos % BLOCK)
+        write_kv(cache, tables[r][pos // BLOCK] * BLOCK + pos % BLOCK, ks[r], vs[r])
     q = torch.randn(sum(new), hq, d)
     out = torch.empty_like(q)
     paged_headclass_attention(q, cache, tables, [0, 1, 51], lens, [False, True], groups,
@@ -109,10 +109,10 @@ def test_mixed_batch_decode_rows_attend_fully():
     assert (out[1:] - ref1).abs().max().item() < 1e-5
 
 
-def test_write_kv_cache_skips_padding_slots():
+def test_write_kv_skips_padding_slots():
     cache = torch.zeros(4, 2, BLOCK, 8)
     k, v = torch.ones(3, 2, 4), 2 * torch.ones(3, 2, 4)
-    write_kv_cache(k, v, cache, torch.tensor([5, -1, 17]))
+    write_kv(cache, torch.tensor([5, -1, 17]), k, v)
     assert cache[0, :, 5, :4].eq(1).all() and cache[0, :, 5, 4:].eq(2).all()
     assert cache[1, :, 1].eq(torch.tensor([1.0] * 4 + [2.0] * 4)).all()
     assert cache.ne(0).sum() == 2 * 2 * 8  # nothing else written

@@ -1,0 +1,93 @@
+"""The RedKnot metadata builder: plans each step once, for every RedKnot layer."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+)
+
+from redknot_vllm import compat
+from redknot_vllm.attention.metadata import RedKnotAttentionMetadata, build_metadata
+from redknot_vllm.runtime import find_runtime
+
+logger = init_logger(__name__)
+
+
+class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata]):
+    """Builds the step's metadata once; every layer reuses it.
+
+    A row counts as prefill while its request is still in its prompt
+    (``CommonAttentionMetadata.is_prefilling``, set by vLLM's V1 model runner), so a
+    one-token final chunk of a prompt is still prefill and chunked and unchunked prefill
+    agree.
+    """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Ask vLLM to put single-token (decode) rows first: the decode pass of local heads is
+    # then a slice of the batch.
+    reorder_batch_threshold: int | None = 1
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
+        # On CUDA, batches of single-token rows run vLLM's FlashAttention path, which can be
+        # captured whole; everything else runs eagerly between piecewise graphs.
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda():
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return cls._cudagraph_support
+
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any,
+                 device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.runtime = find_runtime(vllm_config)
+        self._fa_builder = None
+        if device.type == "cuda":
+            from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+            self._fa_builder = FlashAttentionMetadataBuilder(kv_cache_spec, layer_names,
+                                                             vllm_config, device)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
+                                    ) -> RedKnotAttentionMetadata:
+        """Captured graphs serve uniform single-token batches: build them as decode."""
+        md = self.build(0, common_attn_metadata, force_decode=True)
+        if self._fa_builder is not None:
+            md.fa = self._fa_builder.build_for_cudagraph_capture(common_attn_metadata)
+        return md
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False, force_decode: bool = False
+              ) -> RedKnotAttentionMetadata:
+        cm = common_attn_metadata
+        num_reqs = cm.num_reqs
+        qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
+        seq_lens = compat.seq_lens_cpu(cm)[:num_reqs].tolist()
+        prefilling = compat.is_prefilling(cm)
+        if force_decode:
+            is_prefill = [False] * num_reqs
+        elif prefilling is None:
+            logger.warning_once(
+                "RedKnot: the model runner does not report is_prefilling (vLLM's v2 model "
+                "runner); treating rows with more than one new token as prefill. Set "
+                "VLLM_USE_V2_MODEL_RUNNER=0 for exact prefill detection.")
+            is_prefill = [qsl[i + 1] - qsl[i] > 1 for i in range(num_reqs)]
+        else:
+            is_prefill = [bool(x) for x in prefilling[:num_reqs].tolist()]
+        md = build_metadata(
+            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, is_prefill_cpu=is_prefill,
+            block_table=cm.block_table_tensor, slot_mapping=cm.slot_mapping,
+            device=self.device, query_start_loc=cm.query_start_loc, seq_lens=cm.seq_lens,
+            max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
+            num_actual_tokens=cm.num_actual_tokens)
+        if self.runtime is not None and not force_decode:
+            self.runtime.begin_step(md)
+        if not md.has_prefill and self._fa_builder is not None and not force_decode:
+            md.fa = self._fa_builder.build(common_prefix_len, cm, fast_build)
+        return md

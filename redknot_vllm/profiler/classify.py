@@ -1,0 +1,158 @@
+"""Classifying heads from their scores, and ``profile()``: profile, classify, write."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from redknot_vllm.head_config import HeadConfig
+from redknot_vllm.profiler.run import DEFAULT_WINDOWS, check_model_dir, check_windows, profile_heads
+from redknot_vllm.profiler.scores import (
+    SCORE_NAMES,
+    Matrix,
+    ProfileError,
+    ProfileScores,
+    to_matrix,
+)
+
+logger = logging.getLogger(__name__)
+
+METHOD = ("redknot-profiler-v1: max(prefix_shift, edge_mass@W, retrieval), "
+          "each max-normalised")
+
+
+def _check_fraction(global_fraction: Any) -> float:
+    if (isinstance(global_fraction, bool) or not isinstance(global_fraction, (int, float))
+            or not 0.0 <= global_fraction <= 1.0):
+        raise ProfileError(f"global_fraction (--global-fraction) is {global_fraction!r}; "
+                           "expected a number in [0, 1] (e.g. 0.2 for 20% global heads)")
+    return float(global_fraction)
+
+
+def _check_window(window: Any, windows: Sequence[int]) -> int:
+    if window not in windows or isinstance(window, bool):
+        raise ProfileError(f"window (--window) is {window!r}, which was not profiled; pick "
+                           f"one of the profiled windows {sorted(windows)} or profile again "
+                           f"with --windows including it")
+    return int(window)
+
+
+def combined_scores(scores: ProfileScores, window: int,
+                    weights: dict[str, float] | None = None) -> Matrix:
+    """``[L][H]`` max of the (weighted) max-normalised scores, edge_mass at ``window``."""
+    _check_window(window, scores.windows)
+    w = dict.fromkeys(SCORE_NAMES, 1.0)
+    unknown = sorted(set(weights or {}) - set(SCORE_NAMES))
+    if unknown:
+        raise ProfileError(f"weights has unknown key(s) {unknown}; expected {list(SCORE_NAMES)}")
+    w.update(weights or {})
+    mats = {"prefix_shift": scores.prefix_shift, "edge_mass": scores.edge_mass[window],
+            "retrieval": scores.retrieval}
+    norm = {}
+    for name, m in mats.items():
+        top = max(max(row) for row in m)
+        norm[name] = [[x / top if top > 0 else 0.0 for x in row] for row in m]
+    return [[max(w[k] * norm[k][li][h] for k in SCORE_NAMES)
+             for h in range(scores.num_kv_heads)] for li in range(scores.num_layers)]
+
+
+def ranked_heads(scores: ProfileScores, window: int,
+                 weights: dict[str, float] | None = None) -> list[tuple[int, int, float]]:
+    """(layer, head, combined) from most to least global; ties by (layer, head)."""
+    return _rank(combined_scores(scores, window, weights))
+
+
+def _rank(comb: Matrix) -> list[tuple[int, int, float]]:
+    order = sorted(((li, h) for li in range(len(comb)) for h in range(len(comb[li]))),
+                   key=lambda lh: (-comb[lh[0]][lh[1]], lh[0], lh[1]))
+    return [(li, h, comb[li][h]) for li, h in order]
+
+
+def classify(scores: ProfileScores, global_fraction: float, window: int,
+             sink: int | None = None, weights: dict[str, float] | None = None) -> HeadConfig:
+    """Top ``round(L * H * global_fraction)`` heads global, the rest local(``window``, ``sink``).
+
+    ``sink`` defaults to the profiled sink (4 by default), the one edge_mass assumed.
+    """
+    f = _check_fraction(global_fraction)
+    window = _check_window(window, scores.windows)
+    sink = scores.sink if sink is None else sink
+    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+        raise ProfileError(f"sink (--sink) is {sink!r}; expected an integer >= 0")
+    if sink != scores.sink:
+        logger.warning("classifying with sink %d but edge_mass was profiled with sink %d",
+                       sink, scores.sink)
+    comb = combined_scores(scores, window, weights)
+    ranked = _rank(comb)
+    n_global = round(f * len(ranked))
+    global_set = {(li, h) for li, h, _ in ranked[:n_global]}
+    classes = [["global" if (li, h) in global_set else "local"
+                for h in range(scores.num_kv_heads)] for li in range(scores.num_layers)]
+    provenance = {
+        "model": scores.model,
+        "model_fingerprint": scores.model_fingerprint,
+        "method": METHOD,
+        "parameters": {
+            "global_fraction": f, "window": window, "sink": sink, "weights": weights,
+            **{k: v for k, v in scores.params.items() if k != "sink"},
+            "profiled_sink": scores.sink,
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "redknot_vllm": _version(),
+    }
+    meta = {
+        "sink": scores.sink,
+        "scores": {
+            "prefix_shift": scores.prefix_shift,
+            "edge_mass": {str(w): m for w, m in sorted(scores.edge_mass.items())},
+            "retrieval": scores.retrieval,
+            "combined": to_matrix(torch.tensor(comb, dtype=torch.float64)),
+        },
+    }
+    return HeadConfig.from_dict({
+        "num_layers": scores.num_layers,
+        "num_kv_heads": scores.num_kv_heads,
+        "dense_prefix_layers": 0,
+        "kv_head_classification": classes,
+        "kv_head_max_distance": [[window if c == "local" else -1 for c in row]
+                                 for row in classes],
+        "kv_head_sink_size": [[sink] * scores.num_kv_heads for _ in range(scores.num_layers)],
+        "provenance": provenance,
+        "profiling_meta": meta,
+    }, source="<profile>")
+
+
+def _version() -> str:
+    from redknot_vllm import __version__
+
+    return __version__
+
+
+def profile(model_dir: str | Path, out: str | Path, *, global_fraction: float = 0.2,
+            window: int = 1024, sink: int = 4, weights: dict[str, float] | None = None,
+            **kw: Any) -> HeadConfig:
+    """Profile, classify and write the head config JSON to ``out``; returns it.
+
+    ``kw`` goes to :func:`profile_heads` (texts, windows, max_tokens, n_texts, ...).
+    """
+    # fail before minutes of profiling, not after
+    _check_fraction(global_fraction)
+    check_model_dir(model_dir)
+    _check_window(window, check_windows(kw.get("windows", DEFAULT_WINDOWS), sink))
+    if weights:
+        unknown = sorted(set(weights) - set(SCORE_NAMES))
+        if unknown:
+            raise ProfileError(f"weights has unknown key(s) {unknown}; expected "
+                               f"{list(SCORE_NAMES)}")
+    scores = profile_heads(model_dir, sink=sink, **kw)
+    hc = classify(scores, global_fraction, window, sink=sink, weights=weights)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    hc.save_json(out)
+    return hc
+

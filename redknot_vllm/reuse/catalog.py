@@ -1,0 +1,144 @@
+"""Which stored segments a prompt contains: found by content, or by the ranges it marks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+
+from vllm.logger import init_logger
+
+from redknot_vllm.kv_store import SegmentKey, read_key, segment_file
+from redknot_vllm.reuse.keys import ReuseSetup
+from redknot_vllm.reuse.params import RequestParams, Use
+
+logger = init_logger(__name__)
+
+ANCHOR = 16
+"""Segments are looked up by their first ``ANCHOR`` tokens."""
+
+
+class Catalog:
+    """Stored segments by their first :data:`ANCHOR` tokens, for matching prompts."""
+
+    def __init__(self) -> None:
+        self._by_anchor: dict[tuple[int, ...], dict[str, tuple[int, ...]]] = {}
+        self._by_tokens: dict[tuple[int, ...], str] = {}
+        self._ids: dict[str, tuple[int, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_tokens)
+
+    def add(self, key: SegmentKey, digest: str) -> None:
+        self._by_anchor.setdefault(key.token_ids[:ANCHOR], {})[digest] = key.token_ids
+        self._by_tokens[key.token_ids] = digest
+        self._ids[digest] = key.token_ids
+
+    def digests(self) -> set[str]:
+        return set(self._ids)
+
+    def discard(self, digest: str) -> None:
+        ids = self._ids.pop(digest, None)
+        if ids is not None:
+            self._by_tokens.pop(ids, None)
+            self._by_anchor.get(ids[:ANCHOR], {}).pop(digest, None)
+
+    def exact(self, tokens: Sequence[int]) -> str | None:
+        """The digest of a segment with exactly these tokens."""
+        return self._by_tokens.get(tuple(tokens))
+
+    def find(self, tokens: Sequence[int], start: int) -> list[Use]:
+        """Leftmost-longest non-overlapping stored segments in ``tokens[start:]``."""
+        uses: list[Use] = []
+        i, n = start, len(tokens)
+        while i + ANCHOR <= n:
+            cands = self._by_anchor.get(tuple(tokens[i:i + ANCHOR]))
+            best = None
+            for digest, ids in (cands or {}).items():
+                if (len(ids) <= n - i and (best is None or len(ids) > best.length)
+                        and tuple(tokens[i:i + len(ids)]) == ids):
+                    best = Use(digest, i, len(ids))
+            if best is None:
+                i += 1
+            else:
+                uses.append(best)
+                i += best.length
+        return uses
+
+
+class SegmentCatalog:
+    """Scheduler side: which segments exist for this engine's key space, read from the
+    store's disk tier (the worker writes every segment through to it, and may run in another
+    process), re-read when the store's index changes."""
+
+    def __init__(self, setup: ReuseSetup) -> None:
+        self.setup = setup
+        self.cfg = setup.cfg
+        self.dir = setup.store_dir
+        self.catalog = Catalog()
+        self._mtime: float | None = None
+        self.refresh()
+        logger.info("RedKnot KV reuse: %d stored segment(s) for this model and head config in "
+                    "%s (policy %s)", len(self.catalog), self.dir, self.cfg.policy)
+
+    def refresh(self) -> None:
+        """Re-read the index if it changed since the last call."""
+        index = self.dir / "index.json"
+        try:
+            mtime = index.stat().st_mtime_ns
+        except OSError:
+            return
+        if mtime == self._mtime:
+            return
+        self._mtime = mtime
+        try:
+            digests = set(json.loads(index.read_text())["segments"])
+        except (OSError, ValueError, KeyError):
+            return  # mid-replace or damaged: the worker's store repairs it; retry next time
+        known = self.catalog.digests()
+        for d in known - digests:
+            self.catalog.discard(d)
+        for d in digests - known:
+            try:
+                key = read_key(segment_file(self.dir, d))
+            except Exception:  # a bad file is reported by the worker's store when loaded
+                continue
+            if self.setup.matches(key):
+                self.catalog.add(key, d)
+
+    def plan(self, prompt: Sequence[int], start: int, params: RequestParams
+             ) -> tuple[list[Use], list[tuple[int, int]]]:
+        """(segments this request reuses at positions ``>= start``, its prefix-cache hit;
+        marked ranges to store because they are not stored yet)."""
+        if params.store or params.probe is not None or params.reuse == "off":
+            return [], []
+        self.refresh()
+        if isinstance(params.reuse, list):
+            return self._marked(prompt, start, params)
+        if not self.cfg.auto or not len(self.catalog):
+            return [], []
+        return [replace(u, fraction=params.recompute_fraction)
+                for u in self.catalog.find(prompt, start) if u.length >= self.cfg.min_tokens], []
+
+    def _marked(self, prompt: Sequence[int], start: int, params: RequestParams
+                ) -> tuple[list[Use], list[tuple[int, int]]]:
+        assert isinstance(params.reuse, list)
+        uses, misses = [], []
+        for a, b in params.reuse:
+            if b > len(prompt) or a < start:
+                logger.warning("RedKnot reuse range [%d, %d) is outside the computed part "
+                               "of the prompt [%d, %d); computed instead", a, b, start,
+                               len(prompt))
+                continue
+            digest = self.catalog.exact(prompt[a:b])
+            if digest is None:
+                if self.cfg.store_marked and b - a >= self.cfg.min_tokens:
+                    misses.append((a, b))
+                    logger.info("RedKnot reuse range [%d, %d) is not stored; computed "
+                                "and stored from this request (store_marked)", a, b)
+                else:
+                    logger.info("RedKnot reuse range [%d, %d) is not stored; computed "
+                                "(store it with `redknot precompute`)", a, b)
+                continue
+            uses.append(Use(digest, a, b - a, params.recompute_fraction))
+        return uses, misses

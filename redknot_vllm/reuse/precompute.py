@@ -1,0 +1,73 @@
+"""``redknot precompute``: store documents' KV, each prefilled alone, with its deviation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from redknot_vllm.config import RedKnotConfigError
+from redknot_vllm.reuse.keys import reuse_setup
+from redknot_vllm.reuse.params import PARAMS_KEY
+from redknot_vllm.texts import TextsError, load_texts
+
+DEFAULT_PROBE = (
+    "The passages below were retrieved from several unrelated sources for a question that "
+    "follows them. Some of them may be irrelevant. Read every passage before answering.\n\n")
+"""Context put in front of a document to measure how context-dependent its KV is."""
+
+
+def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
+               probe: str | Sequence[int] | None = DEFAULT_PROBE,
+               progress: bool = True) -> list[str]:
+    """Store each document's KV, prefilled alone at ``[0, L)``, and its deviation profile.
+
+    Args:
+        llm: a ``vllm.LLM`` built with ``engine_args(..., reuse=...)``.
+        docs: texts (tokenized without special tokens) or token id lists.
+        probe: context for the deviation probe (text or ids); None skips the probe, and the
+            selective policy then recomputes only each segment's first tokens.
+        progress: vLLM's progress bars.
+
+    Returns:
+        The segments' digests, in ``docs`` order.
+    """
+    from vllm import SamplingParams
+
+    setup = reuse_setup(llm.llm_engine.vllm_config)
+    if setup is None:
+        raise RedKnotConfigError("precompute needs an engine built with engine_args(..., "
+                                 "reuse=...)")
+    min_tokens = setup.cfg.min_tokens
+
+    def encode(text: str) -> list[int]:
+        return list(llm.get_tokenizer()(text, add_special_tokens=False)["input_ids"])
+
+    ids = [encode(d) if isinstance(d, str) else [int(t) for t in d] for d in docs]
+    short = [i for i, x in enumerate(ids) if len(x) < min_tokens]
+    if short:
+        raise RedKnotConfigError(f"documents {short[:5]} have fewer than reuse.min_tokens="
+                                 f"{min_tokens} tokens; they are not worth storing")
+    digests = [setup.key(x).digest() for x in ids]
+
+    def params(p: dict[str, Any]) -> Any:
+        return SamplingParams(max_tokens=1, temperature=0.0,
+                              extra_args={"kv_transfer_params": {PARAMS_KEY: p}})
+
+    llm.generate([{"prompt_token_ids": x} for x in ids], params({"store": True}),
+                 use_tqdm=progress)
+    if probe is not None:
+        pre = encode(probe) if isinstance(probe, str) else [int(t) for t in probe]
+        llm.generate([{"prompt_token_ids": pre + x} for x in ids],
+                     [params({"probe": {"digest": d, "offset": len(pre)}}) for d in digests],
+                     use_tqdm=progress)
+    return digests
+
+
+def read_docs(path: str | Path) -> list[str | list[int]]:
+    """Documents from a folder of ``.txt`` files, a ``.txt`` file, or a ``.jsonl`` with a
+    ``"text"`` or ``"token_ids"`` field per line."""
+    try:
+        return load_texts(path, "--docs", token_ids=True)
+    except TextsError as e:
+        raise RedKnotConfigError(str(e)) from None

@@ -1,0 +1,234 @@
+"""Worker half of reuse: splice stored KV before a step's forward, store or probe after it.
+
+Driven by the connector's worker half: :meth:`ReuseWorker.splice` from ``start_load_kv``
+(before the forward), :meth:`ReuseWorker.capture` from ``wait_for_save`` (after it). What
+the model must know (which tokens to run) goes into the runtime's step state; nothing here
+is called from inside the forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+
+from redknot_vllm import compat
+from redknot_vllm.attention.metadata import restrict_tokens
+from redknot_vllm.kernels.paged_kv import read_kv, slots_of
+from redknot_vllm.kv_store import Segment, SegmentStore
+from redknot_vllm.relocation import check_relocatable, relocate_keys
+from redknot_vllm.reuse.keys import ReuseSetup
+from redknot_vllm.reuse.params import Capture, Use
+from redknot_vllm.reuse.policy import recompute_mask
+from redknot_vllm.reuse.splice import SplicedKV
+from redknot_vllm.step import StepState
+
+logger = init_logger(__name__)
+
+StepPlan = dict[int, tuple[str, int, list[Use]]]
+"""Request first slot -> (request id, prompt length, its segments inside this step)."""
+
+
+class ReuseWorker:
+    """The segment store and the per-step splice of one worker."""
+
+    def __init__(self, setup: ReuseSetup, rotary: torch.nn.Module,
+                 layers: Sequence[tuple[int, str]], device: torch.device | None) -> None:
+        """
+        Args:
+            rotary: the model's rotary embedding (every layer shares its cache).
+            layers: (layer index, attention layer name) of the RedKnot layers, in order;
+                segments store their KV in this order.
+            device: the GPU tier's device (None: no GPU tier).
+        """
+        check_relocatable(rotary)
+        self.setup = setup
+        self.cfg = setup.cfg
+        self.rotary = rotary
+        self.device = device
+        self.layer_names = [name for _, name in layers]
+        self.layer_row = {li: i for i, (li, _) in enumerate(layers)}
+        self.store = self._open_store(self.cfg.gpu_bytes, self.cfg.host_bytes)
+        self._caches: list[torch.Tensor] = []
+        self._masks: dict[tuple[str, str, int], torch.Tensor] = {}
+
+    def _open_store(self, gpu_bytes: int, host_bytes: int) -> SegmentStore:
+        return SegmentStore(gpu_bytes=gpu_bytes if self.device is not None else 0,
+                            host_bytes=host_bytes, disk_dir=self.setup.store_dir,
+                            disk_bytes=self.cfg.disk_bytes, device=self.device)
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """The engine's paged caches, by attention layer name (from the connector)."""
+        self._caches = [kv_caches[name] for name in self.layer_names]
+
+    def put(self, segment: Segment) -> str:
+        """Write through to disk (the scheduler's catalog reads it), keep a memory copy."""
+        self.store.put(segment, "disk")
+        self.store.put(segment)
+        return segment.key.digest()
+
+    # ------------------------------------------------------------- before the forward
+    def splice(self, step: StepState | None, plan: StepPlan, forward_context: Any) -> None:
+        """Write this step's reused KV into its pages and restrict the step to the tokens
+        still computed (selective), or hand the attention layers the KV to overwrite their
+        local heads with (seed). Results go into ``step``."""
+        if step is None or not plan:
+            return
+        md = step.attn
+        if compat.step_attention_metadata(forward_context, self.layer_names[0]) is not md:
+            logger.warning_once("RedKnot reuse: this step's attention metadata is not the "
+                                "one planned (micro-batching?); its reused tokens are computed")
+            return
+        if self.cfg.policy == "selective" and compat.is_cudagraph_step(forward_context):
+            logger.warning_once("RedKnot reuse: a CUDA-graph step computes its reused tokens")
+            return
+        tok_idx: list[torch.Tensor] = []
+        parts: list[tuple[Segment, torch.Tensor, int]] = []
+        reused: dict[int, list[tuple[int, int]]] = {}
+        for r, slot in enumerate(step.first_slots()):
+            hit = plan.get(slot)
+            if hit is None or not md.is_prefill_cpu[r]:
+                continue
+            req_id, prompt_len, uses = hit
+            q0, q1 = md.query_start_loc_cpu[r], md.query_start_loc_cpu[r + 1]
+            c = md.seq_lens_cpu[r] - (q1 - q0)  # position of the row's first token
+            for u in uses:
+                found = self._reused_offsets(req_id, prompt_len, u, c, c + q1 - q0)
+                if found is None:
+                    continue
+                seg, offs = found
+                tok_idx.append(q0 + (offs + u.start - c))
+                parts.append((seg, offs, u.start))
+                reused.setdefault(slot, []).extend(_ranges(offs + u.start))
+        if not tok_idx:
+            return
+        t_all = torch.cat(tok_idx)
+        spliced = SplicedKV(md.slot_mapping[t_all.to(md.slot_mapping.device)], parts,
+                            self.rotary, self.layer_row)
+        if self.cfg.policy == "seed":
+            step.kv_overwrite = spliced
+            return
+        for i, cache in enumerate(self._caches):
+            spliced.write_all_heads(i, cache)
+        keep = torch.ones(md.num_actual_tokens, dtype=torch.bool)
+        keep[t_all] = False
+        if not bool(keep.any()):
+            keep[-1] = True  # a step computes at least one token
+        new_md, kept, firsts = restrict_tokens(md, keep)
+        compat.set_step_attention_metadata(forward_context, self.layer_names, new_md)
+        step.attn, step.compute_index, step.row_first_slots = new_md, kept, firsts
+        step.reused = reused
+
+    def _reused_offsets(self, req_id: str, prompt_len: int, u: Use, a: int, b: int
+                        ) -> tuple[Segment, torch.Tensor] | None:
+        """The stored segment and its token offsets reused in positions ``[a, b)``."""
+        a, b = max(u.start, a), min(u.start + u.length, b)
+        if a >= b:
+            return None
+        found = self.store.lookup(u.digest)
+        if found is None:
+            logger.warning("RedKnot reuse: segment %s… is no longer stored; its %d tokens are "
+                           "computed", u.digest[:12], b - a)
+            return None
+        seg = found[0]
+        offs = torch.arange(a - u.start, b - u.start)
+        if self.cfg.policy == "selective":
+            mkey = (req_id, u.digest, u.start)
+            if mkey not in self._masks:
+                self._masks[mkey] = recompute_mask(seg, self.cfg, u.fraction)
+            offs = offs[~self._masks[mkey][offs]]
+        offs = offs[offs + u.start != prompt_len - 1]  # its logits are sampled
+        return (seg, offs) if offs.numel() else None
+
+    def forget(self, req_ids: Iterable[str]) -> None:
+        """Drop finished requests' recompute masks."""
+        gone = set(req_ids)
+        if self._masks and gone:
+            self._masks = {k: m for k, m in self._masks.items() if k[0] not in gone}
+
+    # -------------------------------------------------------------- after the forward
+    def capture(self, captures: Iterable[Capture]) -> None:
+        """Store or probe the prompts that finished this step (their KV is complete)."""
+        for cap in captures:
+            if cap.ranges:
+                self._store_ranges(cap)
+                continue
+            start = 0 if cap.probe is None else cap.probe[1]
+            k, v = self._read(cap.block_ids, start, len(cap.token_ids))
+            if cap.probe is None:
+                self._store(cap, k, v)
+            else:
+                self._probe(cap, k, v)
+
+    def _read(self, block_ids: Sequence[int], start: int, end: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[layers, end - start, H, D]`` of a request's positions ``[start, end)``."""
+        pos = torch.arange(start, end)
+        return read_kv(self._caches, slots_of(block_ids, pos, self._caches[0].shape[2]))
+
+    def _store_ranges(self, cap: Capture) -> None:
+        """store_marked: ranges of a finished prompt, moved back to ``[0, L)``."""
+        for a, b in cap.ranges:
+            k, v = self._read(cap.block_ids, a, b)
+            k = relocate_keys(k, a, 0, self.rotary)
+            digest = self.put(Segment(
+                self.setup.key(cap.token_ids[a:b]), k.contiguous(), v.contiguous(),
+                meta={"source": f"in-context at {a} of request {cap.req_id}"}))
+            logger.info("RedKnot store_marked: tokens [%d, %d) stored as %s…", a, b,
+                        digest[:12])
+
+    def _store(self, cap: Capture, k: torch.Tensor, v: torch.Tensor) -> None:
+        ids = cap.token_ids
+        if len(ids) < self.cfg.min_tokens:
+            logger.warning("RedKnot store: request %s has %d prompt tokens (minimum %d); not "
+                           "stored", cap.req_id, len(ids), self.cfg.min_tokens)
+            return
+        seg = Segment(self.setup.key(ids), k.contiguous(), v.contiguous(),
+                      meta={"source": "prefilled alone at [0, L)"})
+        digest = self.put(seg)
+        logger.info("RedKnot store: %d tokens stored as %s…", len(ids), digest[:12])
+
+    def _probe(self, cap: Capture, k: torch.Tensor, v: torch.Tensor) -> None:
+        assert cap.probe is not None
+        digest, offset = cap.probe
+        found = self.store.lookup(digest, k.device)
+        if found is None or found[0].k.shape[1] != k.shape[1]:
+            logger.warning("RedKnot probe: segment %s… missing or of another length; no "
+                           "deviation recorded", digest[:12])
+            return
+        seg = found[0]
+        n = k.shape[1]
+        ref_k = relocate_keys(seg.k.to(k.device), 0, offset, self.rotary)
+        dk = (k.float() - ref_k.float()).norm(dim=-1) / ref_k.float().norm(dim=-1).clamp_min(1e-6)
+        dv = ((v.float() - seg.v.to(v.device).float()).norm(dim=-1)
+              / seg.v.to(v.device).float().norm(dim=-1).clamp_min(1e-6))
+        deviation = ((dk + dv) / 2).mean(dim=(0, 2)).cpu()  # [n]: over layers and heads
+        assert deviation.numel() == n
+        self.put(Segment(seg.key, seg.k, seg.v, deviation,
+                         {**seg.meta, "deviation": f"probe offset {offset}"}))
+
+    # ------------------------------------------------------------------ benchmarks
+    def reopen_store(self, gpu_bytes: int, host_bytes: int) -> dict[str, Any]:
+        """Reopen the store with other memory-tier limits (every segment stays on disk);
+        returns the old store's stats."""
+        stats = self.store.stats()
+        self.store = None  # type: ignore[assignment]
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.store = self._open_store(gpu_bytes, host_bytes)
+        return stats
+
+
+def _ranges(pos: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted positions (host tensor) -> [start, end) runs."""
+    if not pos.numel():
+        return []
+    breaks = (torch.diff(pos) != 1).nonzero().flatten()
+    starts = torch.cat([pos[:1], pos[breaks + 1]]).tolist()
+    ends = torch.cat([pos[breaks] + 1, pos[-1:] + 1]).tolist()
+    return list(zip(starts, ends, strict=True))
