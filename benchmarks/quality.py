@@ -58,7 +58,7 @@ def engine_kwargs() -> dict[str, Any]:
 
 def model_path(name: str) -> str:
     if name == "smollm2":
-        from redknot_vllm.embedded import smollm2_path
+        from redknot_vllm.registry import smollm2_path
 
         return str(smollm2_path())
     return name

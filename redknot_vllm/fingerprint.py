@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from redknot_vllm import envs
+from redknot_vllm.errors import RedKnotError
 from redknot_vllm.fsutil import atomic_write
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -20,7 +21,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "generation_config.json")
 
 
-class FingerprintError(ValueError):
+class FingerprintError(RedKnotError, ValueError):
     """The model folder cannot be fingerprinted."""
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from redknot_vllm import envs
 from redknot_vllm.config import RedKnotConfig, RedKnotConfigError
+from redknot_vllm.errors import RedKnotError
 from redknot_vllm.fingerprint import model_fingerprint
 from redknot_vllm.fsutil import atomic_write
 
@@ -37,7 +38,7 @@ DEFAULT_LENGTHS = (2048,)
 DEFAULT_N = 16
 
 
-class GateRefused(RuntimeError):
+class GateRefused(RedKnotError, RuntimeError):
     """The configuration did not pass the quality gate."""
 
 

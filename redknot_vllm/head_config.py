@@ -25,11 +25,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from redknot_vllm.errors import RedKnotError
+
 SCHEMA_VERSION = 1
 
 DEFAULT_SINK_SIZE = 4
 """The seed's default when ``kv_head_sink_size`` is absent (logged when applied)."""
 DEFAULT_RETRIEVAL_TOP_P = 0.9
+POSITION_LIMIT = (1 << 31) - 1
+"""Windows and sinks are positions: they must fit the kernels' int32 position arithmetic."""
 
 
 class HeadClass(str, Enum):
@@ -72,7 +76,7 @@ INFORMATIONAL_KEYS = frozenset(
 """Keys the seed's files carry for people, not for the loader; kept verbatim in ``info``."""
 
 
-class HeadConfigError(ValueError):
+class HeadConfigError(RedKnotError, ValueError):
     """A head-class config that is malformed or does not fit the model."""
 
 
@@ -108,11 +112,14 @@ class HeadConfig:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_json(cls, path: str | Path) -> HeadConfig:
-        path = Path(path)
+        path = Path(path).expanduser()
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise HeadConfigError(f"cannot read head config {path}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise HeadConfigError(f"head config {path} is not a JSON text file (undecodable "
+                                  f"byte at offset {e.start}); pass a head-class JSON") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -163,8 +170,19 @@ class HeadConfig:
                 if c is not HeadClass.LOCAL and w > 0:
                     raise _fail(source, f"{where} is {w} but layer {li} head {h} is "
                                 f"'{c.value}'; use -1 (or 0) for non-local heads")
+                if w > POSITION_LIMIT:
+                    raise _fail(source, f"{where} is {w}; a window is a number of positions, "
+                                f"at most {POSITION_LIMIT} (and the model's maximum)")
+                sink_at = f"kv_head_sink_size[{li}][{h}]"
                 if s < 0:
-                    raise _fail(source, f"kv_head_sink_size[{li}][{h}] is {s}; expected >= 0")
+                    raise _fail(source, f"{sink_at} is {s}; expected >= 0")
+                if s > POSITION_LIMIT:
+                    raise _fail(source, f"{sink_at} is {s}; a sink is a number of positions, "
+                                f"at most {POSITION_LIMIT} (and the model's maximum)")
+                if c is HeadClass.LOCAL and s >= w:
+                    raise _fail(source, f"{sink_at} is {s} but the window of layer {li} head "
+                                f"{h} is {w}; the sink must be smaller than the window (a "
+                                "head that keeps that much is a global head)")
         top_p = data.get("retrieval_top_p", DEFAULT_RETRIEVAL_TOP_P)
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise _fail(source, f"retrieval_top_p is {top_p!r}; expected a number in (0, 1]")
@@ -190,8 +208,10 @@ class HeadConfig:
         )
 
     # ---------------------------------------------------------------- checking
-    def validate_for_model(self, num_layers: int, num_kv_heads: int, tp_size: int = 1) -> None:
-        """Check the map against the model's layer and KV-head counts and the TP size."""
+    def validate_for_model(self, num_layers: int, num_kv_heads: int, tp_size: int = 1,
+                           max_positions: int | None = None) -> None:
+        """Check the map against the model's layer and KV-head counts, the TP size and (when
+        known) its maximum positions, which bound every window and sink."""
         remedy = "regenerate it for this model with `redknot profile`"
         if self.num_layers != num_layers:
             raise _fail(self.source, f"num_layers is {self.num_layers} but the model has "
@@ -208,6 +228,17 @@ class HeadConfig:
         if num_kv_heads < tp_size and tp_size % num_kv_heads:
             raise _fail(self.source, f"tensor_parallel_size={tp_size} is not a multiple of "
                         f"the {num_kv_heads} KV heads, so heads cannot be replicated evenly")
+        if max_positions is None:
+            return
+        for li in range(self.num_layers):
+            for h in range(self.num_kv_heads):
+                w, s = self.windows[li][h], self.sinks[li][h]
+                if w > max_positions:
+                    raise _fail(self.source, f"kv_head_max_distance[{li}][{h}] is {w}, more than "
+                                f"the model's {max_positions} positions; make that head global")
+                if s > max_positions:
+                    raise _fail(self.source, f"kv_head_sink_size[{li}][{h}] is {s}, more than "
+                                f"the model's {max_positions} positions")
 
     # ----------------------------------------------------------------- queries
     def effective_class(self, layer: int, head: int) -> HeadClass:

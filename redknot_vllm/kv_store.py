@@ -10,10 +10,15 @@ Tiers, each with a byte limit and LRU eviction: GPU (tensors on ``device``) -> h
 Eviction demotes one tier down (a segment already on disk is just dropped); disk eviction
 deletes the file. A hit in a lower tier is promoted to the highest memory tier that fits.
 
-Integrity: files are never unpickled. A load checks the format tag, that the stored digest
-matches the file name and the request, that the key rebuilt from the stored fields hashes to
-that digest (so a renamed or foreign file fails), and a sha256 over every tensor's bytes and
-the metadata. Any failure is a warning, a counted miss, and the file is renamed ``*.corrupt``.
+Integrity: files are never unpickled, and only regular files inside ``disk_dir`` are opened
+(a FIFO, a device or a symlink out of the store is never read, so nothing blocks). A load
+checks the format tag, that the stored digest matches the file name and the request, that
+the key rebuilt from the stored fields hashes to that digest (so a renamed or foreign file
+fails), and a keyed checksum (HMAC-SHA256 with the installation's secret,
+:func:`installation_key`, kept outside ``disk_dir``) over the digest, every tensor's bytes,
+dtypes and shapes, and the metadata: whoever cannot read the secret cannot forge a segment
+that is served. Any failure is a warning, a counted miss, and the file is renamed
+``*.corrupt`` (:func:`quarantine`), by whichever process finds it.
 
 Crash safety: files and the index are written to a ``*.tmp-<pid>-<rand>`` sibling, fsynced,
 then ``os.replace``d into place, and the index only after its file exists. A crash leaves at
@@ -25,9 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -44,8 +52,11 @@ from redknot_vllm.fsutil import atomic_write
 
 logger = init_logger(__name__)
 
-FORMAT = "redknot-segment-v1"
+FORMAT = "redknot-segment-v2"
+"""v2: keyed checksum (``mac``). v1 files (plain sha256) are unverifiable and quarantined."""
 INDEX_FORMAT = "redknot-segment-index-v1"
+INDEX_LIMIT = 256 << 20
+"""The largest ``index.json`` read (about 1M segments)."""
 TIERS = ("gpu", "host", "disk")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _TMP_RE = re.compile(r"\.tmp-(\d+)-[0-9a-f]+$")
@@ -149,9 +160,10 @@ class _DiskEntry:
     last_access: float
 
 
-def _checksum(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
-    # Covers dtype and shape too: a flipped header dtype would reinterpret intact bytes.
-    h = hashlib.sha256()
+def _mac(key: bytes, digest: str, tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    """HMAC-SHA256 of a segment file's content under the installation key. Covers dtype and
+    shape too: a flipped header dtype would reinterpret intact bytes."""
+    h = hmac.new(key, f"redknot-segment-mac-v2|{digest}\n".encode(), hashlib.sha256)
     for name in ("k", "v", "deviation", "token_ids"):
         if name in tensors:
             t = tensors[name].detach().to("cpu").contiguous()
@@ -159,6 +171,84 @@ def _checksum(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
             h.update(t.reshape(-1).view(torch.uint8).numpy())
     h.update(meta_json.encode())
     return h.hexdigest()
+
+
+class CorruptFile(ValueError):
+    """A store file that must not be read (not a regular file, or out of the store)."""
+
+
+def check_regular(path: Path, root: Path) -> None:
+    """Raise :class:`CorruptFile` unless ``path`` is a regular file inside ``root`` (a
+    symlink may only point inside ``root``). Never opens, so a FIFO cannot block;
+    ``FileNotFoundError`` passes through."""
+    st = os.lstat(path)
+    target = path.resolve()  # a symlinked file or folder may not lead out of the store
+    if not target.is_relative_to(root.resolve()):
+        raise CorruptFile(f"a symlink out of the store (to {target})")
+    if stat.S_ISLNK(st.st_mode):
+        st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise CorruptFile(f"not a regular file ({kind})")
+
+
+def read_regular(path: Path, root: Path, limit: int) -> bytes:
+    """The bytes of a regular file inside ``root`` of at most ``limit`` bytes."""
+    check_regular(path, root)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the check
+            raise CorruptFile("not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise CorruptFile(f"larger than {limit} bytes")
+    return data
+
+
+def quarantine(path: Path, reason: object) -> bool:
+    """Log a bad store file and rename it ``*.corrupt`` (a symlink itself, never its target).
+    Returns whether the rename happened."""
+    logger.warning("Discarding KV segment file %s: %s", path, reason)
+    try:
+        os.replace(path, path.with_name(path.name + ".corrupt"))
+        return True
+    except OSError as e:
+        logger.warning("Could not rename %s to *.corrupt: %s", path, e)
+        return False
+
+
+def installation_key(path: Path | None = None) -> bytes:
+    """The installation's secret for segment checksums, created on first use.
+
+    ``VLLM_REDKNOT_SEGMENT_KEY`` (default ``~/.config/redknot/segment-key``): 32 random
+    bytes, hex, created with owner-only permissions in an owner-only folder. It must stay
+    outside every ``store_dir``: whoever can read it can forge segments.
+    """
+    from redknot_vllm import envs
+
+    path = Path(path or envs.segment_key_file())
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"segment key {path} (VLLM_REDKNOT_SEGMENT_KEY) is not a regular file")
+    if st.st_mode & 0o077:
+        logger.warning("Segment key %s is readable by other users (mode %o); `chmod 600` it: "
+                       "whoever reads it can forge KV segments", path, st.st_mode & 0o777)
+    key = bytes.fromhex(path.read_text().strip())
+    if len(key) < 16:
+        raise ValueError(f"segment key {path} holds {len(key)} bytes; delete it to make a new one")
+    return key
 
 
 def _pid_alive(pid: int) -> bool:
@@ -180,7 +270,8 @@ class SegmentStore:
 
     def __init__(self, gpu_bytes: int = 0, host_bytes: int = 1 << 30,
                  disk_dir: str | Path | None = None, disk_bytes: int = 16 << 30,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, key: bytes | None = None) -> None:
+        """``key``: the checksum key of the disk tier (default :func:`installation_key`)."""
         self._lock = threading.Lock()
         self._device = None if device is None else torch.device(device)
         if self._device is not None and self._device.type == "cuda" \
@@ -201,8 +292,18 @@ class SegmentStore:
         self._write_errors = 0
         self.last_hit_tier: str | None = None
         self._dir = None if disk_dir is None else Path(disk_dir)
+        self._key = key
         if self._dir is not None:
             self._dir.mkdir(parents=True, exist_ok=True)
+            if key is None:
+                from redknot_vllm import envs
+
+                kp = Path(envs.segment_key_file()).resolve()
+                if kp.is_relative_to(self._dir.resolve()):
+                    raise ValueError(f"the segment key {kp} lies inside the store {self._dir};"
+                                     " whoever can write the store could read it: move it "
+                                     "(VLLM_REDKNOT_SEGMENT_KEY) or the store")
+                self._key = installation_key()
             self._load_index()
 
     # -- public API ---------------------------------------------------------------------------
@@ -347,6 +448,10 @@ class SegmentStore:
         assert self._dir is not None
         return segment_file(self._dir, digest)
 
+    def _secret(self) -> bytes:
+        assert self._key is not None, "the disk tier's key is set with its folder"
+        return self._key
+
     def _write_disk(self, digest: str, seg: Segment) -> None:
         key = seg.key
         tensors = {"k": seg.k.detach().to("cpu").contiguous(),
@@ -356,7 +461,7 @@ class SegmentStore:
             tensors["deviation"] = seg.deviation.detach().to("cpu").contiguous()
         meta_json = json.dumps(seg.meta, sort_keys=True)
         metadata = {"format": FORMAT, "digest": digest, "bos": "1" if key.bos else "0",
-                    "meta": meta_json, "checksum": _checksum(tensors, meta_json),
+                    "meta": meta_json, "mac": _mac(self._secret(), digest, tensors, meta_json),
                     **{f: getattr(key, f) for f in _KEY_STR_FIELDS}}
         path = self._path(digest)
         path.parent.mkdir(exist_ok=True)
@@ -374,27 +479,28 @@ class SegmentStore:
             self._evictions["disk"] += 1
             self._forget_disk(next(iter(self._disk)))
 
-    def _forget_disk(self, digest: str, rename_to: str | None = None) -> None:
+    def _forget_disk(self, digest: str) -> None:
         entry = self._disk.pop(digest, None)
         self._bytes["disk"] -= entry.nbytes if entry else 0
         path = self._path(digest)
         try:
-            if rename_to:
-                os.replace(path, path.with_name(path.name + rename_to))
-            else:
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as e:
             logger.warning("Could not remove KV segment file %s: %s", path, e)
 
     def _load(self, digest: str) -> Segment | None:
         """Read and verify a disk segment (CPU tensors); None, logged and quarantined if bad."""
+        assert self._dir is not None
         path = self._path(digest)
         try:
+            check_regular(path, self._dir)
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 md = f.metadata() or {}
                 tensors = {n: f.get_tensor(n) for n in f.keys()}
             if md.get("format") != FORMAT:
-                raise ValueError(f"format {md.get('format')!r}, expected {FORMAT!r}")
+                raise ValueError(f"format {md.get('format')!r}, expected {FORMAT!r} (files "
+                                 "written before keyed checksums: run `redknot precompute` "
+                                 "again)")
             if md.get("digest") != digest or path.stem != digest:
                 raise ValueError(f"stored digest {md.get('digest')!r} does not match {digest}")
             ids = tensors["token_ids"]
@@ -403,14 +509,21 @@ class SegmentStore:
             key = _key_from_header(md, ids)
             if key.digest() != digest:
                 raise ValueError("key fields hash to another digest (renamed or foreign file)")
-            if _checksum(tensors, md["meta"]) != md.get("checksum"):
-                raise ValueError("checksum mismatch")
+            mac = _mac(self._secret(), digest, tensors, md["meta"])
+            if not hmac.compare_digest(mac, md.get("mac", "")):
+                raise ValueError("keyed checksum mismatch (damaged, or written without this "
+                                 "installation's key)")
             meta = json.loads(md["meta"])
             return Segment(key, tensors["k"], tensors["v"], tensors.get("deviation"), meta)
+        except FileNotFoundError:
+            logger.warning("KV segment file %s vanished; dropped from the index", path)
+            self._forget_disk(digest)
+            self._write_index()
+            return None
         except Exception as e:  # truncation, parse errors, missing fields, bad shapes, ...
             self._corrupt += 1
-            logger.warning("Discarding KV segment file %s: %s", path, e)
-            self._forget_disk(digest, rename_to=".corrupt")
+            quarantine(path, e)
+            self._forget_disk(digest)
             self._write_index()
             return None
 
@@ -435,10 +548,26 @@ class SegmentStore:
             # Our own pid counts as dead: in containers a crashed predecessor often had it.
             if m is None or not _pid_alive(int(m.group(1))) or int(m.group(1)) == os.getpid():
                 tmp.unlink(missing_ok=True)
-        files = {p.stem: p for p in self._dir.glob("??/*.safetensors")
-                 if _DIGEST_RE.fullmatch(p.stem) and p.parent.name == p.stem[:2]}
+        files = {}
+        for p in self._dir.glob("??/*.safetensors"):
+            if not (_DIGEST_RE.fullmatch(p.stem) and p.parent.name == p.stem[:2]):
+                continue
+            try:
+                check_regular(p, self._dir)
+            except CorruptFile as e:
+                self._corrupt += 1
+                quarantine(p, e)
+                continue
+            except OSError:
+                continue
+            files[p.stem] = p
+        index = self._dir / "index.json"
         try:
-            raw = json.loads((self._dir / "index.json").read_text())
+            try:
+                raw = json.loads(read_regular(index, self._dir, INDEX_LIMIT))
+            except CorruptFile:
+                quarantine(index, "the index is not a regular file")
+                raise
             if raw.get("format") != INDEX_FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}")
             indexed = {d: float(e["last_access"]) for d, e in raw["segments"].items()}
@@ -468,9 +597,11 @@ def segment_file(disk_dir: str | Path, digest: str) -> Path:
     return Path(disk_dir) / digest[:2] / f"{digest}.safetensors"
 
 
-def read_key(path: str | Path) -> SegmentKey:
-    """The key in a segment file's header, without loading or verifying its tensors (a bad
-    file is caught when the store loads it). Raises on an unreadable header."""
+def read_key(path: str | Path, root: str | Path) -> SegmentKey:
+    """The key in the header of a segment file inside the store ``root``, without loading
+    or verifying its tensors. Raises on a file that is not a regular file of the store
+    (:class:`CorruptFile`) and on an unreadable header."""
+    check_regular(Path(path), Path(root))
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return _key_from_header(f.metadata() or {}, f.get_tensor("token_ids"))
 

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from redknot_vllm.errors import RedKnotError
+
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking",
          "multidoc_qa", "aggregation")
 PROMPT_MARGIN = 40
@@ -87,7 +89,7 @@ _ITEMS = ["lamp", "chair", "kettle", "blanket", "mirror", "basket", "candle", "l
 _VARS = ["QKZ", "MPL", "RTX", "BNV", "HJW", "YDF", "LQE", "ZSA", "WUC", "PGO", "KVM", "TFR"]
 
 
-class QualityError(ValueError):
+class QualityError(RedKnotError, ValueError):
     """A bad task, length or argument for the quality harness."""
 
 

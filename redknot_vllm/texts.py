@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from redknot_vllm.errors import RedKnotError
 
-class TextsError(ValueError):
+
+class TextsError(RedKnotError, ValueError):
     """Texts that cannot be read; the message names the option and the file."""
 
 

@@ -45,6 +45,11 @@ class RedKnotWorkerExtension:
             return {}
         return rt.reuse.reopen_store(gpu_bytes, host_bytes)
 
+    def redknot_reuse_stats(self) -> dict[str, Any]:
+        """The reuse store's tiers, hits, misses and corrupt files (``{}`` without reuse)."""
+        rt = find_runtime(self.vllm_config)
+        return {} if rt is None or rt.reuse is None else rt.reuse.store.stats()
+
     def redknot_request_stats(self, request_ids: list[str] | None) -> dict[str, dict[str, Any]]:
         """Kept per-request stats (see :func:`request_stats`)."""
         rt = find_runtime(self.vllm_config)

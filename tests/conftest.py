@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +28,7 @@ def long_prompt(reps: int, key: str = "71432") -> str:
 
 @pytest.fixture(scope="session")
 def smollm2() -> str:
-    from redknot_vllm.embedded import smollm2_path
+    from redknot_vllm.registry import smollm2_path
 
     return str(smollm2_path())
 
@@ -88,6 +89,43 @@ def rk_demo_llm(smollm2: str) -> Iterator[Any]:
                                      sparse_ffn=_shipped(DEMO_SPARSE_FFN), **kw))
 
 
+PREFACE = "Some unrelated preface text about the weather in spring and the price of bread. "
+QUESTION = "\nQuestion: what is the secret code of the {name} vault? Answer: The code is"
+
+
+def _doc(name: str, code: str, reps: int) -> str:
+    return (f"Document about the {name} vault. The secret code of the {name} vault is {code}. "
+            + FILLER * reps + f" End of the {name} document.")
+
+
+# Offline KV reuse (tests/test_reuse.py, tests/test_hardening.py): one engine with every head
+# global, so RedKnot attention is exactly dense and any difference comes from reuse itself.
+@pytest.fixture(scope="session")
+def reuse_llm(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from redknot_vllm import HeadConfig, engine_args
+
+    store = tmp_path_factory.mktemp("segments")
+    hc = HeadConfig.shape(30, 3, 1.0, window=64)
+    yield from _engine(**engine_args(smollm2, head_config=hc,
+                                     reuse={"store_dir": str(store), "chunk": 16,
+                                            "store_marked": True, "client_store": True},
+                                     **COMMON))
+
+
+@pytest.fixture(scope="session")
+def stored(reuse_llm: Any) -> dict[str, Any]:
+    """Two documents precomputed (stored alone, probed for deviation)."""
+    from redknot_vllm.reuse import precompute
+
+    tok = reuse_llm.get_tokenizer()
+    docs = {"blue": _doc("blue", "48213", 14), "red": _doc("red", "90357", 12)}
+    ids = {k: tok(v, add_special_tokens=False)["input_ids"] for k, v in docs.items()}
+    digests = precompute(reuse_llm, list(ids.values()), progress=False)
+    return {"tok": tok, "ids": ids, "digests": dict(zip(ids, digests, strict=True)),
+            "llm": reuse_llm}
+
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     try:
         import torch
@@ -102,3 +140,6 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the segment-checksum secret of this test session (engine processes inherit it)
+os.environ.setdefault("VLLM_REDKNOT_SEGMENT_KEY", os.path.join(
+    tempfile.mkdtemp(prefix="redknot-test-key-"), "segment-key"))

@@ -282,8 +282,9 @@ def test_foreign_key_is_a_miss(tmp_path: Path, caplog: pytest.LogCaptureFixture)
                "token_ids": torch.tensor(a.key.token_ids, dtype=torch.int32)}
     meta = json.dumps(a.meta)
     save_file(tensors, str(path), metadata={
-        "format": kv_store.FORMAT, "digest": b.key.digest(), "checksum":
-        kv_store._checksum(tensors, meta), "meta": meta, "bos": "1",
+        "format": kv_store.FORMAT, "digest": b.key.digest(), "mac":
+        kv_store._mac(kv_store.installation_key(), b.key.digest(), tensors, meta),
+        "meta": meta, "bos": "1",
         **{f: getattr(a.key, f) for f in ("model_fingerprint", "head_config_hash",
                                          "tokenizer", "layout")}})
     _expect_corrupt(tmp_path, b, caplog)

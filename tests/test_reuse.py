@@ -1,7 +1,8 @@
 """Offline KV reuse on CPU (SmolLM2, fp32): store, relocate, splice, skip.
 
-One engine with every head global, so RedKnot attention is exactly dense and any difference
-comes from reuse itself; ``"reuse": "off"`` on the same engine is the dense reference.
+One engine with every head global (``reuse_llm`` in conftest), so RedKnot attention is
+exactly dense and any difference comes from reuse itself; ``"reuse": "off"`` on the same
+engine is the dense reference.
 """
 
 from __future__ import annotations
@@ -13,39 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import COMMON, FILLER, _engine
-
-PREFACE = "Some unrelated preface text about the weather in spring and the price of bread. "
-QUESTION = "\nQuestion: what is the secret code of the {name} vault? Answer: The code is"
-
-
-def _doc(name: str, code: str, reps: int) -> str:
-    return (f"Document about the {name} vault. The secret code of the {name} vault is {code}. "
-            + FILLER * reps + f" End of the {name} document.")
-
-
-@pytest.fixture(scope="session")
-def reuse_llm(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from redknot_vllm import HeadConfig, engine_args
-
-    store = tmp_path_factory.mktemp("segments")
-    hc = HeadConfig.shape(30, 3, 1.0, window=64)
-    yield from _engine(**engine_args(smollm2, head_config=hc,
-                                     reuse={"store_dir": str(store), "chunk": 16,
-                                            "store_marked": True},
-                                     **COMMON))
-
-
-@pytest.fixture(scope="session")
-def stored(reuse_llm: Any) -> dict[str, Any]:
-    """Two documents precomputed (stored alone, probed for deviation)."""
-    from redknot_vllm.reuse import precompute
-
-    tok = reuse_llm.get_tokenizer()
-    docs = {"blue": _doc("blue", "48213", 14), "red": _doc("red", "90357", 12)}
-    ids = {k: tok(v, add_special_tokens=False)["input_ids"] for k, v in docs.items()}
-    digests = precompute(reuse_llm, list(ids.values()), progress=False)
-    return {"tok": tok, "ids": ids, "digests": dict(zip(ids, digests, strict=True))}
+from tests.conftest import COMMON, PREFACE, QUESTION, _doc, _engine
 
 
 def _run(llm: Any, prompt: list[int], reuse: str | None = None,
@@ -297,7 +266,8 @@ def seed_policy_llm(smollm2: str, local_head_config: Any,
 
     store = tmp_path_factory.mktemp("segments-seed")
     yield from _engine(**engine_args(smollm2, head_config=local_head_config,
-                                     reuse={"store_dir": str(store), "policy": "seed"},
+                                     reuse={"store_dir": str(store), "policy": "seed",
+                                            "client_store": True},
                                      **COMMON))
 
 

@@ -33,7 +33,7 @@ def server(smollm2, tmp_path_factory):
            "--enforce-eager", "--dtype", "float32", "--max-model-len", "4096",
            "--kv-cache-memory-bytes", str(512 << 20),
            "--reuse", json.dumps({"store_dir": str(tmp_path_factory.mktemp("segments")),
-                                  "chunk": 16})]
+                                  "chunk": 16, "client_store": True})]
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
 
 from redknot_vllm import compat
@@ -16,6 +17,8 @@ from redknot_vllm.kernels.paged_kv import write_kv
 
 if TYPE_CHECKING:
     from redknot_vllm.runtime import RedKnotRuntime
+
+logger = init_logger(__name__)
 
 
 class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
@@ -113,7 +116,13 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
             return self._fa_impl.forward(layer, query, key, value, kv_cache, md.fa, output)
         step = self.runtime.step
         if step is not None and step.kv_overwrite is not None:
-            step.kv_overwrite.write_local_heads(self.plan, kv_cache)
+            try:
+                step.kv_overwrite.write_local_heads(self.plan, kv_cache)
+            except Exception as e:  # the fresh KV stays: the step runs as without reuse
+                step.kv_overwrite = None
+                logger.error("RedKnot reuse (seed policy): overwriting local heads failed in "
+                             "layer %d (%s: %s); the step keeps its computed KV", self.plan.layer,
+                             type(e).__name__, e)
         n = md.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         o = output[:n].view(n, self.num_heads, self.head_size)

@@ -48,9 +48,9 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedKnotRuntim
     tp_size = vllm_config.parallel_config.tensor_parallel_size
     tp_rank = get_tensor_model_parallel_rank()
     hc = cfg.head_config
-    hc.validate_for_model(dims.num_layers, dims.num_kv_heads, tp_size)
+    hc.validate_for_model(dims.num_layers, dims.num_kv_heads, tp_size, dims.max_positions)
     if cfg.sparse_ffn is not None:
-        cfg.sparse_ffn.validate_for_model(dims.num_layers)
+        cfg.sparse_ffn.validate_for_model(dims.num_layers, dims.max_positions)
     if cfg.require_gate:
         from redknot_vllm.gate import require_passed
 

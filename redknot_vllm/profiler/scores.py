@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from redknot_vllm.errors import RedKnotError
 from redknot_vllm.head_config import HeadConfig
 
 SCORE_NAMES: tuple[str, ...] = ("prefix_shift", "edge_mass", "retrieval")
@@ -19,7 +20,7 @@ CLASSIFY_PARAMS = ("global_fraction", "window", "sink", "weights", "profiled_sin
 Matrix = list[list[float]]
 
 
-class ProfileError(ValueError):
+class ProfileError(RedKnotError, ValueError):
     """A profiling or classification argument that cannot work; the message names it."""
 
 

@@ -8,7 +8,14 @@ from dataclasses import replace
 
 from vllm.logger import init_logger
 
-from redknot_vllm.kv_store import SegmentKey, read_key, segment_file
+from redknot_vllm.kv_store import (
+    INDEX_LIMIT,
+    SegmentKey,
+    quarantine,
+    read_key,
+    read_regular,
+    segment_file,
+)
 from redknot_vllm.reuse.keys import ReuseSetup
 from redknot_vllm.reuse.params import RequestParams, Use
 
@@ -47,6 +54,11 @@ class Catalog:
         """The digest of a segment with exactly these tokens."""
         return self._by_tokens.get(tuple(tokens))
 
+    def length_of(self, digest: str) -> int | None:
+        """The number of tokens of a stored segment, or None."""
+        ids = self._ids.get(digest)
+        return None if ids is None else len(ids)
+
     def find(self, tokens: Sequence[int], start: int) -> list[Use]:
         """Leftmost-longest non-overlapping stored segments in ``tokens[start:]``."""
         uses: list[Use] = []
@@ -69,13 +81,20 @@ class Catalog:
 class SegmentCatalog:
     """Scheduler side: which segments exist for this engine's key space, read from the
     store's disk tier (the worker writes every segment through to it, and may run in another
-    process), re-read when the store's index changes."""
+    process), re-read when the store's index changes.
+
+    Only headers are read here, and only from regular files inside the store (a FIFO never
+    blocks the scheduler); a file whose header cannot be read is logged, renamed
+    ``*.corrupt`` and counted in :attr:`corrupt`. Tensors are verified by the worker's store
+    when a segment is used."""
 
     def __init__(self, setup: ReuseSetup) -> None:
         self.setup = setup
         self.cfg = setup.cfg
         self.dir = setup.store_dir
         self.catalog = Catalog()
+        self.corrupt = 0
+        """Files found unreadable or corrupt by this catalog."""
         self._mtime: float | None = None
         self.refresh()
         logger.info("RedKnot KV reuse: %d stored segment(s) for this model and head config in "
@@ -92,53 +111,78 @@ class SegmentCatalog:
             return
         self._mtime = mtime
         try:
-            digests = set(json.loads(index.read_text())["segments"])
-        except (OSError, ValueError, KeyError):
-            return  # mid-replace or damaged: the worker's store repairs it; retry next time
+            digests = set(json.loads(read_regular(index, self.dir, INDEX_LIMIT))["segments"])
+        except (OSError, ValueError, KeyError, TypeError):
+            # mid-replace, damaged or not a regular file: the worker's store repairs it
+            # (and quarantines a non-file) at its start; retried when the index changes
+            return
         known = self.catalog.digests()
         for d in known - digests:
             self.catalog.discard(d)
         for d in digests - known:
+            if not isinstance(d, str) or len(d) != 64:
+                continue
+            path = segment_file(self.dir, d)
             try:
-                key = read_key(segment_file(self.dir, d))
-            except Exception:  # a bad file is reported by the worker's store when loaded
+                key = read_key(path, self.dir)
+            except FileNotFoundError:
+                continue  # evicted since the index was written
+            except Exception as e:  # not a regular file of the store, truncated, not ours
+                self.corrupt += 1
+                quarantine(path, e)
                 continue
             if self.setup.matches(key):
                 self.catalog.add(key, d)
 
+    def length_of(self, digest: str) -> int | None:
+        """The number of tokens of a stored segment of this engine, or None."""
+        self.refresh()
+        return self.catalog.length_of(digest)
+
     def plan(self, prompt: Sequence[int], start: int, params: RequestParams
-             ) -> tuple[list[Use], list[tuple[int, int]]]:
+             ) -> tuple[list[Use], list[tuple[int, int]], list[str]]:
         """(segments this request reuses at positions ``>= start``, its prefix-cache hit;
-        marked ranges to store because they are not stored yet)."""
+        marked ranges to store because they are not stored yet; notes for the log line)."""
         if params.store or params.probe is not None or params.reuse == "off":
-            return [], []
+            return [], [], []
         self.refresh()
         if isinstance(params.reuse, list):
             return self._marked(prompt, start, params)
         if not self.cfg.auto or not len(self.catalog):
-            return [], []
+            return [], [], []
         return [replace(u, fraction=params.recompute_fraction)
-                for u in self.catalog.find(prompt, start) if u.length >= self.cfg.min_tokens], []
+                for u in self.catalog.find(prompt, start)
+                if u.length >= self.cfg.min_tokens], [], []
 
     def _marked(self, prompt: Sequence[int], start: int, params: RequestParams
-                ) -> tuple[list[Use], list[tuple[int, int]]]:
+                ) -> tuple[list[Use], list[tuple[int, int]], list[str]]:
         assert isinstance(params.reuse, list)
         uses, misses = [], []
+        cached = unstored = over = 0
+        budget = self.cfg.max_store_tokens if self.cfg.store_marked else 0
         for a, b in params.reuse:
-            if b > len(prompt) or a < start:
-                logger.warning("RedKnot reuse range [%d, %d) is outside the computed part "
-                               "of the prompt [%d, %d); computed instead", a, b, start,
-                               len(prompt))
+            if a < start:
+                cached += 1  # inside the prefix-cache hit: nothing to reuse there
                 continue
             digest = self.catalog.exact(prompt[a:b])
-            if digest is None:
-                if self.cfg.store_marked and b - a >= self.cfg.min_tokens:
-                    misses.append((a, b))
-                    logger.info("RedKnot reuse range [%d, %d) is not stored; computed "
-                                "and stored from this request (store_marked)", a, b)
-                else:
-                    logger.info("RedKnot reuse range [%d, %d) is not stored; computed "
-                                "(store it with `redknot precompute`)", a, b)
-                continue
-            uses.append(Use(digest, a, b - a, params.recompute_fraction))
-        return uses, misses
+            if digest is not None:
+                uses.append(Use(digest, a, b - a, params.recompute_fraction))
+            elif b - a >= self.cfg.min_tokens and b - a <= budget:
+                misses.append((a, b))
+                budget -= b - a
+            else:
+                unstored += 1
+                over += self.cfg.store_marked and b - a >= self.cfg.min_tokens
+        notes = []
+        if cached:
+            notes.append(f"{cached} marked range(s) start inside the prefix-cache hit "
+                         f"[0, {start}) and are computed")
+        if misses:
+            notes.append(f"{len(misses)} marked range(s) are not stored yet; computed and "
+                         "stored from this request (store_marked)")
+        if unstored:
+            notes.append(f"{unstored} marked range(s) are not stored; computed (store them "
+                         "with `redknot precompute`" + (f"; {over} beyond this request's "
+                         f"reuse.max_store_tokens={self.cfg.max_store_tokens}" if over else "")
+                         + ")")
+        return uses, misses, notes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,25 @@ class ReuseSetup:
 
 
 def store_dir(cfg: ReuseConfig) -> Path:
-    """Where an engine's segments live on disk."""
+    """Where an engine's segments live on disk (``~`` expanded)."""
     return Path(cfg.store_dir).expanduser() if cfg.store_dir else envs.cache_dir() / "kv-segments"
+
+
+def check_store_dir(path: Path) -> None:
+    """Create the store folder if needed; a path that cannot be one is an error naming
+    ``reuse.store_dir``."""
+    where = f"reuse.store_dir {path}"
+    if path.exists() and not path.is_dir():
+        raise RedKnotConfigError(f"{where} is not a folder; point reuse.store_dir at a folder "
+                                 "(it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RedKnotConfigError(f"{where} cannot be created ({e.strerror}); point "
+                                 "reuse.store_dir at a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RedKnotConfigError(f"{where} is not writable by this user; point "
+                                 "reuse.store_dir at a writable folder")
 
 
 def reuse_setup(vllm_config: Any) -> ReuseSetup | None:
@@ -71,6 +89,8 @@ def reuse_setup(vllm_config: Any) -> ReuseSetup | None:
             raise RedKnotConfigError(f"KV reuse keys segments by the model's weights: {e}"
                                      ) from e
     hf = mc.hf_text_config
+    folder = store_dir(cfg.reuse)
+    check_store_dir(folder)
     return ReuseSetup(
         cfg=cfg.reuse,
         key_fields={
@@ -80,5 +100,5 @@ def reuse_setup(vllm_config: Any) -> ReuseSetup | None:
             "layout": ModelDims.from_hf_config(hf).layout(dtype),
         },
         bos_token_id=getattr(hf, "bos_token_id", None),
-        store_dir=store_dir(cfg.reuse),
+        store_dir=folder,
     )

@@ -3,13 +3,18 @@ hands the worker about them."""
 
 from __future__ import annotations
 
+import itertools
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redknot_vllm.config import RedKnotConfigError
+from redknot_vllm.config import RedKnotConfigError, ReuseConfig
+from redknot_vllm.logs import RateLimited
 
 PARAMS_KEY = "redknot"
 """``kv_transfer_params[PARAMS_KEY]`` carries a request's reuse options."""
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -52,28 +57,39 @@ class RequestParams:
     """This request's share of each segment recomputed (None: the engine's)."""
 
 
-def parse_params(kv_transfer_params: dict[str, Any] | None) -> RequestParams:
-    """Validate ``kv_transfer_params["redknot"]``; a bad value is an error naming the field."""
-    raw = (kv_transfer_params or {}).get(PARAMS_KEY)
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_params(kv_transfer_params: Any) -> RequestParams:
+    """Validate the types of ``kv_transfer_params["redknot"]``; a bad value is an error
+    naming the field. :func:`check_request` then checks the values against the prompt."""
+    if kv_transfer_params is None:
+        return RequestParams()
+    if not isinstance(kv_transfer_params, dict):
+        raise RedKnotConfigError(f"kv_transfer_params must be an object, got "
+                                 f"{type(kv_transfer_params).__name__}")
+    raw = kv_transfer_params.get(PARAMS_KEY)
     if raw is None:
         return RequestParams()
     where = f'kv_transfer_params["{PARAMS_KEY}"]'
     if not isinstance(raw, dict):
         raise RedKnotConfigError(f"{where} must be an object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"reuse", "store", "probe", "recompute_fraction"})
+    unknown = sorted(map(str, set(raw) - {"reuse", "store", "probe", "recompute_fraction"}))
     if unknown:
-        raise RedKnotConfigError(f"{where}: unknown key(s) {unknown}; expected reuse, store, "
-                                 "probe, recompute_fraction")
+        raise RedKnotConfigError(f"{where}: unknown key(s) {unknown[:8]}; expected reuse, "
+                                 "store, probe, recompute_fraction")
     out = RequestParams()
     reuse = raw.get("reuse", "auto")
-    if reuse in ("auto", "off"):
+    if isinstance(reuse, str) and reuse in ("auto", "off"):
         out.reuse = reuse
     elif isinstance(reuse, list) and all(
-            isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) for x in r)
+            isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_int(x) for x in r)
             and 0 <= r[0] < r[1] for r in reuse):
         out.reuse = [(int(a), int(b)) for a, b in reuse]
     else:
-        raise RedKnotConfigError(f'{where}["reuse"] is {reuse!r}; expected "auto", "off" or '
+        shown = repr(reuse) if len(repr(reuse)) < 80 else repr(reuse)[:77] + "..."
+        raise RedKnotConfigError(f'{where}["reuse"] is {shown}; expected "auto", "off" or '
                                  "a list of [start, end) token ranges")
     out.store = raw.get("store", False)
     if not isinstance(out.store, bool):
@@ -81,9 +97,10 @@ def parse_params(kv_transfer_params: dict[str, Any] | None) -> RequestParams:
     probe = raw.get("probe")
     if probe is not None:
         if not (isinstance(probe, dict) and isinstance(probe.get("digest"), str)
-                and isinstance(probe.get("offset"), int) and probe["offset"] > 0):
-            raise RedKnotConfigError(f'{where}["probe"] must be {{"digest": str, "offset": '
-                                     "int > 0}")
+                and _DIGEST.fullmatch(probe["digest"]) and _is_int(probe.get("offset"))
+                and probe["offset"] > 0):
+            raise RedKnotConfigError(f'{where}["probe"] must be {{"digest": a segment\'s '
+                                     '64-hex sha256, "offset": int > 0}')
         out.probe = (probe["digest"], probe["offset"])
     frac = raw.get("recompute_fraction")
     if frac is not None:
@@ -95,18 +112,64 @@ def parse_params(kv_transfer_params: dict[str, Any] | None) -> RequestParams:
     return out
 
 
-def request_params(kv_transfer_params: dict[str, Any] | None, *, request_id: str,
-                   wants_prompt_logprobs: bool, logger: Any) -> RequestParams:
-    """:func:`parse_params` for a live request: a bad value is logged and reuse is off for
-    it (the request itself runs); prompt logprobs turn reuse off too (skipped tokens have
-    no hidden states to score)."""
+def check_request(params: RequestParams, prompt_len: int, cfg: ReuseConfig,
+                  stored_length: Callable[[str], int | None]) -> None:
+    """Check a parsed request against its prompt and the engine's store, in the scheduler,
+    before anything reaches a worker. ``stored_length(digest)`` is the length of a stored
+    segment of this engine, or None. Raises :class:`RedKnotConfigError` naming the field."""
+    where = f'kv_transfer_params["{PARAMS_KEY}"]'
+    if isinstance(params.reuse, list):
+        ranges = sorted(params.reuse)
+        if len(ranges) > cfg.max_marked_ranges:
+            raise RedKnotConfigError(f'{where}["reuse"] marks {len(ranges)} ranges; this engine '
+                                     f"takes at most reuse.max_marked_ranges="
+                                     f"{cfg.max_marked_ranges}")
+        if ranges and ranges[-1][1] > prompt_len:
+            raise RedKnotConfigError(f'{where}["reuse"] range {list(ranges[-1])} ends past '
+                                     f"the prompt's {prompt_len} tokens")
+        for (_, b), (c, _) in itertools.pairwise(ranges):
+            if c < b:
+                raise RedKnotConfigError(f'{where}["reuse"] ranges overlap (one ends at {b}, '
+                                         f"the next starts at {c})")
+        params.reuse = ranges
+    writes = params.store or params.probe is not None
+    if writes and not cfg.client_store:
+        raise RedKnotConfigError(
+            f'{where}: "store" and "probe" write segments, and this engine does not let '
+            "requests write (reuse.client_store is off); store documents with `redknot "
+            "precompute`")
+    if writes and prompt_len > cfg.max_store_tokens:
+        raise RedKnotConfigError(f"{where}: a request may store at most "
+                                 f"reuse.max_store_tokens={cfg.max_store_tokens} tokens; this "
+                                 f"prompt has {prompt_len}")
+    if params.probe is not None:
+        digest, offset = params.probe
+        if offset >= prompt_len:
+            raise RedKnotConfigError(f'{where}["probe"]["offset"] is {offset}, not inside the '
+                                     f"prompt's {prompt_len} tokens")
+        length = stored_length(digest)
+        if length is None:
+            raise RedKnotConfigError(f'{where}["probe"]["digest"] {digest[:12]}... is not a '
+                                     "stored segment of this model and head config")
+        if length != prompt_len - offset:
+            raise RedKnotConfigError(f'{where}["probe"]: the segment has {length} tokens but '
+                                     f"the prompt holds {prompt_len - offset} after the offset")
+
+
+def request_params(kv_transfer_params: Any, *, request_id: str, prompt_len: int,
+                   cfg: ReuseConfig, stored_length: Callable[[str], int | None],
+                   wants_prompt_logprobs: bool, log: RateLimited) -> RequestParams:
+    """:func:`parse_params` and :func:`check_request` for a live request: anything wrong is
+    logged (rate-limited) and reuse is off for it, the request itself runs; prompt logprobs
+    turn reuse off too (skipped tokens have no hidden states to score)."""
     try:
         params = parse_params(kv_transfer_params)
+        check_request(params, prompt_len, cfg, stored_length)
     except RedKnotConfigError as e:
-        logger.error("RedKnot request %s: %s; reuse off for it", request_id, e)
+        log.warning("bad-params", "RedKnot request %s: %s; reuse off for it", request_id, e)
         return RequestParams(reuse="off")
     if wants_prompt_logprobs and params.reuse != "off":
-        logger.warning("RedKnot request %s asks for prompt logprobs; KV reuse off for it",
-                       request_id)
+        log.warning("prompt-logprobs", "RedKnot request %s asks for prompt logprobs; KV reuse "
+                    "off for it", request_id)
         params.reuse = "off"
     return params

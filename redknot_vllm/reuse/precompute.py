@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from redknot_vllm.config import RedKnotConfigError
+from redknot_vllm.config import RedKnotConfigError, ReuseConfig
 from redknot_vllm.reuse.keys import reuse_setup
 from redknot_vllm.reuse.params import PARAMS_KEY
 from redknot_vllm.texts import TextsError, load_texts
@@ -38,16 +38,13 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
     if setup is None:
         raise RedKnotConfigError("precompute needs an engine built with engine_args(..., "
                                  "reuse=...)")
-    min_tokens = setup.cfg.min_tokens
-
-    def encode(text: str) -> list[int]:
-        return list(llm.get_tokenizer()(text, add_special_tokens=False)["input_ids"])
-
-    ids = [encode(d) if isinstance(d, str) else [int(t) for t in d] for d in docs]
-    short = [i for i, x in enumerate(ids) if len(x) < min_tokens]
-    if short:
-        raise RedKnotConfigError(f"documents {short[:5]} have fewer than reuse.min_tokens="
-                                 f"{min_tokens} tokens; they are not worth storing")
+    if not setup.cfg.client_store:
+        raise RedKnotConfigError(
+            "precompute stores KV through the engine's requests, which needs "
+            "reuse.client_store=true: engine_args(..., reuse={'client_store': True, ...}) "
+            "(`redknot precompute` does this)")
+    ids = encode_docs(llm.get_tokenizer(), docs)
+    check_docs(ids, setup.cfg, llm.llm_engine.model_config.get_vocab_size())
     digests = [setup.key(x).digest() for x in ids]
 
     def params(p: dict[str, Any]) -> Any:
@@ -57,17 +54,39 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
     llm.generate([{"prompt_token_ids": x} for x in ids], params({"store": True}),
                  use_tqdm=progress)
     if probe is not None:
-        pre = encode(probe) if isinstance(probe, str) else [int(t) for t in probe]
+        pre = encode_docs(llm.get_tokenizer(), [probe])[0]
         llm.generate([{"prompt_token_ids": pre + x} for x in ids],
                      [params({"probe": {"digest": d, "offset": len(pre)}}) for d in digests],
                      use_tqdm=progress)
     return digests
 
 
-def read_docs(path: str | Path) -> list[str | list[int]]:
+def encode_docs(tokenizer: Any, docs: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    """Texts tokenized without special tokens; token id lists as they are."""
+    return [list(tokenizer(d, add_special_tokens=False)["input_ids"]) if isinstance(d, str)
+            else [int(t) for t in d] for d in docs]
+
+
+def check_docs(ids: Sequence[Sequence[int]], cfg: ReuseConfig, vocab_size: int) -> None:
+    """Refuse documents that cannot be stored, naming them, before any engine work."""
+    short = [i for i, x in enumerate(ids) if len(x) < cfg.min_tokens]
+    if short:
+        raise RedKnotConfigError(f"documents {short[:5]} have fewer than reuse.min_tokens="
+                                 f"{cfg.min_tokens} tokens; they are not worth storing")
+    long = [i for i, x in enumerate(ids) if len(x) > cfg.max_store_tokens]
+    if long:
+        raise RedKnotConfigError(f"documents {long[:5]} have more than reuse.max_store_tokens="
+                                 f"{cfg.max_store_tokens} tokens; split them or raise it")
+    bad = [i for i, x in enumerate(ids) if any(not 0 <= t < vocab_size for t in x)]
+    if bad:
+        raise RedKnotConfigError(f"documents {bad[:5]} hold token ids outside the model's "
+                                 f"vocabulary [0, {vocab_size})")
+
+
+def read_docs(path: str | Path, vocab_size: int | None = None) -> list[str | list[int]]:
     """Documents from a folder of ``.txt`` files, a ``.txt`` file, or a ``.jsonl`` with a
     ``"text"`` or ``"token_ids"`` field per line."""
     try:
-        return load_texts(path, "--docs", token_ids=True)
+        return load_texts(path, "--docs", token_ids=True, max_token_id=vocab_size)
     except TextsError as e:
         raise RedKnotConfigError(str(e)) from None

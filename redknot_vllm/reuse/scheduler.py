@@ -8,6 +8,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from redknot_vllm import compat
+from redknot_vllm.logs import RateLimited
 from redknot_vllm.reuse.catalog import SegmentCatalog
 from redknot_vllm.reuse.keys import ReuseSetup
 from redknot_vllm.reuse.params import Capture, Use, request_params
@@ -22,23 +23,39 @@ class ReuseScheduler:
         self.catalog = SegmentCatalog(setup)
         self.cfg = setup.cfg
         self.block_size = block_size
+        self.log = RateLimited(logger)
         self._uses: dict[str, list[Use]] = {}
         self._captures: dict[str, tuple[tuple[int, ...], tuple[str, int] | None,
                                         tuple[tuple[int, int], ...]]] = {}
 
     def plan(self, request: Any, num_computed_tokens: int) -> None:
         """Plan a request the first time the scheduler looks at it (later calls are no-ops,
-        as vLLM may ask again while the request waits)."""
+        as vLLM may ask again while the request waits). Never raises: a failure is logged
+        and the request is computed without reuse."""
         rid = request.request_id
         if rid in self._uses:
             return
+        try:
+            self._plan(request, num_computed_tokens)
+        except Exception as e:
+            self._uses[rid] = []
+            self._captures.pop(rid, None)
+            self.log.error("plan-failed", "RedKnot request %s: reuse planning failed (%s: %s); "
+                           "it is computed without reuse", rid, type(e).__name__, e,
+                           exc_info=True)
+
+    def _plan(self, request: Any, num_computed_tokens: int) -> None:
+        rid = request.request_id
         sp = request.sampling_params
-        params = request_params(
-            request.kv_transfer_params, request_id=rid, logger=logger,
-            wants_prompt_logprobs=sp is not None and sp.prompt_logprobs is not None)
         prompt = request.prompt_token_ids or []
-        uses, misses = self.catalog.plan(prompt, num_computed_tokens, params)
+        params = request_params(
+            request.kv_transfer_params, request_id=rid, prompt_len=len(prompt), cfg=self.cfg,
+            stored_length=self.catalog.length_of, log=self.log,
+            wants_prompt_logprobs=sp is not None and sp.prompt_logprobs is not None)
+        uses, misses, notes = self.catalog.plan(prompt, num_computed_tokens, params)
         self._uses[rid] = uses
+        if notes:
+            self.log.info("marked", "RedKnot request %s: %s", rid, "; ".join(notes))
         if uses:
             salt = "|".join(["redknot-reuse", repr(self.cfg),
                              *(f"{u.digest}@{u.start}~{u.fraction}" for u in uses)])

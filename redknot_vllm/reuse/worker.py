@@ -16,8 +16,10 @@ from vllm.logger import init_logger
 
 from redknot_vllm import compat
 from redknot_vllm.attention.metadata import restrict_tokens
+from redknot_vllm.config import RedKnotConfigError
 from redknot_vllm.kernels.paged_kv import read_kv, slots_of
 from redknot_vllm.kv_store import Segment, SegmentStore
+from redknot_vllm.logs import RateLimited
 from redknot_vllm.relocation import check_relocatable, relocate_keys
 from redknot_vllm.reuse.keys import ReuseSetup
 from redknot_vllm.reuse.params import Capture, Use
@@ -52,12 +54,17 @@ class ReuseWorker:
         self.layer_row = {li: i for i, (li, _) in enumerate(layers)}
         self.store = self._open_store(self.cfg.gpu_bytes, self.cfg.host_bytes)
         self._caches: list[torch.Tensor] = []
+        self.log = RateLimited(logger)
         self._masks: dict[tuple[str, str, int], torch.Tensor] = {}
 
     def _open_store(self, gpu_bytes: int, host_bytes: int) -> SegmentStore:
-        return SegmentStore(gpu_bytes=gpu_bytes if self.device is not None else 0,
-                            host_bytes=host_bytes, disk_dir=self.setup.store_dir,
-                            disk_bytes=self.cfg.disk_bytes, device=self.device)
+        try:
+            return SegmentStore(gpu_bytes=gpu_bytes if self.device is not None else 0,
+                                host_bytes=host_bytes, disk_dir=self.setup.store_dir,
+                                disk_bytes=self.cfg.disk_bytes, device=self.device)
+        except (OSError, ValueError) as e:
+            raise RedKnotConfigError(f"KV reuse cannot open its store reuse.store_dir "
+                                     f"{self.setup.store_dir}: {e}") from e
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """The engine's paged caches, by attention layer name (from the connector)."""
@@ -73,9 +80,20 @@ class ReuseWorker:
     def splice(self, step: StepState | None, plan: StepPlan, forward_context: Any) -> None:
         """Write this step's reused KV into its pages and restrict the step to the tokens
         still computed (selective), or hand the attention layers the KV to overwrite their
-        local heads with (seed). Results go into ``step``."""
+        local heads with (seed). Results go into ``step``.
+
+        Never raises: a request whose segments fail is computed, and a failure of the step's
+        splice computes the whole step (every computed token's fresh KV overwrites whatever
+        was spliced, so a half-written splice is harmless); both are logged."""
         if step is None or not plan:
             return
+        try:
+            self._splice(step, plan, forward_context)
+        except Exception as e:
+            self.log.error("splice-failed", "RedKnot reuse: splicing a step failed (%s: %s); "
+                           "its tokens are computed", type(e).__name__, e, exc_info=True)
+
+    def _splice(self, step: StepState, plan: StepPlan, forward_context: Any) -> None:
         md = step.attn
         if compat.step_attention_metadata(forward_context, self.layer_names[0]) is not md:
             logger.warning_once("RedKnot reuse: this step's attention metadata is not the "
@@ -94,14 +112,24 @@ class ReuseWorker:
             req_id, prompt_len, uses = hit
             q0, q1 = md.query_start_loc_cpu[r], md.query_start_loc_cpu[r + 1]
             c = md.seq_lens_cpu[r] - (q1 - q0)  # position of the row's first token
-            for u in uses:
-                found = self._reused_offsets(req_id, prompt_len, u, c, c + q1 - q0)
-                if found is None:
-                    continue
-                seg, offs = found
-                tok_idx.append(q0 + (offs + u.start - c))
-                parts.append((seg, offs, u.start))
-                reused.setdefault(slot, []).extend(_ranges(offs + u.start))
+            row_idx, row_parts, row_ranges = [], [], []
+            try:
+                for u in uses:
+                    found = self._reused_offsets(req_id, prompt_len, u, c, c + q1 - q0)
+                    if found is None:
+                        continue
+                    seg, offs = found
+                    row_idx.append(q0 + (offs + u.start - c))
+                    row_parts.append((seg, offs, u.start))
+                    row_ranges += _ranges(offs + u.start)
+            except Exception as e:
+                self.log.error("request-failed", "RedKnot reuse: request %s failed (%s: %s); it "
+                               "is computed", req_id, type(e).__name__, e, exc_info=True)
+                continue
+            tok_idx += row_idx
+            parts += row_parts
+            if row_ranges:
+                reused.setdefault(slot, []).extend(row_ranges)
         if not tok_idx:
             return
         t_all = torch.cat(tok_idx)
@@ -150,17 +178,26 @@ class ReuseWorker:
 
     # -------------------------------------------------------------- after the forward
     def capture(self, captures: Iterable[Capture]) -> None:
-        """Store or probe the prompts that finished this step (their KV is complete)."""
+        """Store or probe the prompts that finished this step (their KV is complete). A
+        failure is logged and that capture skipped; nothing a request sent can raise here."""
         for cap in captures:
-            if cap.ranges:
-                self._store_ranges(cap)
-                continue
-            start = 0 if cap.probe is None else cap.probe[1]
-            k, v = self._read(cap.block_ids, start, len(cap.token_ids))
-            if cap.probe is None:
-                self._store(cap, k, v)
-            else:
-                self._probe(cap, k, v)
+            try:
+                self._capture(cap)
+            except Exception as e:
+                self.log.error("capture-failed", "RedKnot reuse: storing or probing request %s "
+                               "failed (%s: %s); nothing stored", cap.req_id, type(e).__name__,
+                               e, exc_info=True)
+
+    def _capture(self, cap: Capture) -> None:
+        if cap.ranges:
+            self._store_ranges(cap)
+            return
+        start = 0 if cap.probe is None else cap.probe[1]
+        k, v = self._read(cap.block_ids, start, len(cap.token_ids))
+        if cap.probe is None:
+            self._store(cap, k, v)
+        else:
+            self._probe(cap, k, v)
 
     def _read(self, block_ids: Sequence[int], start: int, end: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
