@@ -240,6 +240,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--servers", default="dense,redknot",
+                    help="which servers to run, in order (a diagnostic run may take one)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/load-h200.json"))
     a = ap.parse_args()
 
@@ -270,7 +272,8 @@ def main() -> None:
     reqs = build_requests(tok, a.requests, docs, a.seed, a.max_model_len)
     runs: dict[str, Any] = {}
     rk = {"head_config": head, "reuse": {"store_dir": str(store)}}
-    for name, redknot in (("dense", None), ("redknot", rk)):
+    for name in a.servers.split(","):
+        redknot = {"dense": None, "redknot": rk}[name]
         runs[name] = run_server(name, serve_cmd(model, a.port, a.max_model_len, redknot),
                                 a.port, reqs, a.deadline, work / f"{name}.log")
         write(a, model, work, head, docs, rk, reqs, runs, precompute_s)

@@ -28,7 +28,10 @@ from vllm.triton_utils import tl, triton
 from redknot_vllm.kernels.headclass_attention import FULL, HeadGroup
 
 
-@triton.jit
+# The per-step sizes (token count, the LSE row stride it sets, the block-table row stride) are
+# not specialised: Triton would compile a new variant each time their divisibility by 16
+# changes, stalling serving for seconds mid-traffic.
+@triton.jit(do_not_specialize=["num_tokens", "stride_lh", "stride_br"])
 def _sink_merge_kernel(
     out_ptr, stride_ot, stride_oh,
     ow_ptr, stride_wt, stride_wh,
@@ -122,6 +125,25 @@ def sink_merge(out: torch.Tensor, o_window: torch.Tensor, lse_window: torch.Tens
         PER=per, PER_PAD=triton.next_power_of_2(per), S_PAD=triton.next_power_of_2(max(sink, 1)),
         D=d, PAGE=key_cache.shape[1], TB=_SINK_TB,
     )
+
+
+def warm_up_sink_merge(num_q_per_kv: int, head_size: int, page: int,
+                       groups: set[tuple[int, int]], dtype: torch.dtype,
+                       device: torch.device) -> None:
+    """Compile the sink-merge kernel for each (window, sink) a model's local groups use
+    before traffic comes, on a two-token dummy batch (Triton specialises the window's
+    divisibility, so the real windows are passed)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    for window, sink in sorted(groups):
+        q = torch.randn(2, num_q_per_kv, head_size, device=device, dtype=dtype, generator=g)
+        kc = torch.randn(1, page, 1, head_size, device=device, dtype=dtype, generator=g)
+        lse = torch.zeros(num_q_per_kv, 2, device=device, dtype=torch.float32)
+        out = torch.zeros_like(q)
+        sink_merge(out, out, lse, q, kc, kc.clone(), torch.zeros(1, 1, dtype=torch.int32,
+                                                                  device=device),
+                   torch.zeros(2, dtype=torch.long, device=device),
+                   torch.tensor([page - 1, page - 1], device=device),
+                   torch.ones(2, dtype=torch.bool, device=device), window, sink, 1.0)
 
 
 def sink_merge_ref(o_window: torch.Tensor, lse_window: torch.Tensor, query: torch.Tensor,

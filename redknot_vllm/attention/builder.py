@@ -53,6 +53,28 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
 
             self._fa_builder = FlashAttentionMetadataBuilder(kv_cache_spec, layer_names,
                                                              vllm_config, device)
+            self._warm_up_kernels(kv_cache_spec, vllm_config)
+
+    def _warm_up_kernels(self, kv_cache_spec: Any, vllm_config: Any) -> None:
+        """Compile RedKnot's Triton kernels now, not on the first request (a JIT compile
+        mid-traffic stalls every request in flight)."""
+        if self.runtime is None:
+            return
+        from redknot_vllm.kernels.headclass_attention import FULL
+        from redknot_vllm.kernels.headclass_attention_cuda import warm_up_sink_merge
+
+        groups = {(g.window, g.sink) for p in self.runtime.plans.values() for g in p.groups
+                  if g.window != FULL and g.sink > 0}
+        if not groups:
+            return
+        mc = vllm_config.model_config
+        try:
+            warm_up_sink_merge(mc.get_num_attention_heads(vllm_config.parallel_config)
+                               // kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
+                               kv_cache_spec.block_size, groups, mc.dtype, self.device)
+        except Exception as e:  # a missed warm-up costs one compile later, nothing else
+            logger.warning("RedKnot: warming up the sink-merge kernel failed (%s: %s); it "
+                           "compiles on the first prefill instead", type(e).__name__, e)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
                                     ) -> RedKnotAttentionMetadata:

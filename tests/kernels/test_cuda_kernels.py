@@ -121,3 +121,10 @@ def test_sparse_swiglu_matches_reference(t, h, inter, frac):
     assert (out[~keep] == 0).all()
     if keep.any():
         assert _rel(out[keep], ref[keep]) < 2e-2
+
+
+def test_warm_up_compiles_the_sink_merge_kernel():
+    from redknot_vllm.kernels.headclass_attention_cuda import warm_up_sink_merge
+
+    warm_up_sink_merge(7, 64, PAGE, {(2048, 4), (1024, 16)}, torch.bfloat16, torch.device(DEV))
+    torch.cuda.synchronize()
