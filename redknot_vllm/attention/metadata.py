@@ -100,9 +100,14 @@ def _add_token_fields(md: RedKnotAttentionMetadata, q_lens: list[int],
     ends = torch.tensor(md.query_start_loc_cpu[1:])[rows]
     pos = torch.tensor(md.seq_lens_cpu)[rows] - ends + torch.arange(n)
     prefill = torch.tensor(md.is_prefill_cpu, dtype=torch.bool)[rows]
-    packed = torch.stack([rows, pos, prefill.long()]).to(dev, non_blocking=True)
-    md.token_row, md.token_pos = packed[0], packed[1]
-    md.token_is_prefill = packed[2].bool()
+    # one transfer; rows padded to an even length so that each field starts 16-byte
+    # aligned, as Triton specialises pointer alignment (an odd token count would otherwise
+    # compile another variant of the sink-merge kernel mid-traffic)
+    packed = torch.zeros(3, n + n % 2, dtype=torch.long)
+    packed[0, :n], packed[1, :n], packed[2, :n] = rows, pos, prefill
+    packed = packed.to(dev, non_blocking=True)
+    md.token_row, md.token_pos = packed[0, :n], packed[1, :n]
+    md.token_is_prefill = packed[2, :n].bool()
     dec = [r for r, p in enumerate(md.is_prefill_cpu) if not p]
     if not dec:
         return
