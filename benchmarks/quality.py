@@ -44,24 +44,25 @@ FFN_GRID = [
 ]
 
 
-def engine_kwargs() -> dict[str, Any]:
-    """Same for dense and RedKnot. Eager: quality does not depend on CUDA graphs."""
+def engine_kwargs(lengths: list[int] | None = None) -> dict[str, Any]:
+    """Same for dense and RedKnot. Eager: quality does not depend on CUDA graphs. On a GPU
+    beyond 8K every prompt is prefilled in one chunk (the prompt's tail is its question)."""
     import torch
 
-    kw: dict[str, Any] = dict(enforce_eager=True, seed=0, max_model_len=max(LENGTHS))
+    top = max(lengths or LENGTHS)
+    kw: dict[str, Any] = dict(enforce_eager=True, seed=0, max_model_len=top)
     if torch.cuda.is_available():
-        kw.update(gpu_memory_utilization=0.5, max_num_batched_tokens=8192)
+        kw.update(gpu_memory_utilization=0.5, max_num_batched_tokens=max(8192, top))
     else:  # fp32: vLLM-cpu bf16 drifts from the reference; see docs/design.md
         kw.update(dtype="float32", kv_cache_memory_bytes=1536 << 20, max_num_batched_tokens=4096)
     return kw
 
 
 def model_path(name: str) -> str:
-    if name == "smollm2":
-        from redknot_vllm.registry import smollm2_path
+    """A registry name (``smollm2``, ``qwen2.5-coder-0.5b``, ...) or a model folder."""
+    from redknot_vllm.registry import resolve_model
 
-        return str(smollm2_path())
-    return name
+    return resolve_model(name)
 
 
 # ---------------------------------------------------------------- one engine, one child
@@ -78,7 +79,7 @@ def child(spec_path: str) -> None:
     from redknot_vllm import engine_args
 
     model = model_path(spec["model"])
-    kw = engine_kwargs()
+    kw = engine_kwargs(spec["lengths"])
     redknot = spec["head_config"] is not None
     if redknot:
         kw = engine_args(model, head_config=spec["head_config"], sparse_ffn=spec["sparse_ffn"],
@@ -189,7 +190,7 @@ def report(a: argparse.Namespace) -> None:
     block = compare_block(dense, rk, quality.Bar())
     result = {**env_info(), "model": a.model, "seed": a.seed, "n": a.n,
               "config": {"head_config": a.head_config, "sparse_ffn": a.sparse_ffn,
-                         "sparse_ffn_params": ffn, "engine": engine_kwargs()},
+                         "sparse_ffn_params": ffn, "engine": engine_kwargs(lengths)},
               "tasks": tasks, "lengths": lengths,
               "metrics": {"accuracy": "all expected answers appear in the greedy completion "
                                       f"({quality.MAX_NEW_TOKENS} new tokens)",
@@ -271,11 +272,16 @@ def sweep(a: argparse.Namespace) -> None:
         return p
 
     heads = {}
-    for f, w in HEAD_GRID:
-        hc = classify(scores, f, w)
-        heads[(f, w)] = hc
-        evaluate(f"profiled-g{f}-w{w}", hc, None,
-                 {"global_fraction": f, "window": w, "method": "profiled"})
+    grid = HEAD_GRID if not a.grid else [
+        (float(f), int(w)) for f, w in (x.split(":") for x in a.grid.split(","))]
+    tails = [int(t) for t in a.tails.split(",")]
+    for f, w in grid:
+        for t in tails:
+            hc = classify(scores, f, w, tail_full_tokens=t)
+            heads[(f, w, t)] = hc
+            evaluate(f"profiled-g{f}-w{w}" + (f"-t{t}" if t else ""), hc, None,
+                     {"global_fraction": f, "window": w, "tail_full_tokens": t,
+                      "method": "profiled"})
     # the same budget with random global heads: what the profiler buys
     f0, w0 = a.random_baseline
     evaluate(f"random-g{f0}-w{w0}", HeadConfig.shape(nl, nh, f0, window=w0, seed=0), None,
@@ -288,11 +294,12 @@ def sweep(a: argparse.Namespace) -> None:
     ok = [p for p in points if p["meets_bar"] and p["method"] == "profiled"]
     base = max(ok, key=saved) if ok else max(
         (p for p in points if p["method"] == "profiled"), key=lambda p: p["avg_ratio"] or 0)
-    bf, bw = base["global_fraction"], base["window"]
+    bf, bw, bt = base["global_fraction"], base["window"], base.get("tail_full_tokens", 0)
     for ffn in FFN_GRID:
-        evaluate(f"profiled-g{bf}-w{bw}-ffn-m{ffn['mass_thresh']}-d{ffn['dense_until']}",
-                 heads[(bf, bw)], ffn, {"global_fraction": bf, "window": bw,
-                                        "method": "profiled"})
+        evaluate(f"profiled-g{bf}-w{bw}" + (f"-t{bt}" if bt else "")
+                 + f"-ffn-m{ffn['mass_thresh']}-d{ffn['dense_until']}",
+                 heads[(bf, bw, bt)], ffn, {"global_fraction": bf, "window": bw,
+                                            "tail_full_tokens": bt, "method": "profiled"})
     points[:] = [p for p in points if p]
     ok = [p for p in points if p["meets_bar"] and p["method"] == "profiled"]
     # nothing meets the bar: the default is the best quality reachable (stated as such)
@@ -307,7 +314,8 @@ def sweep(a: argparse.Namespace) -> None:
     result = {**info, "model": a.model, "not_run": not_run, "seed": a.seed, "n": a.n,
               "tasks": tasks,
               "lengths": lengths, "scores": a.scores, "bar": asdict(bar),
-              "engine": info.pop("engine", None) or engine_kwargs(), "points": points,
+              "engine": info.pop("engine", None) or engine_kwargs(lengths),
+              "points": points,
               "default": default["name"] if default else None,
               "default_meets_bar": bool(default and default["meets_bar"]),
               "selection": "the profiled point with the most prefill FLOPs saved at the "
@@ -318,7 +326,8 @@ def sweep(a: argparse.Namespace) -> None:
     if default is not None and a.emit:
         emit = Path(a.emit)
         emit.mkdir(parents=True, exist_ok=True)
-        hc = heads[(default["global_fraction"], default["window"])]
+        hc = heads[(default["global_fraction"], default["window"],
+                    default.get("tail_full_tokens", 0))]
         hc.save_json(emit / "head_config.json")
         if default["sparse_ffn"] is not None:
             (emit / "sparse_ffn.json").write_text(json.dumps(default["sparse_ffn"], indent=1))
@@ -378,6 +387,10 @@ def main() -> None:
     s = sub.choices["sweep"]
     s.add_argument("--scores", required=True, help="profiler output JSON (with scores)")
     s.add_argument("--random-baseline", type=float, nargs=2, default=(0.2, 1024))
+    s.add_argument("--grid", default="", help="global_fraction:window,... (default: the "
+                   "SmolLM2 grid)")
+    s.add_argument("--tails", default="0", help="tail_full_tokens values tried at every "
+                   "grid point (default 0)")
     s.add_argument("--emit", default=None, help="folder for the chosen default configs")
     s.add_argument("--cached-only", action="store_true",
                    help="summarise the runs already in --workdir; list the others as not run")

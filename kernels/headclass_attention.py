@@ -59,6 +59,7 @@ def headclass_attention_ref(
     kv_window: torch.Tensor,
     kv_sink: torch.Tensor,
     scale: float,
+    full_from: int | None = None,
 ) -> torch.Tensor:
     """Naive head-class attention for one sequence (test reference).
 
@@ -69,6 +70,8 @@ def headclass_attention_ref(
         kv_window: ``[num_kv_heads]`` int64 window per KV head, ``FULL`` (-1) for full.
         kv_sink: ``[num_kv_heads]`` int64 sink size per KV head.
         scale: softmax scale.
+        full_from: queries at positions ``>= full_from`` attend fully on every head (a
+            prefill tail); None: none.
 
     Returns:
         ``[num_q, num_heads, head_size]`` in fp32.
@@ -81,6 +84,8 @@ def headclass_attention_ref(
     for h in range(num_heads):
         kvh = h // group
         mask = visible_mask(q_positions, k_pos, int(kv_window[kvh]), int(kv_sink[kvh]))
+        if full_from is not None:
+            mask |= (q_positions[:, None] >= full_from) & (k_pos[None, :] <= q_positions[:, None])
         s = (query[:, h].float() @ key[:, kvh].float().T) * scale
         s = s.masked_fill(~mask, float("-inf"))
         out[:, h] = torch.softmax(s, dim=-1) @ value[:, kvh].float()
@@ -147,6 +152,7 @@ def paged_headclass_attention(
     prefill_groups: tuple[HeadGroup, ...],
     scale: float,
     out: torch.Tensor,
+    full_tail: list[int] | None = None,
 ) -> None:
     """Attention for a mixed batch; prefill rows use head classes, other rows full causal.
 
@@ -160,6 +166,7 @@ def paged_headclass_attention(
         is_prefill: ``num_reqs`` flags; False rows (decode) attend fully.
         prefill_groups: the layer's head groups for prefill rows.
         out: ``[num_tokens, num_heads, head_size]``, written in place.
+        full_tail: per row, how many of a prefill row's last tokens attend fully.
     """
     head_size = query.shape[-1]
     num_kv_heads = kv_cache.shape[1]
@@ -169,6 +176,12 @@ def paged_headclass_attention(
         if b == a:
             continue
         k, v = gather_sequence_kv(kv_cache, block_table[r], seq_len, head_size)
-        groups = prefill_groups if is_prefill[r] else full
-        sequence_headclass_attention(query[a:b], k, v, seq_len - (b - a), groups, scale,
-                                     out[a:b])
+        first = seq_len - (b - a)
+        # the row's head-class part, then the tokens that attend fully (all of a decode row)
+        m = max(0, b - a - (full_tail[r] if full_tail else 0)) if is_prefill[r] else 0
+        if m > 0:
+            sequence_headclass_attention(query[a:a + m], k[:, :first + m], v[:, :first + m],
+                                         first, prefill_groups, scale, out[a:a + m])
+        if m < b - a:
+            sequence_headclass_attention(query[a + m:b], k, v, first + m, full, scale,
+                                         out[a + m:b])

@@ -11,8 +11,10 @@ Heads are regrouped at load time so that each group is a contiguous KV-head rang
   2. :func:`sink_merge` (a Triton kernel) adds, in place, the sink keys
      ``j < min(S, p - W + 1)`` (exactly the sinks the window does not already cover, so no
      key counts twice) by an LSE merge;
-  3. decode rows (not in their prompt) of the batch attend fully: one more FA3 call over
-     just those rows (a slice when they lead the batch, as vLLM's reorder puts them).
+  3. the step's *full* tokens (decode rows, and each prefill row's tail when the head
+     config sets ``tail_full_tokens``) attend fully: one more causal FA3 call over just
+     those tokens, written over the group's output (a slice when they are whole decode rows
+     leading the batch, as vLLM's reorder puts them).
 
 :func:`sink_merge_ref` is the torch reference of the kernel; the end-to-end reference is
 ``headclass_attention.headclass_attention_ref``.
@@ -229,21 +231,22 @@ def paged_headclass_attention_cuda(query: torch.Tensor, kv_cache: torch.Tensor, 
         if g.sink > 0:
             sink_merge(o, o, lse_w, q, kc, vc, md.block_table, md.token_row, md.token_pos,
                        md.token_is_prefill, g.window, g.sink, scale)
-        if md.num_decode_tokens:
-            _decode_rows_full(flash_attn_varlen_func, q, kc, vc, o, md, common)
+        if md.num_full_tokens:
+            _full_tokens(flash_attn_varlen_func, q, kc, vc, o, md, common)
 
 
-def _decode_rows_full(fa: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                      o: torch.Tensor, md: Any, common: dict[str, Any]) -> None:
-    """Full attention for the batch's decode rows of a local group."""
-    if md.decode_prefix_rows is not None:  # decode rows lead the batch: plain slices
-        r, n = md.decode_prefix_rows, md.num_decode_tokens
+def _full_tokens(fa: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                 o: torch.Tensor, md: Any, common: dict[str, Any]) -> None:
+    """Full attention for a local group's full tokens (each row's last ones, so FA's
+    bottom-right causal alignment gives them the whole causal prefix)."""
+    if md.full_prefix_rows is not None:  # whole decode rows lead the batch: plain slices
+        r, n = md.full_prefix_rows, md.num_full_tokens
         fa(q=q[:n], k=kc, v=vc, out=o[:n], cu_seqlens_q=md.query_start_loc[:r + 1],
-           max_seqlen_q=md.max_decode_query_len, seqused_k=md.seq_lens[:r],
+           max_seqlen_q=md.max_full_query_len, seqused_k=md.seq_lens[:r],
            max_seqlen_k=md.max_seq_len, block_table=md.block_table[:r], **common)
         return
-    idx, rows = md.decode_token_index, md.decode_rows
-    res = fa(q=q[idx], k=kc, v=vc, cu_seqlens_q=md.decode_query_start_loc,
-             max_seqlen_q=md.max_decode_query_len, seqused_k=md.seq_lens[rows],
+    idx, rows = md.full_token_index, md.full_rows
+    res = fa(q=q[idx], k=kc, v=vc, cu_seqlens_q=md.full_query_start_loc,
+             max_seqlen_q=md.max_full_query_len, seqused_k=md.seq_lens[rows],
              max_seqlen_k=md.max_seq_len, block_table=md.block_table[rows], **common)
     o[idx] = res

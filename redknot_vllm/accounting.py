@@ -56,8 +56,9 @@ class FlopsModel:
                      for li in range(self.dims.num_layers)}
         sparse_kept = sum(per_layer[li] for li in self.sparse_layers)
         acc = PrefillFlops()
+        tail = md.full_tail_cpu[row] if md.full_tail_cpu else 0
         acc.add_chunk(self.dims, self.shape, end - q_len, end, sum(per_layer.values()),
-                      (q_len * len(self.sparse_layers), sparse_kept))
+                      (q_len * len(self.sparse_layers), sparse_kept), tail)
         return acc
 
 

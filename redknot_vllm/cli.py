@@ -123,6 +123,9 @@ def profile(argv: list[str]) -> None:
     p.add_argument("--windows", type=_int_list, default=list(DEFAULT_WINDOWS),
                    help="windows whose edge mass is profiled (default 256,512,1024,2048)")
     p.add_argument("--sink", type=int, default=4, help="sink tokens of local heads (default 4)")
+    p.add_argument("--tail-full-tokens", type=int, default=0,
+                   help="the last N prompt tokens (the question) attend fully on every head "
+                        "(default 0)")
     p.add_argument("--texts", default=None,
                    help="calibration texts: a folder of .txt, a .txt or a .jsonl with a "
                         "\"text\" field (default: built-in synthetic prose)")
@@ -132,6 +135,19 @@ def profile(argv: list[str]) -> None:
     p.add_argument("--n-retrieval", type=int, default=8,
                    help="synthetic needle tasks (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of texts and needles (default 0)")
+    p.add_argument("--long-tokens", type=int, default=0,
+                   help="also score heads at this context length (sampled query rows, "
+                        "needles among distractors; GPU when there is one; default off)")
+    p.add_argument("--long-windows", type=_int_list, default=[1024, 2048, 4096],
+                   help="windows whose long-context edge mass is scored (default "
+                        "1024,2048,4096)")
+    p.add_argument("--long-texts", type=int, default=2, help="long calibration texts")
+    p.add_argument("--long-needles", type=int, default=4, help="long needle tasks")
+    p.add_argument("--long-distractors", type=int, default=3,
+                   help="other codes in each long needle task (default 3)")
+    p.add_argument("--long-rows", type=int, default=128,
+                   help="query rows sampled per long text (default 128)")
+    p.add_argument("--device", default=None, help="device of the long-context pass")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
@@ -144,6 +160,13 @@ def profile(argv: list[str]) -> None:
     hc = run_profile(resolve_model(args.model), args.out,
                      global_fraction=args.global_fraction, window=args.window,
                      sink=args.sink, texts=args.texts, windows=args.windows,
+                     tail_full_tokens=args.tail_full_tokens,
+                     long=None if not args.long_tokens else {
+                         "long_tokens": args.long_tokens, "windows": args.long_windows,
+                         "n_texts": args.long_texts, "n_needles": args.long_needles,
+                         "distractors": args.long_distractors, "rows": args.long_rows,
+                         "seed": args.seed, "device": args.device,
+                         "progress": not args.no_progress},
                      max_tokens=args.max_tokens, n_texts=args.n_texts,
                      n_retrieval=args.n_retrieval, seed=args.seed,
                      progress=not args.no_progress)

@@ -59,14 +59,16 @@ class AttentionShape:
             local.append(tuple(sorted(caps.items())))
         return cls(tuple(full), tuple(local))
 
-    def attention_flops(self, dims: ModelDims, start: int, end: int) -> int:
-        """Attention FLOPs of computing positions [start, end) in every layer."""
+    def attention_flops(self, dims: ModelDims, start: int, end: int, tail: int = 0) -> int:
+        """Attention FLOPs of computing positions [start, end) in every layer; the last
+        ``tail`` of them attend fully on every head (``tail_full_tokens``)."""
         total = 0
         full_keys = sum_positions(start, end)
+        split = max(start, end - tail)
         for li in range(dims.num_layers):
             keys = self.full_q_heads[li] * full_keys
             for cap, heads in self.local_q_heads[li]:
-                keys += heads * sum_capped(start, end, cap)
+                keys += heads * (sum_capped(start, split, cap) + sum_positions(split, end))
             total += 4 * dims.head_dim * keys
         return total
 
@@ -91,9 +93,11 @@ class PrefillFlops:
     """Prompt tokens whose KV was spliced from stored segments instead of computed."""
 
     def add_chunk(self, dims: ModelDims, shape: AttentionShape, start: int, end: int,
-                  ffn_token_layers: int, sparse: tuple[int, int] = (0, 0)) -> None:
+                  ffn_token_layers: int, sparse: tuple[int, int] = (0, 0),
+                  tail: int = 0) -> None:
         """Account positions [start, end) of a prefill, whose FFN ran ``ffn_token_layers``
-        (token, layer) pairs; ``sparse`` = (pairs, kept pairs) of the sparse layers."""
+        (token, layer) pairs; ``sparse`` = (pairs, kept pairs) of the sparse layers; the
+        last ``tail`` positions attended fully on every head."""
         n = end - start
         self.sparse_pairs += sparse[0]
         self.sparse_pairs_kept += sparse[1]
@@ -104,7 +108,7 @@ class PrefillFlops:
         self.ffn_tokens_kept += ffn_token_layers
         self.dense += (proj + AttentionShape.dense(dims).attention_flops(dims, start, end)
                        + dense_ffn_pairs * dims.ffn_per_token)
-        self.redknot += (proj + shape.attention_flops(dims, start, end)
+        self.redknot += (proj + shape.attention_flops(dims, start, end, tail)
                          + ffn_token_layers * dims.ffn_per_token)
 
     def add_reused(self, dims: ModelDims, start: int, end: int) -> None:

@@ -2,7 +2,8 @@
 
 Reads and writes the seed's JSON format (``num_layers``, ``num_kv_heads``,
 ``kv_head_classification`` [L][H], ``kv_head_max_distance`` [L][H], optional
-``kv_head_sink_size`` [L][H], ``retrieval_top_p``, ``dense_prefix_layers``) and validates
+``kv_head_sink_size`` [L][H], ``retrieval_top_p``, ``dense_prefix_layers``, and RedKnot's
+``tail_full_tokens``) and validates
 it strictly: every error names the field, the layer and head, and what was expected.
 
 Semantics per KV head (all query heads of a KV head share its class):
@@ -12,7 +13,10 @@ Semantics per KV head (all query heads of a KV head share its class):
 * ``local``: the sink tokens ``[0, sink)`` plus a sliding window of the last ``W``
   keys (``W`` = ``kv_head_max_distance``), i.e. position ``p`` sees
   ``[0, sink) ∪ [p - W + 1, p]``;
-* layers ``< dense_prefix_layers`` are full whatever their matrix says.
+* layers ``< dense_prefix_layers`` are full whatever their matrix says;
+* the last ``tail_full_tokens`` tokens of every prefill chunk attend fully on every head
+  (for a prompt sent whole: its question, which then reaches all the context, as decode
+  does).
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ LEGACY_ALIASES: dict[str, HeadClass] = {
 }
 
 _REQUIRED_KEYS = ("num_layers", "num_kv_heads", "kv_head_classification", "kv_head_max_distance")
-_OPTIONAL_KEYS = ("kv_head_sink_size", "retrieval_top_p", "dense_prefix_layers")
+_OPTIONAL_KEYS = ("kv_head_sink_size", "retrieval_top_p", "dense_prefix_layers",
+                  "tail_full_tokens")
 _MATRIX_KEYS = ("kv_head_classification", "kv_head_max_distance", "kv_head_sink_size")
 INFORMATIONAL_KEYS = frozenset(
     {
@@ -102,6 +107,8 @@ class HeadConfig:
     """Top-p for retrieval heads (not used yet: retrieval runs as global)."""
     dense_prefix_layers: int = 0
     """Layers ``< dense_prefix_layers`` are full regardless of ``classes``."""
+    tail_full_tokens: int = 0
+    """The last this many tokens of every prefill chunk attend fully on every head."""
     source: str = "<dict>"
     """Where the config came from, for messages."""
     defaults_applied: tuple[str, ...] = ()
@@ -190,6 +197,10 @@ class HeadConfig:
         if isinstance(dpl, bool) or not isinstance(dpl, int) or not 0 <= dpl <= num_layers:
             raise _fail(source, f"dense_prefix_layers is {dpl!r}; expected an integer in "
                         f"[0, num_layers={num_layers}]")
+        tail = data.get("tail_full_tokens", 0)
+        if isinstance(tail, bool) or not isinstance(tail, int) or not 0 <= tail <= POSITION_LIMIT:
+            raise _fail(source, f"tail_full_tokens is {tail!r}; expected an integer in [0, "
+                        f"{POSITION_LIMIT}] (how many last prompt tokens attend fully)")
         info = {k: v for k, v in data.items() if k in INFORMATIONAL_KEYS or k.startswith("_")}
         return cls(
             num_layers=num_layers,
@@ -202,6 +213,7 @@ class HeadConfig:
             sinks=sinks,
             retrieval_top_p=float(top_p),
             dense_prefix_layers=dpl,
+            tail_full_tokens=tail,
             source=source,
             defaults_applied=tuple(defaults),
             info=info,
@@ -273,7 +285,9 @@ class HeadConfig:
         ss = sorted({s for _, s in local})
         return (f"{total} KV heads: {c['global']} global, {c['local']} local "
                 f"(window {ws or '-'}, sink {ss or '-'}), {c['retrieval']} retrieval, "
-                f"{c['dense']} dense (dense_prefix_layers={self.dense_prefix_layers})")
+                f"{c['dense']} dense (dense_prefix_layers={self.dense_prefix_layers}"
+                + (f", last {self.tail_full_tokens} prompt tokens full"
+                   if self.tail_full_tokens else "") + ")")
 
     # ------------------------------------------------------------------ output
     def to_dict(self) -> dict[str, Any]:
@@ -288,6 +302,8 @@ class HeadConfig:
             "kv_head_max_distance": [list(row) for row in self.windows],
             "kv_head_sink_size": [list(row) for row in self.sinks],
         }
+        if self.tail_full_tokens:  # only when set: configs without it keep their hash
+            out["tail_full_tokens"] = self.tail_full_tokens
         for k, v in self.info.items():
             out.setdefault(k, v)
         return out
@@ -322,6 +338,7 @@ class HeadConfig:
         seed: int = 0,
         info: dict[str, Any] | None = None,
         per_layer: bool = False,
+        tail_full_tokens: int = 0,
     ) -> HeadConfig:
         """A "shape" config with stated proportions, not a profiled one.
 
@@ -356,6 +373,7 @@ class HeadConfig:
             "kv_head_max_distance": [[window if c == "local" else -1 for c in row]
                                      for row in classes],
             "kv_head_sink_size": [[sink] * num_kv_heads for _ in range(num_layers)],
+            "tail_full_tokens": tail_full_tokens,
             **meta,
         }, source="<shape>")
 

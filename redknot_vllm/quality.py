@@ -11,7 +11,12 @@ from ``(seed, task, tokens, index)``):
 * ``multidoc_qa``: numbered documents with one fact each; the evidence sits in a random
   document, never only the first;
 * ``aggregation``: purchases scattered through the context, one item five times as often as
-  the other; name the most frequent.
+  the other; name the most frequent;
+* ``multidoc_qa_many``: like ``multidoc_qa`` with 24 documents (people and cities drawn
+  from larger pools), the evidence never in the first;
+* ``retrieval_distractors``: one access code and four distractors, two with the same name
+  on another object ("the Amber locker" vs "the Amber vault") and two with the same
+  object under another name.
 
 Every prompt is built as token ids with the model's tokenizer, so dense and RedKnot see the
 same ids and a cell's prompts have a known length. Metrics per cell: accuracy with a Wilson
@@ -33,7 +38,7 @@ from typing import Any
 from redknot_vllm.errors import RedKnotError
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking",
-         "multidoc_qa", "aggregation")
+         "multidoc_qa", "aggregation", "multidoc_qa_many", "retrieval_distractors")
 PROMPT_MARGIN = 40
 """Prompt tokens = nominal length - this, so the answer fits in ``max_model_len``."""
 MAX_NEW_TOKENS = 16
@@ -86,6 +91,16 @@ _JOBS = ["a carpenter", "a nurse", "an engineer", "a painter", "a baker", "a pil
          "a librarian", "a chemist", "a gardener", "a journalist"]
 _ITEMS = ["lamp", "chair", "kettle", "blanket", "mirror", "basket", "candle", "ladder",
           "bucket", "pillow", "shovel", "teapot"]
+_FIRST = ["Ada", "Bjorn", "Carmen", "Dario", "Edith", "Fabio", "Gisela", "Henrik", "Ilse",
+          "Joaquin", "Katja", "Lorenzo", "Mirela", "Niko", "Ottilie", "Pavel", "Renata",
+          "Sergio", "Tilda", "Ulrich", "Vesna", "Wim", "Xenia", "Yusuf", "Zora"]
+_LAST = ["Abbott", "Brandt", "Castillo", "Dufour", "Eriksen", "Falk", "Gallo", "Horvat",
+         "Iversen", "Janssen", "Kowalski", "Lindqvist", "Moretti", "Nowak", "Olsen", "Pereira",
+         "Quist", "Ramos", "Sorensen", "Tanaka", "Urban", "Varga", "Weber", "Zeller"]
+_MORE_CITIES = _CITIES + ["Antwerp", "Bergen", "Coimbra", "Dresden", "Gdansk", "Graz",
+                          "Malmo", "Seville", "Tampere", "Turin", "Utrecht", "Vilnius", "Riga",
+                          "Bilbao"]
+_OBJECTS = ["vault", "locker", "safe", "cabinet", "archive"]
 _VARS = ["QKZ", "MPL", "RTX", "BNV", "HJW", "YDF", "LQE", "ZSA", "WUC", "PGO", "KVM", "TFR"]
 
 
@@ -228,6 +243,35 @@ def _multidoc_qa(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ..
     return b.build(rng, n, inserts, q), (cities[evidence],)
 
 
+def _multidoc_qa_many(b: _Builder, rng: random.Random, n: int
+                      ) -> tuple[tuple[int, ...], tuple]:
+    k = 24
+    people = [f"{f} {la}" for f, la in zip(rng.sample(_FIRST, k), rng.sample(_LAST, k),
+                                            strict=True)]
+    cities = rng.sample(_MORE_CITIES, k)
+    jobs = [rng.choice(_JOBS) for _ in range(k)]
+    evidence = rng.randrange(1, k)  # never only the first document
+    inserts = [((i + 0.5) / k, f"Document {i + 1}: {p} is {j} who was born in {c}.")
+               for i, (p, c, j) in enumerate(zip(people, cities, jobs, strict=True))]
+    p = people[evidence]
+    q = f"\nQuestion: In which city was {p} born?\nAnswer: {p} was born in"
+    return b.build(rng, n, inserts, q), (cities[evidence],)
+
+
+def _retrieval_distractors(b: _Builder, rng: random.Random, n: int
+                           ) -> tuple[tuple[int, ...], tuple]:
+    name, other = rng.sample(_NAMES, 2)
+    obj, obj2, obj3 = rng.sample(_OBJECTS, 3)
+    facts = [(name, obj), (name, obj2), (name, obj3), (other, obj), (rng.choice(
+        [x for x in _NAMES if x not in (name, other)]), obj)]
+    codes = rng.sample(range(10000, 100000), len(facts))
+    inserts = [(rng.uniform(0.05, 0.9), f"The access code for the {nm} {ob} is {c}.")
+               for (nm, ob), c in zip(facts, codes, strict=True)]
+    q = (f"\nQuestion: What is the access code for the {name} {obj}?\n"
+         f"Answer: The access code for the {name} {obj} is")
+    return b.build(rng, n, inserts, q), (str(codes[0]),)
+
+
 def _aggregation(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ...], tuple]:
     items = rng.sample(_ITEMS, 2)
     top = items[0]
@@ -245,6 +289,7 @@ _GENERATORS: dict[str, Callable[[_Builder, random.Random, int], tuple[tuple[int,
     "niah_single": _niah_single, "niah_multikey": _niah_multikey,
     "niah_multivalue": _niah_multivalue, "variable_tracking": _variable_tracking,
     "multidoc_qa": _multidoc_qa, "aggregation": _aggregation,
+    "multidoc_qa_many": _multidoc_qa_many, "retrieval_distractors": _retrieval_distractors,
 }
 
 
@@ -403,18 +448,23 @@ def compare(dense: Sequence[Outcome], redknot: Sequence[Outcome]) -> list[Cell]:
 
 @dataclass(frozen=True)
 class Bar:
-    """The quality bar: average and per-cell RedKnot/dense accuracy ratios."""
+    """The quality bar: average and per-cell RedKnot/dense accuracy ratios, over the cells
+    where dense scores at least ``min_dense_acc`` (a cell dense cannot do measures
+    nothing)."""
 
     avg_ratio: float = 0.98
     min_cell_ratio: float = 0.95
+    min_dense_acc: float = 0.5
 
 
 def summarize(cells: Sequence[Cell], bar: Bar = Bar()) -> dict[str, Any]:
     """``avg_ratio``, ``min_ratio``, FLOPs saved per length, and whether ``bar`` is met.
 
-    Cells where dense scored zero have no ratio and are left out (they measure nothing).
+    Only cells where dense reached ``bar.min_dense_acc`` count; the others are listed in
+    ``not_counted`` (they measure nothing).
     """
-    ratios = [c.ratio for c in cells if c.ratio is not None]
+    counted = [c for c in cells if c.ratio is not None and c.dense_acc >= bar.min_dense_acc]
+    ratios = [c.ratio for c in counted]
     by_len: dict[int, list[float]] = {}
     for c in cells:
         if c.flops_saved is not None:
@@ -426,5 +476,7 @@ def summarize(cells: Sequence[Cell], bar: Bar = Bar()) -> dict[str, Any]:
         "flops_saved": {str(k): sum(v) / len(v) for k, v in sorted(by_len.items())},
         "meets_bar": bool(avg is not None and low is not None and avg >= bar.avg_ratio
                           and low >= bar.min_cell_ratio),
+        "counted_cells": len(counted),
+        "not_counted": [f"{c.task}@{c.tokens}" for c in cells if c not in counted],
         "bar": asdict(bar),
     }

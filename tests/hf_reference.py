@@ -1,8 +1,9 @@
 """An independent reference: HF transformers' Llama with head-class attention masks.
 
 The attention function below applies :func:`headclass_attention_ref` per layer and KV head
-(queries at positions < ``prompt_len`` use the head classes, later ones attend fully), so
-greedy decoding with it is what RedKnot attention (without sparse FFN) must produce.
+(queries at positions < ``prompt_len`` use the head classes, except the prompt's last
+``hc.tail_full_tokens``, and later ones attend fully), so greedy decoding with it is what
+RedKnot attention (without sparse FFN) must produce for a prompt prefilled in one chunk.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def greedy_reference(model_dir: str, hc: HeadConfig, prompt_ids: list[int],
                 out[sel] = headclass_attention_ref(
                     query[0].transpose(0, 1)[sel], key[0].transpose(0, 1),
                     value[0].transpose(0, 1), q_pos[sel], w, torch.tensor(sinks),
-                    scaling or module.scaling)
+                    scaling or module.scaling,
+                    full_from=prompt_len - hc.tail_full_tokens if hc.tail_full_tokens else None)
         return out[None].to(query.dtype), None
 
     AttentionInterface.register("redknot_ref", attend)

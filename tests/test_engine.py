@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
-from tests.conftest import COMMON, long_prompt
+from tests.conftest import COMMON, _engine, long_prompt
 
 pytestmark = pytest.mark.engine
 
@@ -66,6 +67,30 @@ def test_local_heads_match_independent_hf_reference(smollm2, rk_local_llm, local
     ids = list(outs[0].prompt_token_ids)
     assert len(ids) > 2 * COMMON["max_num_batched_tokens"]  # chunked in vLLM
     assert got[0] == greedy_reference(smollm2, local_head_config, ids, 12)
+
+
+@pytest.fixture(scope="module")
+def rk_tail_llm(smollm2: str) -> Any:
+    """80% local heads, the prompt's last 24 tokens attending fully on every head."""
+    from redknot_vllm import HeadConfig, engine_args
+
+    hc = HeadConfig.shape(30, 3, 0.2, window=64, sink=4, seed=0, tail_full_tokens=24)
+    yield from _engine(**engine_args(smollm2, head_config=hc, **COMMON))
+
+
+def test_full_tail_matches_independent_hf_reference(smollm2, rk_tail_llm):
+    """One chunk (the prompt fits max_num_batched_tokens): the tail is the question."""
+    from redknot_vllm import HeadConfig, request_stats
+    from tests.hf_reference import greedy_reference
+
+    hc = HeadConfig.shape(30, 3, 0.2, window=64, sink=4, seed=0, tail_full_tokens=24)
+    prompt = long_prompt(4)
+    got, outs = _greedy(rk_tail_llm, [prompt], n=12)
+    ids = list(outs[0].prompt_token_ids)
+    assert 200 < len(ids) <= COMMON["max_num_batched_tokens"]
+    assert got[0] == greedy_reference(smollm2, hc, ids, 12)
+    saved = request_stats(rk_tail_llm, [outs[0].request_id])[outs[0].request_id]
+    assert 0 < saved["flops_saved"] < 0.5
 
 
 def test_local_heads_invariant_to_batching_and_prefix_cache(rk_local_llm):

@@ -43,3 +43,16 @@ def test_all_global_dense_ffn_saves_nothing():
     acc = PrefillFlops()
     acc.add_chunk(DIMS, AttentionShape.from_head_config(DIMS, hc), 10, 30, 3 * 20)
     assert acc.saved_fraction == 0.0 and acc.dense == acc.redknot
+
+
+def test_full_tail_counts_as_full_attention():
+    hc = HeadConfig.shape(3, 2, 0.0, window=8, sink=2)
+    shape = AttentionShape.from_head_config(DIMS, hc)
+    dense = AttentionShape.dense(DIMS)
+    plain = shape.attention_flops(DIMS, 0, 100)
+    tail = shape.attention_flops(DIMS, 0, 100, tail=10)
+    assert plain < tail < dense.attention_flops(DIMS, 0, 100)
+    # the tail's 10 positions see every earlier key on every head
+    assert tail - plain == shape.attention_flops(DIMS, 90, 100, tail=10) - \
+        shape.attention_flops(DIMS, 90, 100)
+    assert shape.attention_flops(DIMS, 90, 100, tail=10) == dense.attention_flops(DIMS, 90, 100)

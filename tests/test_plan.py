@@ -84,9 +84,9 @@ def test_token_fields_with_interleaved_decode_rows():
     assert md.token_pos.tolist() == [8, 0, 1, 2, 19, 10, 11]
     assert tokens_to_row_end(md).tolist() == [0, 2, 1, 0, 0, 1, 0]
     assert md.token_is_prefill.tolist() == [False, True, True, True, False, True, True]
-    assert md.num_decode_tokens == 2 and md.decode_prefix_rows is None
-    assert md.decode_rows.tolist() == [0, 2] and md.decode_token_index.tolist() == [0, 4]
-    assert md.decode_query_start_loc.tolist() == [0, 1, 2]
+    assert md.num_full_tokens == 2 and md.full_prefix_rows is None
+    assert md.full_rows.tolist() == [0, 2] and md.full_token_index.tolist() == [0, 4]
+    assert md.full_query_start_loc.tolist() == [0, 1, 2]
 
 
 def test_token_fields_with_leading_decode_rows():
@@ -94,4 +94,23 @@ def test_token_fields_with_leading_decode_rows():
         query_start_loc_cpu=[0, 1, 2, 4], seq_lens_cpu=[5, 6, 2],
         is_prefill_cpu=[False, False, True], block_table=torch.zeros(3, 1, dtype=torch.int32),
         slot_mapping=torch.zeros(4), device=torch.device("cpu"))
-    assert md.decode_prefix_rows == 2 and md.num_decode_tokens == 2
+    assert md.full_prefix_rows == 2 and md.num_full_tokens == 2
+
+
+def test_full_tokens_include_prefill_tails():
+    from redknot_vllm.attention.metadata import restrict_tokens
+
+    md = build_metadata(
+        query_start_loc_cpu=[0, 1, 9, 10, 14], seq_lens_cpu=[9, 8, 20, 4],
+        is_prefill_cpu=[False, True, False, True], full_tail_cpu=[3, 3, 3, 10],
+        block_table=torch.zeros(4, 1, dtype=torch.int32),
+        slot_mapping=torch.arange(14), device=torch.device("cpu"))
+    assert md.full_tail_cpu == [0, 3, 0, 4]  # decode rows have none; capped at the row
+    # decode tokens 0 and 9, row 1's last 3 (6..8), all of row 3 (10..13)
+    assert md.full_token_index.tolist() == [0, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert md.full_rows.tolist() == [0, 1, 2, 3] and md.num_full_tokens == 9
+    assert md.full_query_start_loc.tolist() == [0, 1, 4, 5, 9] and md.max_full_query_len == 4
+    keep = torch.ones(14, dtype=torch.bool)
+    keep[3:5] = False  # row 1 splits into runs [1, 3) and [5, 9): the tail goes to the last
+    small, _, _ = restrict_tokens(md, keep)
+    assert small.full_tail_cpu == [0, 0, 3, 0, 4]

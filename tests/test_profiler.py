@@ -239,3 +239,37 @@ def test_cli_profile_with_jsonl_texts(smollm2: str, tmp_path: Path, capsys):
         cli_main(["profile", "smollm2", "--out", str(out), "--global-fraction", "3"])
     with pytest.raises(SystemExit):
         cli_main(["profile", "smollm2", "--out", str(out), "--windows", "32,x"])
+
+
+def test_needle_sample_with_distractors(smollm2: str):
+    from transformers import AutoTokenizer
+
+    raw = AutoTokenizer.from_pretrained(smollm2)
+    tok = Tokens(raw)
+    ns = needle_sample(tok, random.Random(5), 600, distractors=3)
+    text = raw.decode(ns.ids)
+    assert len(ns.ids) <= 600 and text.count("The secret code for the") == 5  # 4 + question
+    number = raw.decode(ns.ids[ns.needle[0]:ns.needle[-1] + 1]).strip()
+    assert raw.decode(ns.ids[ns.queries[0] + 1:]).strip() == f"{number}."
+    # without distractors the sample is what it always was (shipped profiles reproduce)
+    assert needle_sample(tok, random.Random(5), 600).ids == needle_sample(
+        tok, random.Random(5), 600, distractors=0).ids
+
+
+def test_long_profile_adds_scores_and_classifies_with_them(smollm2: str, scores, tmp_path):
+    from redknot_vllm.profiler import profile_long
+
+    long = profile_long(smollm2, scores, long_tokens=400, windows=(32, 64), n_texts=1,
+                        n_needles=1, distractors=2, rows=16, device="cpu", progress=False)
+    assert sorted(long.edge_mass_long) == [32, 64] and long.retrieval_long is not None
+    for m in (*long.edge_mass_long.values(), long.retrieval_long):
+        assert len(m) == L and all(len(r) == H and all(0 <= x <= 1 for x in r) for r in m)
+    # a wider window drops less of the long context
+    assert sum(map(sum, long.edge_mass_long[64])) <= sum(map(sum, long.edge_mass_long[32]))
+    hc = classify(long, 0.2, 32)
+    assert "edge_mass_long" in hc.info["profiling_meta"]["scores"]
+    path = tmp_path / "long.json"
+    hc.save_json(path)
+    back = load_scores(path)
+    assert back.edge_mass_long == long.edge_mass_long and back.long_params["long_tokens"] == 400
+    assert combined_scores(back, 32) == combined_scores(long, 32) != combined_scores(scores, 32)

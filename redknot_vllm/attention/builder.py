@@ -47,6 +47,8 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.runtime = find_runtime(vllm_config)
+        hc = None if self.runtime is None else self.runtime.config.head_config
+        self._tail_full_tokens = 0 if hc is None else hc.tail_full_tokens
         self._fa_builder = None
         if device.type == "cuda":
             from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
@@ -102,12 +104,14 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
             is_prefill = [qsl[i + 1] - qsl[i] > 1 for i in range(num_reqs)]
         else:
             is_prefill = [bool(x) for x in prefilling[:num_reqs].tolist()]
+        tail = self._tail_full_tokens
         md = build_metadata(
             query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, is_prefill_cpu=is_prefill,
             block_table=cm.block_table_tensor, slot_mapping=cm.slot_mapping,
             device=self.device, query_start_loc=cm.query_start_loc, seq_lens=cm.seq_lens,
             max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
-            num_actual_tokens=cm.num_actual_tokens)
+            num_actual_tokens=cm.num_actual_tokens,
+            full_tail_cpu=[tail] * num_reqs if tail else None)
         if self.runtime is not None and not force_decode:
             self.runtime.begin_step(md)
         if not md.has_prefill and self._fa_builder is not None and not force_decode:

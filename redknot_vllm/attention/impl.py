@@ -131,7 +131,7 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
         else:
             paged_headclass_attention(q, kv_cache, md.block_table, md.query_start_loc_cpu,
                                       md.seq_lens_cpu, md.is_prefill_cpu, self.plan.groups,
-                                      self.scale, o)
+                                      self.scale, o, md.full_tail_cpu)
         if step is not None and step.want_importance and md.has_prefill:
             # one fused fp32 reduction; no fp32 copy of the output is materialised
             step.token_importance_sq[self.plan.layer] = torch.linalg.vector_norm(

@@ -8,7 +8,12 @@ host without a transfer)::
                                              ^ query_start_loc_cpu[r] in the batch
 
 A row is *prefill* while its request is still in its prompt (``is_prefill_cpu``); prefill
-rows attend per head class, the other rows (decode) attend fully.
+rows attend per head class, the other rows (decode) attend fully, and so do the last
+``full_tail_cpu[r]`` tokens of a prefill row (the head config's ``tail_full_tokens``: for a
+prompt sent whole, its question). Together those are the step's *full* tokens::
+
+    row r (prefill):  | head-class tokens ........................ | tail (full) |
+    row s (decode):   | full |
 """
 
 from __future__ import annotations
@@ -41,12 +46,13 @@ class RedKnotAttentionMetadata:
     token_row: torch.Tensor | None = None  # [num_actual_tokens] int64 row of each token
     token_pos: torch.Tensor | None = None  # [num_actual_tokens] int64 absolute position
     token_is_prefill: torch.Tensor | None = None  # [num_actual_tokens] bool
-    num_decode_tokens: int = 0  # tokens of rows that are not in their prompt
-    decode_prefix_rows: int | None = None  # those rows are exactly rows [0, this) if not None
-    max_decode_query_len: int = 0
-    decode_rows: torch.Tensor | None = None  # [n] int64 row indices (when not a prefix)
-    decode_token_index: torch.Tensor | None = None  # [m] int64 token indices (not a prefix)
-    decode_query_start_loc: torch.Tensor | None = None  # [n + 1] int32 (when not a prefix)
+    full_tail_cpu: list[int] | None = None  # num_reqs: a prefill row's last tokens, full
+    num_full_tokens: int = 0  # tokens that attend fully on every head (decode rows + tails)
+    full_prefix_rows: int | None = None  # they are exactly whole rows [0, this) if not None
+    max_full_query_len: int = 0
+    full_rows: torch.Tensor | None = None  # [n] int64 their rows (when not a prefix)
+    full_token_index: torch.Tensor | None = None  # [m] int64 their tokens (not a prefix)
+    full_query_start_loc: torch.Tensor | None = None  # [n + 1] int32 (when not a prefix)
     fa: Any = None
     """CUDA, steps without prefill rows: vLLM's own ``FlashAttentionMetadata`` (decode runs
     as dense vLLM does, full CUDA graphs included)."""
@@ -57,13 +63,14 @@ def build_metadata(*, query_start_loc_cpu: list[int], seq_lens_cpu: list[int],
                    slot_mapping: torch.Tensor, device: torch.device,
                    query_start_loc: torch.Tensor | None = None,
                    seq_lens: torch.Tensor | None = None, max_query_len: int | None = None,
-                   max_seq_len: int | None = None, num_actual_tokens: int | None = None
-                   ) -> RedKnotAttentionMetadata:
+                   max_seq_len: int | None = None, num_actual_tokens: int | None = None,
+                   full_tail_cpu: list[int] | None = None) -> RedKnotAttentionMetadata:
     """The metadata of a batch given by its host layout.
 
     ``query_start_loc`` / ``seq_lens`` (their maxima, the token count) are vLLM's own when
     the builder has them; otherwise they are derived from the host lists (one non-blocking transfer
-    each).
+    each). ``full_tail_cpu``: per row, how many of its last tokens attend fully (prefill
+    rows; capped at the row's length; None: none).
     """
     num_reqs = len(seq_lens_cpu)
     q_lens = [query_start_loc_cpu[i + 1] - query_start_loc_cpu[i] for i in range(num_reqs)]
@@ -86,6 +93,9 @@ def build_metadata(*, query_start_loc_cpu: list[int], seq_lens_cpu: list[int],
         seq_lens_cpu=seq_lens_cpu,
         is_prefill_cpu=is_prefill_cpu,
         has_prefill=any(is_prefill_cpu),
+        full_tail_cpu=None if full_tail_cpu is None else [
+            min(t, q) if p else 0 for t, q, p in zip(full_tail_cpu, q_lens, is_prefill_cpu,
+                                                     strict=True)],
     )
     if md.has_prefill:
         _add_token_fields(md, q_lens, device)
@@ -108,20 +118,24 @@ def _add_token_fields(md: RedKnotAttentionMetadata, q_lens: list[int],
     packed = packed.to(dev, non_blocking=True)
     md.token_row, md.token_pos = packed[0, :n], packed[1, :n]
     md.token_is_prefill = packed[2, :n].bool()
-    dec = [r for r, p in enumerate(md.is_prefill_cpu) if not p]
-    if not dec:
+    tails = md.full_tail_cpu or [0] * md.num_reqs
+    # per row, how many of its last tokens attend fully: all of a decode row, a prefill
+    # row's tail
+    full = [t if p else q for t, q, p in zip(tails, q_lens, md.is_prefill_cpu, strict=True)]
+    rows = [r for r, f in enumerate(full) if f]
+    if not rows:
         return
-    md.num_decode_tokens = sum(q_lens[r] for r in dec)
-    md.max_decode_query_len = max(q_lens[r] for r in dec)
-    if dec == list(range(len(dec))):
-        md.decode_prefix_rows = len(dec)
+    md.num_full_tokens = sum(full[r] for r in rows)
+    md.max_full_query_len = max(full[r] for r in rows)
+    if rows == list(range(len(rows))) and all(full[r] == q_lens[r] for r in rows):
+        md.full_prefix_rows = len(rows)  # whole rows leading the batch: plain slices
         return
-    idx = torch.cat([torch.arange(md.query_start_loc_cpu[r], md.query_start_loc_cpu[r + 1])
-                     for r in dec])
-    cu = torch.tensor([0] + [q_lens[r] for r in dec]).cumsum(0).to(torch.int32)
-    md.decode_rows = torch.tensor(dec).to(dev, non_blocking=True)
-    md.decode_token_index = idx.to(dev, non_blocking=True)
-    md.decode_query_start_loc = cu.to(dev, non_blocking=True)
+    idx = torch.cat([torch.arange(md.query_start_loc_cpu[r + 1] - full[r],
+                                  md.query_start_loc_cpu[r + 1]) for r in rows])
+    cu = torch.tensor([0] + [full[r] for r in rows]).cumsum(0).to(torch.int32)
+    md.full_rows = torch.tensor(rows).to(dev, non_blocking=True)
+    md.full_token_index = idx.to(dev, non_blocking=True)
+    md.full_query_start_loc = cu.to(dev, non_blocking=True)
 
 
 def tokens_to_row_end(md: RedKnotAttentionMetadata) -> torch.Tensor:
@@ -154,7 +168,8 @@ def restrict_tokens(md: RedKnotAttentionMetadata, keep: torch.Tensor
     """
     assert keep.device.type == "cpu" and keep.numel() == md.num_actual_tokens
     firsts = first_slots(md)
-    qsl, rows, seq_lens, prefill, row_first_slots = [0], [], [], [], []
+    tails = md.full_tail_cpu or [0] * md.num_reqs
+    qsl, rows, seq_lens, prefill, row_first_slots, new_tails = [0], [], [], [], [], []
     for r in range(md.num_reqs):
         a, b = md.query_start_loc_cpu[r], md.query_start_loc_cpu[r + 1]
         k = keep[a:b]
@@ -173,10 +188,12 @@ def restrict_tokens(md: RedKnotAttentionMetadata, keep: torch.Tensor
             seq_lens.append(end_pos + e)
             prefill.append(md.is_prefill_cpu[r])
             row_first_slots.append(firsts[r])
+            new_tails.append(tails[r] if e == b - a else 0)  # the run ending the row
     dev = md.slot_mapping.device
     kept = keep.nonzero().flatten().to(dev, non_blocking=True)
     out = build_metadata(
         query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, is_prefill_cpu=prefill,
         block_table=md.block_table[torch.tensor(rows, device=md.block_table.device)],
-        slot_mapping=md.slot_mapping[kept], device=dev)
+        slot_mapping=md.slot_mapping[kept], device=dev,
+        full_tail_cpu=new_tails if md.full_tail_cpu is not None else None)
     return out, kept, row_first_slots

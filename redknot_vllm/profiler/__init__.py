@@ -55,10 +55,10 @@ from redknot_vllm.profiler.classify import (
 )
 from redknot_vllm.profiler.probe import PROBE_NAME, AttentionProbe, load_model
 from redknot_vllm.profiler.prose import load_texts, synthetic_texts
-from redknot_vllm.profiler.run import DEFAULT_WINDOWS, profile_heads
+from redknot_vllm.profiler.run import DEFAULT_WINDOWS, profile_heads, profile_long
 from redknot_vllm.profiler.scores import SCORE_NAMES, ProfileError, ProfileScores, load_scores
 
 __all__ = ["DEFAULT_WINDOWS", "METHOD", "PROBE_NAME", "SCORE_NAMES", "AttentionProbe",
            "ProfileError", "ProfileScores", "classify", "combined_scores", "load_model",
-           "load_scores", "load_texts", "profile", "profile_heads", "ranked_heads",
+           "load_scores", "load_texts", "profile", "profile_heads", "profile_long", "ranked_heads",
            "synthetic_texts"]

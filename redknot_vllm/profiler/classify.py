@@ -11,7 +11,13 @@ from typing import Any
 import torch
 
 from redknot_vllm.head_config import HeadConfig
-from redknot_vllm.profiler.run import DEFAULT_WINDOWS, check_model_dir, check_windows, profile_heads
+from redknot_vllm.profiler.run import (
+    DEFAULT_WINDOWS,
+    check_model_dir,
+    check_windows,
+    profile_heads,
+    profile_long,
+)
 from redknot_vllm.profiler.scores import (
     SCORE_NAMES,
     Matrix,
@@ -51,13 +57,12 @@ def combined_scores(scores: ProfileScores, window: int,
     if unknown:
         raise ProfileError(f"weights has unknown key(s) {unknown}; expected {list(SCORE_NAMES)}")
     w.update(weights or {})
-    mats = {"prefix_shift": scores.prefix_shift, "edge_mass": scores.edge_mass[window],
-            "retrieval": scores.retrieval}
+    mats = scores.score_matrices(window)
     norm = {}
     for name, m in mats.items():
         top = max(max(row) for row in m)
         norm[name] = [[x / top if top > 0 else 0.0 for x in row] for row in m]
-    return [[max(w[k] * norm[k][li][h] for k in SCORE_NAMES)
+    return [[max(w[k] * norm[k][li][h] for k in mats)
              for h in range(scores.num_kv_heads)] for li in range(scores.num_layers)]
 
 
@@ -74,10 +79,12 @@ def _rank(comb: Matrix) -> list[tuple[int, int, float]]:
 
 
 def classify(scores: ProfileScores, global_fraction: float, window: int,
-             sink: int | None = None, weights: dict[str, float] | None = None) -> HeadConfig:
+             sink: int | None = None, weights: dict[str, float] | None = None,
+             tail_full_tokens: int = 0, dense_prefix_layers: int = 0) -> HeadConfig:
     """Top ``round(L * H * global_fraction)`` heads global, the rest local(``window``, ``sink``).
 
-    ``sink`` defaults to the profiled sink (4 by default), the one edge_mass assumed.
+    ``sink`` defaults to the profiled sink (4 by default), the one edge_mass assumed;
+    ``tail_full_tokens`` and ``dense_prefix_layers`` pass into the config as they are.
     """
     f = _check_fraction(global_fraction)
     window = _check_window(window, scores.windows)
@@ -99,6 +106,7 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
         "method": METHOD,
         "parameters": {
             "global_fraction": f, "window": window, "sink": sink, "weights": weights,
+            "tail_full_tokens": tail_full_tokens, "dense_prefix_layers": dense_prefix_layers,
             **{k: v for k, v in scores.params.items() if k != "sink"},
             "profiled_sink": scores.sink,
         },
@@ -111,13 +119,18 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
             "prefix_shift": scores.prefix_shift,
             "edge_mass": {str(w): m for w, m in sorted(scores.edge_mass.items())},
             "retrieval": scores.retrieval,
+            **({"edge_mass_long": {str(w): m for w, m in sorted(scores.edge_mass_long.items())},
+                "retrieval_long": scores.retrieval_long}
+               if scores.edge_mass_long or scores.retrieval_long is not None else {}),
             "combined": to_matrix(torch.tensor(comb, dtype=torch.float64)),
         },
+        **({"long_params": scores.long_params} if scores.long_params else {}),
     }
     return HeadConfig.from_dict({
         "num_layers": scores.num_layers,
         "num_kv_heads": scores.num_kv_heads,
-        "dense_prefix_layers": 0,
+        "dense_prefix_layers": dense_prefix_layers,
+        "tail_full_tokens": tail_full_tokens,
         "kv_head_classification": classes,
         "kv_head_max_distance": [[window if c == "local" else -1 for c in row]
                                  for row in classes],
@@ -135,10 +148,12 @@ def _version() -> str:
 
 def profile(model_dir: str | Path, out: str | Path, *, global_fraction: float = 0.2,
             window: int = 1024, sink: int = 4, weights: dict[str, float] | None = None,
+            tail_full_tokens: int = 0, long: dict[str, Any] | None = None,
             **kw: Any) -> HeadConfig:
     """Profile, classify and write the head config JSON to ``out``; returns it.
 
-    ``kw`` goes to :func:`profile_heads` (texts, windows, max_tokens, n_texts, ...).
+    ``kw`` goes to :func:`profile_heads` (texts, windows, max_tokens, n_texts, ...);
+    ``long`` (``long_tokens``, ``windows``, ...) to :func:`profile_long` after it.
     """
     # fail before minutes of profiling, not after
     _check_fraction(global_fraction)
@@ -150,7 +165,10 @@ def profile(model_dir: str | Path, out: str | Path, *, global_fraction: float = 
             raise ProfileError(f"weights has unknown key(s) {unknown}; expected "
                                f"{list(SCORE_NAMES)}")
     scores = profile_heads(model_dir, sink=sink, **kw)
-    hc = classify(scores, global_fraction, window, sink=sink, weights=weights)
+    if long:
+        scores = profile_long(model_dir, scores, **long)
+    hc = classify(scores, global_fraction, window, sink=sink, weights=weights,
+                  tail_full_tokens=tail_full_tokens)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     hc.save_json(out)

@@ -163,3 +163,96 @@ def profile_heads(
         model_fingerprint=model_fingerprint(root), model=root.resolve().name,
     )
 
+
+
+def profile_long(model_dir: str | Path, scores: ProfileScores, *, long_tokens: int,
+                 windows: Sequence[int] = (1024, 2048, 4096), n_texts: int = 2,
+                 n_needles: int = 4, distractors: int = 3, rows: int = 128, seed: int = 0,
+                 device: str | None = None, progress: bool = True) -> ProfileScores:
+    """Add long-context scores to a profile: the attention a local head would drop at
+    ``long_tokens`` of context, and retrieval among distractors.
+
+    * ``edge_mass_long[W]``: for ``rows`` query positions spread over each of ``n_texts``
+      calibration texts of ``long_tokens`` tokens, the mass on keys outside sink + W (only
+      these rows' maps are made: ``rows x long_tokens`` per head, never ``T x T``);
+    * ``retrieval_long``: needle tasks of ``long_tokens`` tokens with ``distractors`` other
+      codes; the mass the answer-predicting rows put on the target's number tokens.
+
+    Runs on ``device`` (default: CUDA when available); the HF model in fp32.
+    """
+    import dataclasses
+
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    root = check_model_dir(model_dir)
+    ws = check_windows(windows, scores.sink)
+    _positive(long_tokens, "long_tokens", "--long-tokens", max(ws) + scores.sink + 16)
+    for v, name, flag in ((n_texts, "n_texts", "--long-texts"), (rows, "rows", "--long-rows")):
+        _positive(v, name, flag)
+    _positive(n_needles, "n_needles", "--long-needles", 0)
+    _positive(distractors, "distractors", "--long-distractors", 0)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = Tokens(AutoTokenizer.from_pretrained(str(root)))
+    texts = synthetic_texts(n_texts, seed + 7919, min_chars=8 * long_tokens)
+    calib = calibration_ids(tok, texts, long_tokens, n_texts, chunk_single=False)
+    needles = [needle_sample(tok, random.Random(f"redknot-profile-long-needle/{seed}/{i}"),
+                             long_tokens, distractors) for i in range(n_needles)]
+    probe = AttentionProbe()
+    model = load_model(root, probe=probe, device=dev)
+    layers, hkv = scores.num_layers, scores.num_kv_heads
+    hq = model.config.num_attention_heads
+    sink = scores.sink
+    edge = {w: torch.zeros(layers, hq, dtype=torch.float64) for w in ws}
+    n_edge = dict.fromkeys(ws, 0)
+    retr = torch.zeros(layers, hq, dtype=torch.float64)
+    bar = tqdm(total=len(calib) + len(needles), desc="profiling heads (long)", unit="pass",
+               disable=not progress)
+    try:
+        for x in calib:
+            n = len(x)
+            pos = torch.linspace(sink + min(ws), n - 1, rows).round().long().unique()
+
+            def edge_handler(layer: int, probs: torch.Tensor, pos: torch.Tensor = pos) -> None:
+                csum = probs[0].cumsum(-1)  # [H, R, T]
+                p = pos.to(csum.device)
+                for w in ws:
+                    ok = p >= sink + w
+                    if not bool(ok.any()):
+                        continue
+                    r = torch.nonzero(ok).flatten()
+                    out = csum[:, r, (p[r] - w)]
+                    if sink:
+                        out = out - csum[:, r, sink - 1]
+                    edge[w][layer] += out.double().clamp_(0, 1).mean(-1).cpu()
+
+            probe.run(model, torch.tensor([x], device=dev), edge_handler, rows=pos)
+            for w in ws:
+                n_edge[w] += n > sink + w
+            bar.update()
+        for ns in needles:
+            needle = torch.tensor(ns.needle, device=dev)
+
+            def retr_handler(layer: int, probs: torch.Tensor, needle: torch.Tensor = needle
+                             ) -> None:
+                mass = probs[0].index_select(2, needle).sum(-1).mean(-1)
+                retr[layer] += mass.double().clamp_(0, 1).cpu()
+
+            probe.run(model, torch.tensor([ns.ids], device=dev), retr_handler,
+                      rows=torch.tensor(ns.queries))
+            bar.update()
+    finally:
+        bar.close()
+        probe.release()
+
+    def kv(t: torch.Tensor, k: int) -> Matrix:
+        return to_matrix((t / max(k, 1)).view(layers, hkv, hq // hkv).amax(-1))
+
+    return dataclasses.replace(
+        scores,
+        edge_mass_long={w: kv(edge[w], n_edge[w]) for w in ws},
+        retrieval_long=kv(retr, len(needles)) if needles else None,
+        long_params={"long_tokens": long_tokens, "windows": list(ws), "n_texts": len(calib),
+                     "rows": rows, "n_needles": len(needles), "distractors": distractors,
+                     "seed": seed, "device": str(dev), "dtype": "float32"})

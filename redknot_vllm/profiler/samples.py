@@ -58,7 +58,10 @@ _ARCHIVES = ["Harbor", "Juniper", "Meridian", "Obsidian", "Pelican", "Quartz", "
              "Tundra", "Velvet", "Willow", "Zephyr", "Granite"]
 
 
-def needle_sample(tok: Tokens, rng: random.Random, max_tokens: int) -> NeedleSample:
+def needle_sample(tok: Tokens, rng: random.Random, max_tokens: int,
+                  distractors: int = 0) -> NeedleSample:
+    """A needle task of at most ``max_tokens`` tokens; with ``distractors``, that many other
+    archives' codes sit anywhere in the haystack (a retrieval head must find the right one)."""
     name, number = rng.choice(_ARCHIVES), rng.randint(10000, 99999)
     head = tok(f" The secret code for the {name} archive is")
     num = tok(f" {number}")
@@ -66,8 +69,11 @@ def needle_sample(tok: Tokens, rng: random.Random, max_tokens: int) -> NeedleSam
     question = tok(f"\nQuestion: What is the secret code for the {name} archive?\n"
                    f"Answer: The secret code for the {name} archive is")
     answer = tok(f" {number}.")
+    others = [tok(f" The secret code for the {n} archive is {rng.randint(10000, 99999)}.")
+              for n in rng.sample([x for x in _ARCHIVES if x != name], distractors)
+              ] if distractors else []
     budget = max_tokens - len(tok.lead) - len(head) - len(num) - len(tail) - len(question) \
-        - len(answer)
+        - len(answer) - sum(map(len, others))
     if budget < 16:
         raise ProfileError(f"max_tokens (--max-tokens) is {max_tokens}, too short for a "
                            "needle task; use at least 128")
@@ -86,6 +92,10 @@ def needle_sample(tok: Tokens, rng: random.Random, max_tokens: int) -> NeedleSam
         if acc <= NEEDLE_MAX_DEPTH * used:
             bounds.append(len(bounds))
     cut = rng.choice(bounds)
+    for d in others:  # distractors anywhere, the target's position follows them
+        at = rng.randrange(len(hay) + 1)
+        hay.insert(at, d)
+        cut += at < cut
     before = [t for s in hay[:cut] for t in s]
     after = [t for s in hay[cut:] for t in s]
     start = len(tok.lead) + len(before) + len(head)
@@ -93,4 +103,3 @@ def needle_sample(tok: Tokens, rng: random.Random, max_tokens: int) -> NeedleSam
     ids = prompt + answer
     return NeedleSample(ids=ids, needle=list(range(start, start + len(num))),
                          queries=list(range(len(prompt) - 1, len(ids) - 1)))
-

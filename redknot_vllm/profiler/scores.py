@@ -11,10 +11,13 @@ import torch
 from redknot_vllm.errors import RedKnotError
 from redknot_vllm.head_config import HeadConfig
 
-SCORE_NAMES: tuple[str, ...] = ("prefix_shift", "edge_mass", "retrieval")
+SCORE_NAMES: tuple[str, ...] = ("prefix_shift", "edge_mass", "retrieval", "edge_mass_long",
+                                 "retrieval_long")
+"""The last two exist only for a long-context profile (:func:`profile_long`)."""
 DECIMALS = 6
 """Scores are rounded so that re-classifying from the JSON equals classifying in memory."""
-CLASSIFY_PARAMS = ("global_fraction", "window", "sink", "weights", "profiled_sink")
+CLASSIFY_PARAMS = ("global_fraction", "window", "sink", "weights", "profiled_sink",
+                   "tail_full_tokens", "dense_prefix_layers")
 """Provenance parameters that belong to classification, not to profiling."""
 
 Matrix = list[list[float]]
@@ -42,6 +45,21 @@ class ProfileScores:
     """Profiling parameters (max_tokens, n_texts, n_retrieval, seed, calibration, ...)."""
     model_fingerprint: str = ""
     model: str = ""
+    edge_mass_long: dict[int, Matrix] = field(default_factory=dict)
+    """Long context: window -> ``[L][H]`` mass sampled query rows put outside sink + window."""
+    retrieval_long: Matrix | None = None
+    """Long context: mass the answer rows put on the target needle among distractors."""
+    long_params: dict[str, Any] = field(default_factory=dict)
+
+    def score_matrices(self, window: int) -> dict[str, Matrix]:
+        """The scores classification combines at ``window`` (long ones when profiled)."""
+        out = {"prefix_shift": self.prefix_shift, "edge_mass": self.edge_mass[window],
+               "retrieval": self.retrieval}
+        if window in self.edge_mass_long:
+            out["edge_mass_long"] = self.edge_mass_long[window]
+        if self.retrieval_long is not None:
+            out["retrieval_long"] = self.retrieval_long
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,7 +73,14 @@ class ProfileScores:
             "params": self.params,
             "model_fingerprint": self.model_fingerprint,
             "model": self.model,
+            **self._long_dict(),
         }
+
+    def _long_dict(self) -> dict[str, Any]:
+        if not self.edge_mass_long and self.retrieval_long is None:
+            return {}
+        return {"edge_mass_long": {str(w): m for w, m in sorted(self.edge_mass_long.items())},
+                "retrieval_long": self.retrieval_long, "long_params": self.long_params}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProfileScores:
@@ -70,6 +95,9 @@ class ProfileScores:
             params=dict(d.get("params", {})),
             model_fingerprint=d.get("model_fingerprint", ""),
             model=d.get("model", ""),
+            edge_mass_long={int(w): m for w, m in (d.get("edge_mass_long") or {}).items()},
+            retrieval_long=d.get("retrieval_long"),
+            long_params=dict(d.get("long_params") or {}),
         )
 
     @classmethod
@@ -97,6 +125,9 @@ class ProfileScores:
             params=params,
             model_fingerprint=prov.get("model_fingerprint", ""),
             model=prov.get("model", ""),
+            edge_mass_long={int(w): m for w, m in (s.get("edge_mass_long") or {}).items()},
+            retrieval_long=s.get("retrieval_long"),
+            long_params=dict(meta.get("long_params") or {}),
         )
 
 

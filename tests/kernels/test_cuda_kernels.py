@@ -17,8 +17,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _batch(rows, hkv, d, num_blocks=512, seed=0):
-    """rows: list of (context_len_before, new_tokens, is_prefill). Returns cache + metadata."""
+def _batch(rows, hkv, d, num_blocks=512, seed=0, tail=0):
+    """rows: list of (context_len_before, new_tokens, is_prefill). Returns cache + metadata;
+    ``tail``: each prefill row's last tokens attend fully."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     cache = torch.randn(num_blocks, hkv, PAGE, 2 * d, device=DEV, dtype=torch.bfloat16,
                         generator=g)
@@ -38,7 +39,7 @@ def _batch(rows, hkv, d, num_blocks=512, seed=0):
     md = build_metadata(
         query_start_loc_cpu=qsl, seq_lens_cpu=seq, is_prefill_cpu=[p for _, _, p in rows],
         block_table=table, slot_mapping=torch.zeros(qsl[-1], device=DEV),
-        device=torch.device(DEV))
+        device=torch.device(DEV), full_tail_cpu=[tail] * len(rows) if tail else None)
     assert md.max_query_len == max(q_lens) and md.max_seq_len == max(seq)
     return cache, md
 
@@ -60,11 +61,12 @@ def _seq_kv(cache, table_row, seq_len, d):
     (8, 4, (HeadGroup((0,), FULL, 0), HeadGroup((1, 2, 3, 4, 5, 6, 7), 128, 16))),
     (2, 1, (HeadGroup((0, 1), 33, 0),)),
 ])
-def test_paged_headclass_attention_cuda_matches_reference(rows, hkv, per, groups):
+@pytest.mark.parametrize("tail", [0, 48])
+def test_paged_headclass_attention_cuda_matches_reference(rows, hkv, per, groups, tail):
     from redknot_vllm.kernels.headclass_attention_cuda import paged_headclass_attention_cuda
 
     d = 128
-    cache, md = _batch(rows, hkv, d)
+    cache, md = _batch(rows, hkv, d, tail=tail)
     q = torch.randn(md.num_actual_tokens, hkv * per, d, device=DEV, dtype=torch.bfloat16)
     out = torch.full_like(q, float("nan"))
     paged_headclass_attention_cuda(q, cache, md, groups, d**-0.5, out)
@@ -79,7 +81,8 @@ def test_paged_headclass_attention_cuda_matches_reference(rows, hkv, per, groups
         a, b = md.query_start_loc_cpu[r], md.query_start_loc_cpu[r + 1]
         w = win if prefill else torch.full((hkv,), FULL)
         ref = headclass_attention_ref(q[a:b].cpu(), k.cpu(), v.cpu(), torch.arange(c, c + n),
-                                      w, sink, d**-0.5)
+                                      w, sink, d**-0.5,
+                                      full_from=c + n - tail if tail and prefill else None)
         assert _rel(out[a:b].cpu(), ref) < 2e-2, (r, _rel(out[a:b].cpu(), ref))
 
 

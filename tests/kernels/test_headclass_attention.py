@@ -116,3 +116,44 @@ def test_write_kv_skips_padding_slots():
     assert cache[0, :, 5, :4].eq(1).all() and cache[0, :, 5, 4:].eq(2).all()
     assert cache[1, :, 1].eq(torch.tensor([1.0] * 4 + [2.0] * 4)).all()
     assert cache.ne(0).sum() == 2 * 2 * 8  # nothing else written
+
+
+def test_full_tail_attends_fully_in_a_mixed_batch():
+    """Prefill rows' last tokens attend fully on local heads too; decode rows fully."""
+    torch.manual_seed(3)
+    hq, hkv, d = 6, 3, 16
+    groups = _groups([FULL, 20, 9], [0, 3, 2])
+    rows = [(0, 70, True, 11), (40, 1, False, 0), (100, 33, True, 40), (5, 57, True, 0)]
+    num_blocks = 64
+    cache = torch.zeros(num_blocks, hkv, BLOCK, 2 * d)
+    tables, ks, vs, qs, qsl, seq = [], [], [], [], [0], []
+    for r, (ctx, n, _, _) in enumerate(rows):
+        total = ctx + n
+        nb = -(-total // BLOCK)
+        tables.append(torch.arange(nb) + 16 * r)
+        k, v = torch.randn(total, hkv, d), torch.randn(total, hkv, d)
+        pos = torch.arange(total)
+        write_kv(cache, tables[-1][pos // BLOCK] * BLOCK + pos % BLOCK, k, v)
+        ks.append(k)
+        vs.append(v)
+        qs.append(torch.randn(n, hq, d))
+        qsl.append(qsl[-1] + n)
+        seq.append(total)
+    table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
+    q = torch.cat(qs)
+    out = torch.empty_like(q)
+    paged_headclass_attention(q, cache, table, qsl, seq, [p for _, _, p, _ in rows], groups,
+                              0.25, out, [t for *_, t in rows])
+    window = torch.tensor([FULL, 20, 9])
+    sink = torch.tensor([0, 3, 2])
+    for r, (ctx, n, prefill, tail) in enumerate(rows):
+        pos = torch.arange(ctx, ctx + n)
+        ref = headclass_attention_ref(
+            qs[r], ks[r], vs[r], pos, window if prefill else torch.full((3,), FULL), sink,
+            0.25, full_from=ctx + n - tail if prefill and tail else None)
+        torch.testing.assert_close(out[qsl[r]:qsl[r + 1]], ref, atol=1e-5, rtol=1e-5)
+    # the tail changes what a far query sees: without it, row 2's last token differs
+    alone = torch.empty_like(q)
+    paged_headclass_attention(q, cache, table, qsl, seq, [p for _, _, p, _ in rows], groups,
+                              0.25, alone)
+    assert not torch.allclose(alone[qsl[3] - 1], out[qsl[3] - 1])
