@@ -54,6 +54,21 @@ for step in "$@"; do
     qwen05)
       # convert the Qwen2.5-Coder-0.5B GGUF once (its chunk wheels came with the bundle)
       timeout 300 python3 -m redknot_vllm.cli model qwen2.5-coder-0.5b 2>&1 | tail -2 ;;
+    headprofile)
+      # profile a registry model's heads on the GPU, short and long context (PROFILE_ARGS)
+      timeout ${PROFILE_TIMEOUT:-560} python3 -m redknot_vllm.cli profile ${PROFILE_MODEL:-qwen2.5-coder-0.5b} \
+        --out "$OUT/${PROFILE_MODEL:-qwen2.5-coder-0.5b}.profile.json" --device cuda --no-progress \
+        ${PROFILE_ARGS:---windows 512,1024,2048,4096 --window 2048 --long-tokens 16384 --long-windows 1024,2048,4096 --long-needles 8} \
+        2>&1 | grep -v -E "^\(EngineCore|it/s" | tail -15 ;;
+    qsweep|qreport)
+      # quality on a registry model (QUALITY_ARGS: --scores/--head-config, --grid, --tails, ...);
+      # resumable: finished engines are cached in /tmp/rkq while the machine stays warm
+      export VLLM_ENABLE_V1_MULTIPROCESSING=0
+      mkdir -p /tmp/rkq
+      timeout ${QUALITY_TIMEOUT:-560} python3 benchmarks/quality.py ${step#q} --model ${QUALITY_MODEL:-qwen2.5-coder-0.5b} \
+        --lengths ${QUALITY_LENGTHS:-8192,16384,32768} --workdir /tmp/rkq --out "$OUT/quality-${step#q}.json" \
+        ${QUALITY_ARGS:-} 2>&1 | grep --line-buffered -E "^\[(quality|sweep)\]|Error|error" | tail -40
+      tar czf "$OUT/quality-${step#q}-runs.tar.gz" -C /tmp/rkq . 2>/dev/null ;;
     load)
       # the OpenAI server under load: dense vs RedKnot `vllm serve`, same run
       timeout ${LOAD_TIMEOUT:-570} python3 benchmarks/load.py --out "$OUT/load-h200.json" \

@@ -147,7 +147,9 @@ def profile(argv: list[str]) -> None:
                    help="other codes in each long needle task (default 3)")
     p.add_argument("--long-rows", type=int, default=128,
                    help="query rows sampled per long text (default 128)")
-    p.add_argument("--device", default=None, help="device of the long-context pass")
+    p.add_argument("--device", default=None,
+                   help="where the fp32 HF model runs (default: CPU; the long-context pass "
+                        "defaults to CUDA when there is one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
@@ -160,7 +162,7 @@ def profile(argv: list[str]) -> None:
     hc = run_profile(resolve_model(args.model), args.out,
                      global_fraction=args.global_fraction, window=args.window,
                      sink=args.sink, texts=args.texts, windows=args.windows,
-                     tail_full_tokens=args.tail_full_tokens,
+                     tail_full_tokens=args.tail_full_tokens, device=args.device,
                      long=None if not args.long_tokens else {
                          "long_tokens": args.long_tokens, "windows": args.long_windows,
                          "n_texts": args.long_texts, "n_needles": args.long_needles,

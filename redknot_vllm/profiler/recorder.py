@@ -27,6 +27,7 @@ def _block(probs: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
     """``probs[:, idx][:, :, idx]`` for ``[H, T, T]`` maps (a view when ``idx`` is a slice)."""
     if isinstance(idx, slice):
         return probs[:, idx, idx]
+    idx = idx.to(probs.device)
     return probs.index_select(1, idx).index_select(2, idx)
 
 
@@ -46,17 +47,17 @@ def prefix_handler(acc: ScoreSums, n: int, blocks: list[torch.Tensor | slice],
             n1 = torch.linalg.vector_norm(a1, dim=(-2, -1))
             dot = torch.mul(a0, a1, out=tmp).sum((-2, -1))
             cos = dot / (n0 * n1).clamp_min(1e-30)
-            acc.shift[layer] += (1 - cos.double()).clamp_(0, 1)
+            acc.shift[layer] += (1 - cos.double()).clamp_(0, 1).cpu()
         csum = torch.cumsum(a0, -1, out=tmp)
         for w in windows:
             if n <= sink + w:
                 continue
-            rows = torch.arange(sink + w, n)
+            rows = torch.arange(sink + w, n, device=probs.device)
             # mass on keys sink <= j <= i - W: a prefix-sum difference per query
             out = csum[:, rows, rows - w]
             if sink:
                 out = out - csum[:, rows, sink - 1]
-            acc.edge[w][layer] += out.double().clamp_(0, 1).mean(-1)
+            acc.edge[w][layer] += out.double().clamp_(0, 1).mean(-1).cpu()
 
     return handle
 
@@ -66,8 +67,8 @@ def retrieval_handler(acc: ScoreSums, needle: torch.Tensor) -> Handler:
     with ``rows=queries``); score = their mean mass on the needle."""
 
     def handle(layer: int, probs: torch.Tensor) -> None:
-        mass = probs[0].index_select(2, needle).sum(-1).mean(-1)
-        acc.retrieval[layer] += mass.double().clamp_(0, 1)
+        mass = probs[0].index_select(2, needle.to(probs.device)).sum(-1).mean(-1)
+        acc.retrieval[layer] += mass.double().clamp_(0, 1).cpu()
 
     return handle
 

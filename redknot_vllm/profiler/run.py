@@ -63,8 +63,11 @@ def profile_heads(
     n_retrieval: int = 8,
     seed: int = 0,
     progress: bool = True,
+    device: str | None = None,
 ) -> ProfileScores:
     """Score every (layer, KV head) of the model at ``model_dir`` (see the module docstring).
+
+    ``device``: where the fp32 HF model runs (default the CPU).
 
     ``texts``: calibration texts, a path (see :func:`load_texts`) or None for synthetic
     prose. Scores are rounded to 6 decimals so that re-classifying from the JSON gives the
@@ -104,7 +107,8 @@ def profile_heads(
     needles = [needle_sample(tok, random.Random(f"redknot-profile-needle/{seed}/{i}"),
                               max_tokens) for i in range(n_retrieval)]
     probe = AttentionProbe()
-    model = load_model(root, probe=probe)
+    dev = device or "cpu"
+    model = load_model(root, probe=probe, device=dev)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     acc = ScoreSums(layers, hq, ws)
     s = len(tok.lead)
@@ -121,14 +125,14 @@ def profile_heads(
                 for p in prefixes]
             # right padding: causal attention never lets a real token see a pad
             width = max(map(len, rows))
-            batch = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+            batch = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=dev)
             probe.run(model, batch, prefix_handler(acc, n, blocks, ws, sink, probe.buffer))
             acc.n_shift += len(prefixes)
             for w in ws:
                 acc.n_edge[w] += n > sink + w
             bar.update()
         for ns in needles:
-            probe.run(model, torch.tensor([ns.ids]),
+            probe.run(model, torch.tensor([ns.ids], device=dev),
                       retrieval_handler(acc, torch.tensor(ns.needle)),
                       rows=torch.tensor(ns.queries))
             acc.n_retrieval += 1
@@ -153,6 +157,7 @@ def profile_heads(
         "n_retrieval": len(needles), "seed": seed, "calibration": source,
         "dtype": "float32", "prefixes": list(PREFIXES),
         "edge_mass_texts": {str(w): acc.n_edge[w] for w in ws},
+        **({"device": str(dev)} if str(dev) != "cpu" else {}),
     }
     return ProfileScores(
         num_layers=layers, num_kv_heads=hkv,
