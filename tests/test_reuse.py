@@ -336,3 +336,43 @@ def test_recompute_fraction_is_the_share_of_the_whole_segment():
             assert abs(int(mask.sum()) - max(16, frac * n)) <= cfg.chunk / 2 + 1, (n, frac)
         # the most deviating chunks are the ones chosen
         assert recompute_mask(seg, cfg, 0.1)[:int(0.1 * n) - 8].all()
+
+
+def test_catalog_find_equals_the_position_by_position_scan():
+    """The vectorised match finds exactly what a scan of every position finds."""
+    import random
+
+    from redknot_vllm.kv_store import SegmentKey
+    from redknot_vllm.reuse.catalog import ANCHOR, Catalog
+    from redknot_vllm.reuse.params import Use
+
+    def scan(cat: Catalog, tokens: list[int], start: int) -> list[Use]:
+        uses, i, n = [], start, len(tokens)
+        while i + ANCHOR <= n:
+            best = None
+            for digest, ids in cat._by_anchor.get(tuple(tokens[i:i + ANCHOR]), {}).items():
+                if (len(ids) <= n - i and (best is None or len(ids) > best.length)
+                        and tuple(tokens[i:i + len(ids)]) == ids):
+                    best = Use(digest, i, len(ids))
+            i = i + 1 if best is None else i + best.length
+            if best is not None:
+                uses.append(best)
+        return uses
+
+    rng = random.Random(0)
+    docs = [[rng.randrange(5, 60) for _ in range(rng.randrange(16, 90))] for _ in range(12)]
+    docs += [docs[0][:40], docs[3] + docs[4]]  # a prefix of another, a concatenation
+    cat = Catalog()
+    for d in docs:
+        key = SegmentKey("f", "h", "t", False, tuple(d), "l")
+        cat.add(key, key.digest())
+    for trial in range(200):
+        parts = [rng.choice(docs) if rng.random() < 0.5 else
+                 [rng.randrange(5, 60) for _ in range(rng.randrange(0, 30))]
+                 for _ in range(rng.randrange(1, 8))]
+        prompt = [t for p in parts for t in p]
+        start = rng.randrange(0, max(1, len(prompt)))
+        assert cat.find(prompt, start) == scan(cat, prompt, start), trial
+    cat.discard(cat.exact(docs[0]))
+    prompt = docs[0] + docs[1]
+    assert cat.find(prompt, 0) == scan(cat, prompt, 0)

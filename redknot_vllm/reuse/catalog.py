@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import replace
 
+import numpy as np
 from vllm.logger import init_logger
 
 from redknot_vllm.kv_store import (
@@ -23,6 +24,17 @@ logger = init_logger(__name__)
 
 ANCHOR = 16
 """Segments are looked up by their first ``ANCHOR`` tokens."""
+# odd 64-bit multipliers of the anchor hash (fixed: hashes are recomputed, never stored)
+_MULT = (np.random.default_rng(0x5EED).integers(1, 1 << 62, ANCHOR, dtype=np.uint64) * 2
+         + 1).astype(np.uint64)
+
+
+def anchor_hashes(tokens: np.ndarray) -> np.ndarray:
+    """uint64 hash of every ``ANCHOR``-token window of ``tokens`` (``[n - ANCHOR + 1]``),
+    vectorised; equal windows hash equal (a match is then checked token by token)."""
+    win = np.lib.stride_tricks.sliding_window_view(tokens.astype(np.uint64), ANCHOR)
+    with np.errstate(over="ignore"):
+        return (win * _MULT).sum(axis=1, dtype=np.uint64)
 
 
 class Catalog:
@@ -32,6 +44,7 @@ class Catalog:
         self._by_anchor: dict[tuple[int, ...], dict[str, tuple[int, ...]]] = {}
         self._by_tokens: dict[tuple[int, ...], str] = {}
         self._ids: dict[str, tuple[int, ...]] = {}
+        self._hashes: np.ndarray | None = None  # sorted anchor hashes; None: rebuild
 
     def __len__(self) -> int:
         return len(self._by_tokens)
@@ -40,6 +53,7 @@ class Catalog:
         self._by_anchor.setdefault(key.token_ids[:ANCHOR], {})[digest] = key.token_ids
         self._by_tokens[key.token_ids] = digest
         self._ids[digest] = key.token_ids
+        self._hashes = None
 
     def digests(self) -> set[str]:
         return set(self._ids)
@@ -49,6 +63,7 @@ class Catalog:
         if ids is not None:
             self._by_tokens.pop(ids, None)
             self._by_anchor.get(ids[:ANCHOR], {}).pop(digest, None)
+            self._hashes = None
 
     def exact(self, tokens: Sequence[int]) -> str | None:
         """The digest of a segment with exactly these tokens."""
@@ -60,21 +75,35 @@ class Catalog:
         return None if ids is None else len(ids)
 
     def find(self, tokens: Sequence[int], start: int) -> list[Use]:
-        """Leftmost-longest non-overlapping stored segments in ``tokens[start:]``."""
+        """Leftmost-longest non-overlapping stored segments in ``tokens[start:]``.
+
+        The positions where a stored segment may start are found by hashing every window
+        at once (no per-position Python); only those are compared token by token.
+        """
         uses: list[Use] = []
-        i, n = start, len(tokens)
-        while i + ANCHOR <= n:
-            cands = self._by_anchor.get(tuple(tokens[i:i + ANCHOR]))
+        n = len(tokens)
+        if n - start < ANCHOR or not self._by_anchor:
+            return uses
+        if self._hashes is None:
+            anchors = [a for a, c in self._by_anchor.items() if c and len(a) == ANCHOR]
+            self._hashes = np.unique(anchor_hashes(np.asarray(anchors, dtype=np.int64)
+                                                   .reshape(-1))[::ANCHOR]) if anchors \
+                else np.zeros(0, dtype=np.uint64)
+        h = anchor_hashes(np.asarray(tokens[start:], dtype=np.int64))
+        cands_at = (np.nonzero(np.isin(h, self._hashes))[0] + start).tolist()
+        i = start
+        for at in cands_at:
+            if at < i:
+                continue  # inside a segment already matched
+            cands = self._by_anchor.get(tuple(tokens[at:at + ANCHOR]))
             best = None
             for digest, ids in (cands or {}).items():
-                if (len(ids) <= n - i and (best is None or len(ids) > best.length)
-                        and tuple(tokens[i:i + len(ids)]) == ids):
-                    best = Use(digest, i, len(ids))
-            if best is None:
-                i += 1
-            else:
+                if (len(ids) <= n - at and (best is None or len(ids) > best.length)
+                        and tuple(tokens[at:at + len(ids)]) == ids):
+                    best = Use(digest, at, len(ids))
+            if best is not None:
                 uses.append(best)
-                i += best.length
+                i = at + best.length
         return uses
 
 
