@@ -251,6 +251,11 @@ def installation_key(path: Path | None = None) -> bytes:
     return key
 
 
+def _file_state(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -293,6 +298,9 @@ class SegmentStore:
         self.last_hit_tier: str | None = None
         self._dir = None if disk_dir is None else Path(disk_dir)
         self._key = key
+        self._verified: dict[str, tuple[int, int, int, int]] = {}
+        """digest -> (inode, size, mtime, ctime) of a file whose checksum was verified or
+        written by this process."""
         if self._dir is not None:
             self._dir.mkdir(parents=True, exist_ok=True)
             if key is None:
@@ -467,6 +475,7 @@ class SegmentStore:
         path.parent.mkdir(exist_ok=True)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
                      durable=True)
+        self._verified[digest] = _file_state(path)  # hashed once, at write
         old = self._disk.pop(digest, None)
         self._bytes["disk"] -= old.nbytes if old else 0
         self._disk[digest] = _DiskEntry(path.stat().st_size, time.time())
@@ -494,9 +503,11 @@ class SegmentStore:
         path = self._path(digest)
         try:
             check_regular(path, self._dir)
+            before = _file_state(path)
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 md = f.metadata() or {}
                 tensors = {n: f.get_tensor(n) for n in f.keys()}
+            unchanged = before == _file_state(path) == self._verified.get(digest)
             if md.get("format") != FORMAT:
                 raise ValueError(f"format {md.get('format')!r}, expected {FORMAT!r} (files "
                                  "written before keyed checksums: run `redknot precompute` "
@@ -509,10 +520,15 @@ class SegmentStore:
             key = _key_from_header(md, ids)
             if key.digest() != digest:
                 raise ValueError("key fields hash to another digest (renamed or foreign file)")
-            mac = _mac(self._secret(), digest, tensors, md["meta"])
-            if not hmac.compare_digest(mac, md.get("mac", "")):
-                raise ValueError("keyed checksum mismatch (damaged, or written without this "
-                                 "installation's key)")
+            # the keyed checksum is verified once per file per process (and not at all for
+            # a file this store wrote): a file whose inode, size, mtime and ctime are those
+            # of the verified one has not been written since (ctime cannot be set back)
+            if not unchanged:
+                mac = _mac(self._secret(), digest, tensors, md["meta"])
+                if not hmac.compare_digest(mac, md.get("mac", "")):
+                    raise ValueError("keyed checksum mismatch (damaged, or written without "
+                                     "this installation's key)")
+                self._verified[digest] = before
             meta = json.loads(md["meta"])
             return Segment(key, tensors["k"], tensors["v"], tensors.get("deviation"), meta)
         except FileNotFoundError:

@@ -397,3 +397,25 @@ def test_threads(tmp_path: Path) -> None:
     st = store.stats()
     assert st["host"]["count"] == 4 and st["disk"]["count"] >= 20 and st["corrupt"] == 0
     assert all(store.get(s.key) is not None for s in segs)
+
+
+def test_keyed_checksum_is_verified_once_per_file(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    seg = make_segment(tokens=32)
+    calls = []
+    real = kv_store._mac
+    monkeypatch.setattr(kv_store, "_mac", lambda *a: calls.append(1) or real(*a))
+    writer = SegmentStore(host_bytes=0, disk_dir=tmp_path)
+    writer.put(seg)
+    assert len(calls) == 1  # at write
+    assert writer.get(seg.key) is not None and len(calls) == 1  # its own file: not again
+    reader = SegmentStore(host_bytes=0, disk_dir=tmp_path)
+    for _ in range(3):  # no memory tier: every get loads the file
+        assert reader.get(seg.key) is not None
+    assert len(calls) == 2  # verified once by this store
+    # rewritten (here: the same bytes, as a tamperer restoring mtime would): verified again
+    path = seg_file(tmp_path, seg)
+    st = path.stat()
+    path.write_bytes(path.read_bytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert reader.get(seg.key) is not None and len(calls) == 3
