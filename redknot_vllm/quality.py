@@ -232,15 +232,7 @@ def _variable_tracking(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[i
 
 def _multidoc_qa(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ...], tuple]:
     k = 6
-    people = rng.sample(_PEOPLE, k)
-    cities = rng.sample(_CITIES, k)
-    jobs = [rng.choice(_JOBS) for _ in range(k)]
-    evidence = rng.randrange(1, k)  # never only the first document
-    inserts = [((i + 0.5) / k, f"Document {i + 1}: {p} is {j} who was born in {c}.")
-               for i, (p, c, j) in enumerate(zip(people, cities, jobs, strict=True))]
-    p = people[evidence]
-    q = f"\nQuestion: In which city was {p} born?\nAnswer: {p} was born in"
-    return b.build(rng, n, inserts, q), (cities[evidence],)
+    return _documents_qa(b, rng, n, rng.sample(_PEOPLE, k), rng.sample(_CITIES, k))
 
 
 def _multidoc_qa_many(b: _Builder, rng: random.Random, n: int
@@ -248,7 +240,13 @@ def _multidoc_qa_many(b: _Builder, rng: random.Random, n: int
     k = 24
     people = [f"{f} {la}" for f, la in zip(rng.sample(_FIRST, k), rng.sample(_LAST, k),
                                             strict=True)]
-    cities = rng.sample(_MORE_CITIES, k)
+    return _documents_qa(b, rng, n, people, rng.sample(_MORE_CITIES, k))
+
+
+def _documents_qa(b: _Builder, rng: random.Random, n: int, people: list[str],
+                  cities: list[str]) -> tuple[tuple[int, ...], tuple]:
+    """One document per person (job, birthplace); the question asks about one of them."""
+    k = len(people)
     jobs = [rng.choice(_JOBS) for _ in range(k)]
     evidence = rng.randrange(1, k)  # never only the first document
     inserts = [((i + 0.5) / k, f"Document {i + 1}: {p} is {j} who was born in {c}.")
