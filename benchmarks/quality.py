@@ -230,8 +230,8 @@ def plot_report(result: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel(f"accuracy (95% CI), n={result['n']}")
     axes[0].legend()
     fig.suptitle(f"{result['model']}: RedKnot vs dense vLLM ({result['vllm']}, "
-                 f"{result['device']}); avg ratio {result['avg_ratio']:.3f}, "
-                 f"min {result['min_ratio']:.3f}", fontsize=10)
+                 f"{result['device']}); avg ratio {quality.fmt(result['avg_ratio'])}, "
+                 f"min {quality.fmt(result['min_ratio'])}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -331,9 +331,9 @@ def gate(argv: list[str]) -> int:
                                bar=quality.Bar(a.avg_bar, a.cell_bar), engine_kwargs=kw)
     print(result.message())
     for c in result.cells:
-        ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.3f}"
         print(f"  {c['task']:<18} {c['tokens']:>6}  dense {c['dense_acc']:.2f}  redknot "
-              f"{c['redknot_acc']:.2f}  ratio {ratio}  agreement {c['agreement']:.2f}")
+              f"{c['redknot_acc']:.2f}  ratio {quality.fmt(c['ratio'])}  agreement "
+              f"{c['agreement']:.2f}")
     print(f"cached at {gate_mod.gate_path(gate_mod.gate_key(result.model_fingerprint, cfg))}")
     return 0 if result.passed else 1
 

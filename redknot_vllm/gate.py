@@ -28,6 +28,7 @@ from redknot_vllm.config import RedKnotConfig, RedKnotConfigError
 from redknot_vllm.errors import RedKnotError
 from redknot_vllm.fingerprint import model_fingerprint
 from redknot_vllm.fsutil import atomic_write
+from redknot_vllm.quality import fmt
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +84,9 @@ class GateResult:
         verdict = "PASSED" if self.passed else "REFUSED"
         worst = min(self.cells, key=lambda c: c["ratio"] if c["ratio"] is not None else 9)
         return (f"RedKnot quality gate {verdict}: accuracy ratio RedKnot/dense average "
-                f"{_fmt(s['avg_ratio'])} (bar {s['bar']['avg_ratio']}), worst cell "
-                f"{worst['task']}@{worst['tokens']} {_fmt(worst['ratio'])} (bar "
+                f"{fmt(s['avg_ratio'])} (bar {s['bar']['avg_ratio']}), worst cell "
+                f"{worst['task']}@{worst['tokens']} {fmt(worst['ratio'])} (bar "
                 f"{s['bar']['min_cell_ratio']}); n={self.params['n']} per cell")
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def run_gate(model: str, cfg: RedKnotConfig, *, tasks: Sequence[str] = DEFAULT_TASKS,

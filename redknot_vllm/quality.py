@@ -444,6 +444,11 @@ def compare(dense: Sequence[Outcome], redknot: Sequence[Outcome]) -> list[Cell]:
     return cells
 
 
+def fmt(x: float | None) -> str:
+    """A ratio for people: three decimals, or n/a (no counted cell)."""
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 @dataclass(frozen=True)
 class Bar:
     """The quality bar: average and per-cell RedKnot/dense accuracy ratios, over the cells
