@@ -53,13 +53,38 @@ def prefix_handler(acc: ScoreSums, n: int, blocks: list[torch.Tensor | slice],
             if n <= sink + w:
                 continue
             rows = torch.arange(sink + w, n, device=probs.device)
-            # mass on keys sink <= j <= i - W: a prefix-sum difference per query
-            out = csum[:, rows, rows - w]
-            if sink:
-                out = out - csum[:, rows, sink - 1]
-            acc.edge[w][layer] += out.double().clamp_(0, 1).mean(-1).cpu()
+            acc.edge[w][layer] += _edge_mass(csum, rows, rows, w, sink)
 
     return handle
+
+
+def sampled_edge_handler(acc: ScoreSums, pos: torch.Tensor, windows: Sequence[int],
+                         sink: int) -> Handler:
+    """edge_mass of one long text from the maps of the sampled query positions ``pos``
+    only (run with ``rows=pos``)."""
+
+    def handle(layer: int, probs: torch.Tensor) -> None:
+        csum = probs[0].cumsum(-1)  # [H, R, T]
+        p = pos.to(csum.device)
+        for w in windows:
+            ok = p >= sink + w
+            if not bool(ok.any()):
+                continue
+            r = torch.nonzero(ok).flatten()
+            acc.edge[w][layer] += _edge_mass(csum, r, p[r], w, sink)
+
+    return handle
+
+
+def _edge_mass(csum: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, w: int,
+               sink: int) -> torch.Tensor:
+    """Per head, the mean over query ``rows`` of ``csum`` (``[H, R, T]`` row-wise prefix
+    sums of the maps; ``pos``: those queries' positions) of the mass on keys
+    ``sink <= j <= pos - W``: a prefix-sum difference per query."""
+    out = csum[:, rows, pos - w]
+    if sink:
+        out = out - csum[:, rows, sink - 1]
+    return out.double().clamp_(0, 1).mean(-1).cpu()
 
 
 def retrieval_handler(acc: ScoreSums, needle: torch.Tensor) -> Handler:

@@ -13,7 +13,12 @@ import torch
 from redknot_vllm.dims import ModelDims
 from redknot_vllm.profiler.probe import AttentionProbe, load_model
 from redknot_vllm.profiler.prose import load_texts, synthetic_texts
-from redknot_vllm.profiler.recorder import ScoreSums, prefix_handler, retrieval_handler
+from redknot_vllm.profiler.recorder import (
+    ScoreSums,
+    prefix_handler,
+    retrieval_handler,
+    sampled_edge_handler,
+)
 from redknot_vllm.profiler.samples import Tokens, calibration_ids, needle_sample
 from redknot_vllm.profiler.scores import Matrix, ProfileError, ProfileScores, to_matrix
 
@@ -131,20 +136,10 @@ def profile_heads(
             for w in ws:
                 acc.n_edge[w] += n > sink + w
             bar.update()
-        for ns in needles:
-            probe.run(model, torch.tensor([ns.ids], device=dev),
-                      retrieval_handler(acc, torch.tensor(ns.needle)),
-                      rows=torch.tensor(ns.queries))
-            acc.n_retrieval += 1
-            bar.update()
+        _needle_passes(probe, model, needles, acc, dev, bar)
     finally:
         bar.close()
         probe.release()
-
-    def kv(t: torch.Tensor, n: int) -> Matrix:
-        # a KV head is as non-local as the most non-local query head that shares it
-        mean = t / max(n, 1)
-        return to_matrix(mean.view(layers, hkv, hq // hkv).amax(-1))
 
     for w in ws:
         if not acc.n_edge[w]:
@@ -161,13 +156,29 @@ def profile_heads(
     }
     return ProfileScores(
         num_layers=layers, num_kv_heads=hkv,
-        prefix_shift=kv(acc.shift, acc.n_shift),
-        edge_mass={w: kv(acc.edge[w], acc.n_edge[w]) for w in ws},
-        retrieval=kv(acc.retrieval, acc.n_retrieval),
+        prefix_shift=_per_kv_head(acc.shift, acc.n_shift, hkv),
+        edge_mass={w: _per_kv_head(acc.edge[w], acc.n_edge[w], hkv) for w in ws},
+        retrieval=_per_kv_head(acc.retrieval, acc.n_retrieval, hkv),
         windows=ws, sink=sink, params=params,
         model_fingerprint=model_fingerprint(root), model=root.resolve().name,
     )
 
+
+def _needle_passes(probe: AttentionProbe, model: Any, needles: Sequence[Any], acc: ScoreSums,
+                   dev: str, bar: Any) -> None:
+    """The retrieval passes: only the answer-predicting rows' maps are made."""
+    for ns in needles:
+        probe.run(model, torch.tensor([ns.ids], device=dev),
+                  retrieval_handler(acc, torch.tensor(ns.needle)),
+                  rows=torch.tensor(ns.queries))
+        acc.n_retrieval += 1
+        bar.update()
+
+
+def _per_kv_head(t: torch.Tensor, n: int, num_kv_heads: int) -> Matrix:
+    """Sums ``[layers, query heads]`` over ``n`` passes -> means per KV head: a KV head is
+    as non-local as the most non-local query head that shares it."""
+    return to_matrix((t / max(n, 1)).view(t.shape[0], num_kv_heads, -1).amax(-1))
 
 
 def profile_long(model_dir: str | Path, scores: ProfileScores, *, long_tokens: int,
@@ -187,7 +198,6 @@ def profile_long(model_dir: str | Path, scores: ProfileScores, *, long_tokens: i
     """
     import dataclasses
 
-    import torch
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -209,55 +219,28 @@ def profile_long(model_dir: str | Path, scores: ProfileScores, *, long_tokens: i
     layers, hkv = scores.num_layers, scores.num_kv_heads
     hq = model.config.num_attention_heads
     sink = scores.sink
-    edge = {w: torch.zeros(layers, hq, dtype=torch.float64) for w in ws}
-    n_edge = dict.fromkeys(ws, 0)
-    retr = torch.zeros(layers, hq, dtype=torch.float64)
+    acc = ScoreSums(layers, hq, ws)
     bar = tqdm(total=len(calib) + len(needles), desc="profiling heads (long)", unit="pass",
                disable=not progress)
     try:
         for x in calib:
             n = len(x)
             pos = torch.linspace(sink + min(ws), n - 1, rows).round().long().unique()
-
-            def edge_handler(layer: int, probs: torch.Tensor, pos: torch.Tensor = pos) -> None:
-                csum = probs[0].cumsum(-1)  # [H, R, T]
-                p = pos.to(csum.device)
-                for w in ws:
-                    ok = p >= sink + w
-                    if not bool(ok.any()):
-                        continue
-                    r = torch.nonzero(ok).flatten()
-                    out = csum[:, r, (p[r] - w)]
-                    if sink:
-                        out = out - csum[:, r, sink - 1]
-                    edge[w][layer] += out.double().clamp_(0, 1).mean(-1).cpu()
-
-            probe.run(model, torch.tensor([x], device=dev), edge_handler, rows=pos)
+            probe.run(model, torch.tensor([x], device=dev),
+                      sampled_edge_handler(acc, pos, ws, sink), rows=pos)
             for w in ws:
-                n_edge[w] += n > sink + w
+                acc.n_edge[w] += n > sink + w
             bar.update()
-        for ns in needles:
-            needle = torch.tensor(ns.needle, device=dev)
-
-            def retr_handler(layer: int, probs: torch.Tensor, needle: torch.Tensor = needle
-                             ) -> None:
-                mass = probs[0].index_select(2, needle).sum(-1).mean(-1)
-                retr[layer] += mass.double().clamp_(0, 1).cpu()
-
-            probe.run(model, torch.tensor([ns.ids], device=dev), retr_handler,
-                      rows=torch.tensor(ns.queries))
-            bar.update()
+        _needle_passes(probe, model, needles, acc, dev, bar)
     finally:
         bar.close()
         probe.release()
 
-    def kv(t: torch.Tensor, k: int) -> Matrix:
-        return to_matrix((t / max(k, 1)).view(layers, hkv, hq // hkv).amax(-1))
-
     return dataclasses.replace(
         scores,
-        edge_mass_long={w: kv(edge[w], n_edge[w]) for w in ws},
-        retrieval_long=kv(retr, len(needles)) if needles else None,
+        edge_mass_long={w: _per_kv_head(acc.edge[w], acc.n_edge[w], hkv) for w in ws},
+        retrieval_long=(_per_kv_head(acc.retrieval, acc.n_retrieval, hkv) if needles
+                        else None),
         long_params={"long_tokens": long_tokens, "windows": list(ws), "n_texts": len(calib),
                      "rows": rows, "n_needles": len(needles), "distractors": distractors,
                      "seed": seed, "device": str(dev), "dtype": "float32"})
