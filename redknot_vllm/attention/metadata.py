@@ -153,21 +153,24 @@ def first_slots(md: RedKnotAttentionMetadata) -> list[int]:
     return md.slot_mapping[torch.tensor(md.query_start_loc_cpu[:-1])].tolist()
 
 
-def restrict_tokens(md: RedKnotAttentionMetadata, keep: torch.Tensor
+def restrict_tokens(md: RedKnotAttentionMetadata, keep: torch.Tensor,
+                    firsts: list[int] | None = None
                     ) -> tuple[RedKnotAttentionMetadata, torch.Tensor, list[int]]:
     """Metadata for computing only the kept tokens of a prefill step (KV reuse).
 
     Every maximal run of kept tokens of a row becomes a row of its own, with the row's block
     table and ``seq_len`` = the position after the run's last token, so each run attends
     causally to everything before it: KV spliced into the cache for the dropped tokens, and
-    the run's own fresh KV. ``keep`` is a host bool ``[num_actual_tokens]``.
+    the run's own fresh KV. ``keep`` is a host bool ``[num_actual_tokens]``; ``firsts``:
+    :func:`first_slots` of ``md`` when the caller has them (saves a transfer).
 
     Returns:
         (metadata, kept token indices on the device, per new row the slot of its
         original row's first token, by which the connector knows the request).
     """
     assert keep.device.type == "cpu" and keep.numel() == md.num_actual_tokens
-    firsts = first_slots(md)
+    if firsts is None:
+        firsts = first_slots(md)
     tails = md.full_tail_cpu or [0] * md.num_reqs
     qsl, rows, seq_lens, prefill, row_first_slots, new_tails = [0], [], [], [], [], []
     for r in range(md.num_reqs):

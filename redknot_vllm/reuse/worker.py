@@ -105,7 +105,8 @@ class ReuseWorker:
         tok_idx: list[torch.Tensor] = []
         parts: list[tuple[Segment, torch.Tensor, int]] = []
         reused: dict[int, list[tuple[int, int]]] = {}
-        for r, slot in enumerate(step.first_slots()):
+        firsts = step.first_slots()
+        for r, slot in enumerate(firsts):
             hit = plan.get(slot)
             if hit is None or not md.is_prefill_cpu[r]:
                 continue
@@ -144,9 +145,9 @@ class ReuseWorker:
         keep[t_all] = False
         if not bool(keep.any()):
             keep[-1] = True  # a step computes at least one token
-        new_md, kept, firsts = restrict_tokens(md, keep)
+        new_md, kept, row_firsts = restrict_tokens(md, keep, firsts)
         compat.set_step_attention_metadata(forward_context, self.layer_names, new_md)
-        step.attn, step.compute_index, step.row_first_slots = new_md, kept, firsts
+        step.attn, step.compute_index, step.row_first_slots = new_md, kept, row_firsts
         step.reused = reused
 
     def _reused_offsets(self, req_id: str, prompt_len: int, u: Use, a: int, b: int
@@ -235,12 +236,13 @@ class ReuseWorker:
             logger.warning("RedKnot probe: segment %s… missing or of another length; no "
                            "deviation recorded", digest[:12])
             return
-        seg = found[0]
+        seg = found[0]  # on k's device
         n = k.shape[1]
-        ref_k = relocate_keys(seg.k.to(k.device), 0, offset, self.rotary)
-        dk = (k.float() - ref_k.float()).norm(dim=-1) / ref_k.float().norm(dim=-1).clamp_min(1e-6)
-        dv = ((v.float() - seg.v.to(v.device).float()).norm(dim=-1)
-              / seg.v.to(v.device).float().norm(dim=-1).clamp_min(1e-6))
+        # each fp32 copy made once: at 32K tokens a layer stack of K or V is hundreds of MB
+        ref_k = relocate_keys(seg.k, 0, offset, self.rotary).float()
+        ref_v = seg.v.float()
+        dk = (k.float() - ref_k).norm(dim=-1) / ref_k.norm(dim=-1).clamp_min(1e-6)
+        dv = (v.float() - ref_v).norm(dim=-1) / ref_v.norm(dim=-1).clamp_min(1e-6)
         deviation = ((dk + dv) / 2).mean(dim=(0, 2)).cpu()  # [n]: over layers and heads
         assert deviation.numel() == n
         self.put(Segment(seg.key, seg.k, seg.v, deviation,
