@@ -316,18 +316,23 @@ class SegmentStore:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def put(self, segment: Segment, tier: str | None = None) -> str | None:
+    def put(self, segment: Segment, tier: str | None = None, *,
+            write_through: bool = False) -> str | None:
         """Store ``segment`` in ``tier`` (None: the highest one), or the first lower tier that
-        is configured and large enough. Returns the tier it landed in, None if none could
-        hold it. Disk write errors raise ``OSError``."""
+        is configured and large enough. ``write_through``: write its disk copy first (once,
+        also when no memory tier can hold it), then keep it in memory. Returns the tier it
+        landed in, None if none could hold it. Disk write errors raise ``OSError`` (with
+        ``write_through``, before any memory tier changes)."""
         if tier is not None and tier not in TIERS:
             raise ValueError(f"tier must be one of {TIERS} or None, got {tier!r}")
         digest = segment.key.digest()
         with self._lock:
             if tier == "disk":
                 return self._place(digest, segment, "disk", rewrite=True)
+            if write_through:
+                self._place(digest, segment, "disk", rewrite=True)
             self._drop_mem(digest)
-            return self._place(digest, segment, tier or "gpu", rewrite=True)
+            return self._place(digest, segment, tier or "gpu", rewrite=not write_through)
 
     def persist(self, key_or_digest: SegmentKey | str) -> bool:
         """Make sure a disk copy exists (written now if only in memory). False if the segment

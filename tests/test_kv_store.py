@@ -182,6 +182,27 @@ def test_segment_larger_than_tier_skips_it(tmp_path: Path) -> None:
     assert SegmentStore(host_bytes=small.nbytes).put(big) is None
 
 
+def test_write_through_writes_the_disk_copy_once(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[str] = []
+    real_save = kv_store.save_file
+    monkeypatch.setattr(kv_store, "save_file",
+                        lambda t, p, metadata: (writes.append(metadata["digest"]),
+                                                real_save(t, p, metadata=metadata)))
+    small, big = make_segment(4), make_segment(64, start=7)
+    store = SegmentStore(host_bytes=small.nbytes, disk_dir=tmp_path)
+    assert store.put(small, write_through=True) == "host"
+    assert store.put(big, write_through=True) == "disk"  # too big for host: written once
+    assert writes == [small.key.digest(), big.key.digest()]
+    assert store.tier_of(small.key) == "host" and seg_file(tmp_path, small).is_file()
+    again = dataclasses.replace(small, meta={"source": "probed"})
+    assert store.put(again, write_through=True) == "host"  # the disk copy is rewritten
+    assert writes[2:] == [small.key.digest()]
+    assert SegmentStore(disk_dir=tmp_path).get(small.key).meta == {  # type: ignore[union-attr]
+        "source": "probed"}
+    assert store.get(small.key).meta == {"source": "probed"}  # type: ignore[union-attr]
+
+
 def test_three_tiers_cascade_and_promote(tmp_path: Path) -> None:
     a, b, c, d = (make_segment(start=i * 100) for i in range(4))
     store = SegmentStore(gpu_bytes=2 * a.nbytes, host_bytes=a.nbytes, disk_dir=tmp_path,

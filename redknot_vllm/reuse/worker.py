@@ -72,8 +72,7 @@ class ReuseWorker:
 
     def put(self, segment: Segment) -> str:
         """Write through to disk (the scheduler's catalog reads it), keep a memory copy."""
-        self.store.put(segment, "disk")
-        self.store.put(segment)
+        self.store.put(segment, write_through=True)
         return segment.key.digest()
 
     # ------------------------------------------------------------- before the forward
