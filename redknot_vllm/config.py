@@ -75,22 +75,22 @@ class SparseFFNConfig:
                 f"(got {self.mass_thresh!r} and {self.keep_fraction!r})")
         for name in ("mass_thresh", "keep_fraction"):
             v = getattr(self, name)
-            if v is not None and (not _is_number(v) or not 0 < v <= 1):
+            if v is not None and (not is_number(v) or not 0 < v <= 1):
                 raise bad(name, v, "a number in (0, 1]")
         if self.keep_fraction is not None and self.mass_thresh_deep is not None:
             raise RedKnotConfigError(f"sparse_ffn {self.source}: mass_thresh_deep needs "
                                      "mass_thresh, not keep_fraction")
         if self.mass_thresh_deep is not None and (
-                not _is_number(self.mass_thresh_deep) or not 0 < self.mass_thresh_deep <= 1):
+                not is_number(self.mass_thresh_deep) or not 0 < self.mass_thresh_deep <= 1):
             raise bad("mass_thresh_deep", self.mass_thresh_deep, "null or a number in (0, 1]")
         for name in ("dense_until", "recent_n"):
             v = getattr(self, name)
-            if not _is_int(v) or not 0 <= v <= POSITION_LIMIT:
+            if not is_int(v) or not 0 <= v <= POSITION_LIMIT:
                 raise bad(name, v, f"an integer in [0, {POSITION_LIMIT}]")
-        if not _is_int(self.min_keep) or not 1 <= self.min_keep <= POSITION_LIMIT:
+        if not is_int(self.min_keep) or not 1 <= self.min_keep <= POSITION_LIMIT:
             raise bad("min_keep", self.min_keep, f"an integer in [1, {POSITION_LIMIT}]")
         if self.deep_layer_start is not None and (
-                not _is_int(self.deep_layer_start)
+                not is_int(self.deep_layer_start)
                 or not 0 <= self.deep_layer_start <= POSITION_LIMIT):
             raise bad("deep_layer_start", self.deep_layer_start, "null or an integer >= 0")
         if (self.mass_thresh_deep is None) != (self.deep_layer_start is None):
@@ -214,16 +214,16 @@ class ReuseConfig:
         if self.policy not in REUSE_POLICIES:
             raise bad("policy", f"one of {list(REUSE_POLICIES)}")
         for name in ("recompute_first", "max_store_tokens", "max_marked_ranges"):
-            if not _is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= POSITION_LIMIT:
+            if not is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= POSITION_LIMIT:
                 raise bad(name, f"an integer in [0, {POSITION_LIMIT}]")
         for name in ("gpu_bytes", "host_bytes", "disk_bytes"):
-            if not _is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= 1 << 62:
+            if not is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= 1 << 62:
                 raise bad(name, "a number of bytes in [0, 2**62]")
-        if not _is_number(self.recompute_fraction) or not 0 <= self.recompute_fraction <= 1:
+        if not is_number(self.recompute_fraction) or not 0 <= self.recompute_fraction <= 1:
             raise bad("recompute_fraction", "a number in [0, 1]")
-        if not _is_int(self.chunk) or not 1 <= self.chunk <= POSITION_LIMIT:
+        if not is_int(self.chunk) or not 1 <= self.chunk <= POSITION_LIMIT:
             raise bad("chunk", f"an integer in [1, {POSITION_LIMIT}]")
-        if not _is_int(self.min_tokens) or not 16 <= self.min_tokens <= POSITION_LIMIT:
+        if not is_int(self.min_tokens) or not 16 <= self.min_tokens <= POSITION_LIMIT:
             raise bad("min_tokens", "an integer >= 16 (segments are found by their first 16 "
                       "tokens)")
         for name in ("auto", "store_marked", "client_store"):
@@ -323,11 +323,13 @@ def _read_json(path: str | Path, what: str) -> Any:
                                  f"{e.msg}") from e
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int from JSON or Python, not a bool (``True`` is an ``int`` in Python)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """An int or float, not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redknot_vllm.config import RedKnotConfigError, ReuseConfig
+from redknot_vllm.config import RedKnotConfigError, ReuseConfig, is_int, is_number
 from redknot_vllm.logs import RateLimited
 
 PARAMS_KEY = "redknot"
@@ -57,10 +57,6 @@ class RequestParams:
     """This request's share of each segment recomputed (None: the engine's)."""
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def parse_params(kv_transfer_params: Any) -> RequestParams:
     """Validate the types of ``kv_transfer_params["redknot"]``; a bad value is an error
     naming the field. :func:`check_request` then checks the values against the prompt."""
@@ -84,7 +80,7 @@ def parse_params(kv_transfer_params: Any) -> RequestParams:
     if isinstance(reuse, str) and reuse in ("auto", "off"):
         out.reuse = reuse
     elif isinstance(reuse, list) and all(
-            isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_int(x) for x in r)
+            isinstance(r, (list, tuple)) and len(r) == 2 and all(is_int(x) for x in r)
             and 0 <= r[0] < r[1] for r in reuse):
         out.reuse = [(int(a), int(b)) for a, b in reuse]
     else:
@@ -97,14 +93,14 @@ def parse_params(kv_transfer_params: Any) -> RequestParams:
     probe = raw.get("probe")
     if probe is not None:
         if not (isinstance(probe, dict) and isinstance(probe.get("digest"), str)
-                and _DIGEST.fullmatch(probe["digest"]) and _is_int(probe.get("offset"))
+                and _DIGEST.fullmatch(probe["digest"]) and is_int(probe.get("offset"))
                 and probe["offset"] > 0):
             raise RedKnotConfigError(f'{where}["probe"] must be {{"digest": a segment\'s '
                                      '64-hex sha256, "offset": int > 0}')
         out.probe = (probe["digest"], probe["offset"])
     frac = raw.get("recompute_fraction")
     if frac is not None:
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+        if not is_number(frac) or not 0 <= frac <= 1:
             raise RedKnotConfigError(f'{where}["recompute_fraction"] is {frac!r}; expected a '
                                      "number in [0, 1] (the engine's reuse.recompute_fraction "
                                      "when absent)")
