@@ -4,7 +4,16 @@
 #   bash benchmarks/gpu_run.sh tests kernels profile smollm2 llama8b sweep report
 set -uo pipefail
 SWEEP_KEYS=dense=7fd0bc93f846e1bd1070,profiled-g0.1-w512=7a0ff450215ad6472106,profiled-g0.2-w512=0a584cc9fb9462977ea1,profiled-g0.35-w512=5b67bab6c8cf98ec6cd5,profiled-g0.1-w1024=40c89d321bbe057ffe3f,profiled-g0.2-w1024=f3782a966c69e4754d1d,profiled-g0.35-w1024=cc2e14f44ac99604a6b7,random-g0.2-w1024=fe4d6d9dfa5b44e70992
-bash /tmp/stage/install.sh /tmp/stage /tmp/site >/dev/null || exit 1
+# Steps that finish leave /tmp/rkq/done-STEP (while the machine stays warm), so the same
+# command line given again continues where the last call stopped. BUDGET_S (default 575)
+# bounds the whole call: a step gets at most what is left, and none starts with < 30 s.
+start=$(date +%s); budget=${BUDGET_S:-575}
+left() { echo $(( budget - ($(date +%s) - start) )); }
+cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
+if [ ! -f /tmp/site/.redknot-installed ]; then
+  bash /tmp/stage/install.sh /tmp/stage /tmp/site >/dev/null || exit 1
+  touch /tmp/site/.redknot-installed
+fi
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_V2_MODEL_RUNNER=0 VLLM_USE_FLASHINFER_SAMPLER=0 \
        HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -12,7 +21,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+mkdir -p /tmp/rkq
 for step in "$@"; do
+  [ -f "/tmp/rkq/done-$step" ] && { echo "[gpu_run] $step: done in an earlier call"; continue; }
+  [ "$(left)" -lt 30 ] && { echo "[gpu_run] out of call time before $step"; break; }
+  echo "[gpu_run] $(date +%T) $step ($(left) s left)"
   case $step in
     tests)
       timeout 420 python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
@@ -53,22 +66,32 @@ for step in "$@"; do
       mkdir -p "$OUT/reuse-parts" && cp /tmp/rkr/*.json "$OUT/reuse-parts/" 2>/dev/null ;;
     qwen05)
       # convert the Qwen2.5-Coder-0.5B GGUF once (its chunk wheels came with the bundle)
-      timeout 300 python3 -m redknot_vllm.cli model qwen2.5-coder-0.5b 2>&1 | tail -2 ;;
+      timeout "$(cap 300)" python3 -m redknot_vllm.cli model qwen2.5-coder-0.5b 2>&1 | tail -2 ;;
+    ktail)
+      # the CUDA kernel tests (the tail pass among them) before any quality run relies on them
+      timeout "$(cap 240)" python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
+        > /tmp/rkq/gpu-kernel-tests.log 2>&1; rc=$?; tail -3 /tmp/rkq/gpu-kernel-tests.log
+      [ $rc = 0 ] || { tail -40 /tmp/rkq/gpu-kernel-tests.log; break; } ;;
     headprofile)
-      # profile a registry model's heads on the GPU, short and long context (PROFILE_ARGS)
-      timeout ${PROFILE_TIMEOUT:-560} python3 -m redknot_vllm.cli profile ${PROFILE_MODEL:-qwen2.5-coder-0.5b} \
-        --out "$OUT/${PROFILE_MODEL:-qwen2.5-coder-0.5b}.profile.json" --device cuda --no-progress \
+      # profile a registry model's heads on the GPU, short and long context (PROFILE_ARGS),
+      # into /tmp/rkq/profile.json (the sweep's --scores)
+      timeout "$(cap ${PROFILE_TIMEOUT:-400})" python3 -m redknot_vllm.cli profile ${PROFILE_MODEL:-qwen2.5-coder-0.5b} \
+        --out /tmp/rkq/profile.json --device cuda --no-progress \
         ${PROFILE_ARGS:---windows 512,1024,2048,4096 --window 2048 --long-tokens 16384 --long-windows 1024,2048,4096 --long-needles 8} \
         2>&1 | grep -v -E "^\(EngineCore|it/s" | tail -15 ;;
     qsweep|qreport)
-      # quality on a registry model (QUALITY_ARGS: --scores/--head-config, --grid, --tails, ...);
-      # resumable: finished engines are cached in /tmp/rkq while the machine stays warm
+      # quality on a registry model (SWEEP_ARGS / REPORT_ARGS: --scores/--head-config, --grid,
+      # --tails, --n ...); finished engines are cached in /tmp/rkq while the machine stays warm
       export VLLM_ENABLE_V1_MULTIPROCESSING=0
-      mkdir -p /tmp/rkq
-      timeout ${QUALITY_TIMEOUT:-560} python3 benchmarks/quality.py ${step#q} --model ${QUALITY_MODEL:-qwen2.5-coder-0.5b} \
-        --lengths ${QUALITY_LENGTHS:-8192,16384,32768} --workdir /tmp/rkq --out "$OUT/quality-${step#q}.json" \
-        ${QUALITY_ARGS:-} 2>&1 | grep --line-buffered -E "^\[(quality|sweep)\]|Error|error" | tail -40
-      tar czf "$OUT/quality-${step#q}-runs.tar.gz" -C /tmp/rkq . 2>/dev/null ;;
+      if [ $step = qsweep ]; then args=${SWEEP_ARGS:-}; else args=${REPORT_ARGS:-}; fi
+      timeout "$(cap 590)" python3 benchmarks/quality.py ${step#q} --model ${QUALITY_MODEL:-qwen2.5-coder-0.5b} \
+        --lengths ${QUALITY_LENGTHS:-8192,16384,32768} --workdir /tmp/rkq --out "/tmp/rkq/quality-${step#q}.json" \
+        $args 2>&1 | grep --line-buffered -E "^\[(quality|sweep)\]|Error|error" | tail -40 ;;
+    qttft)
+      # TTFT of the quality default against dense, same run (eager in both)
+      timeout "$(cap 400)" python3 benchmarks/ttft.py --model qwen05 --enforce-eager \
+        --head-config /tmp/rkq/default/head_config.json --out /tmp/rkq/ttft-qwen05.json \
+        2>&1 | tee /tmp/rkq/ttft-qwen05.raw.log | grep --line-buffered -v -E "^\(EngineCore|INFO|WARNING|it/s" | tail -12 ;;
     load)
       # the OpenAI server under load: dense vs RedKnot `vllm serve`, same run
       timeout ${LOAD_TIMEOUT:-570} python3 benchmarks/load.py --out "$OUT/load-h200.json" \
@@ -84,4 +107,20 @@ for step in "$@"; do
       timeout 540 python3 benchmarks/ttft.py --model "$step" --out "$OUT/ttft-$step.json" \
         "${args[@]}" 2>&1 | tee "$OUT/ttft-$step.raw.log" | grep --line-buffered -v -E "^\(EngineCore|INFO|WARNING|it/s" | tail -20 ;;
   esac
+  rc=${PIPESTATUS[0]}
+  # a step counts as done when its output exists (pipelines end in tail/grep)
+  case $step in
+    headprofile) [ -f /tmp/rkq/profile.json ] && touch /tmp/rkq/done-$step ;;
+    qsweep|qreport) [ -f /tmp/rkq/quality-${step#q}.json ] && touch /tmp/rkq/done-$step ;;
+    qttft) [ -f /tmp/rkq/ttft-qwen05.json ] && touch /tmp/rkq/done-$step ;;
+    qwen05|ktail) touch /tmp/rkq/done-$step ;;
+  esac
+  [ -f "/tmp/rkq/done-$step" ] || { echo "[gpu_run] $step did not finish (rc $rc)"; break; }
 done
+# what comes back (8 files at most): the results and every run, packed
+if [ -d /tmp/rkq ] && [ -n "${OUT:-}" ]; then
+  for f in profile.json quality-sweep.json quality-report.json ttft-qwen05.json; do
+    [ -f /tmp/rkq/$f ] && cp /tmp/rkq/$f "$OUT/"
+  done
+  tar czf "$OUT/rkq.tar.gz" -C /tmp/rkq --exclude='*.tar.gz' . 2>/dev/null
+fi

@@ -272,20 +272,23 @@ def sweep(a: argparse.Namespace) -> None:
         return p
 
     heads = {}
-    grid = HEAD_GRID if not a.grid else [
-        (float(f), int(w)) for f, w in (x.split(":") for x in a.grid.split(","))]
     tails = [int(t) for t in a.tails.split(",")]
-    for f, w in grid:
-        for t in tails:
+    # f:W tries every --tails value at that point; f:W:T only tail T
+    grid = [(f, w, None) for f, w in HEAD_GRID] if not a.grid else [
+        (float(x[0]), int(x[1]), int(x[2]) if len(x) > 2 else None)
+        for x in (g.split(":") for g in a.grid.split(","))]
+    for f, w, tail in grid:
+        for t in tails if tail is None else [tail]:
             hc = classify(scores, f, w, tail_full_tokens=t)
             heads[(f, w, t)] = hc
             evaluate(f"profiled-g{f}-w{w}" + (f"-t{t}" if t else ""), hc, None,
                      {"global_fraction": f, "window": w, "tail_full_tokens": t,
                       "method": "profiled"})
     # the same budget with random global heads: what the profiler buys
-    f0, w0 = a.random_baseline
-    evaluate(f"random-g{f0}-w{w0}", HeadConfig.shape(nl, nh, f0, window=w0, seed=0), None,
-             {"global_fraction": f0, "window": w0, "method": "random"})
+    if a.random_baseline[0] > 0:
+        f0, w0 = a.random_baseline
+        evaluate(f"random-g{f0}-w{w0}", HeadConfig.shape(nl, nh, f0, window=w0, seed=0), None,
+                 {"global_fraction": f0, "window": w0, "method": "random"})
 
     def saved(p: dict[str, Any]) -> float:
         return p["flops_saved"].get(top, 0.0)
@@ -295,7 +298,7 @@ def sweep(a: argparse.Namespace) -> None:
     base = max(ok, key=saved) if ok else max(
         (p for p in points if p["method"] == "profiled"), key=lambda p: p["avg_ratio"] or 0)
     bf, bw, bt = base["global_fraction"], base["window"], base.get("tail_full_tokens", 0)
-    for ffn in FFN_GRID:
+    for ffn in FFN_GRID[:a.ffn_points]:
         evaluate(f"profiled-g{bf}-w{bw}" + (f"-t{bt}" if bt else "")
                  + f"-ffn-m{ffn['mass_thresh']}-d{ffn['dense_until']}",
                  heads[(bf, bw, bt)], ffn, {"global_fraction": bf, "window": bw,
@@ -386,9 +389,12 @@ def main() -> None:
     r.add_argument("--sparse-ffn", default=None)
     s = sub.choices["sweep"]
     s.add_argument("--scores", required=True, help="profiler output JSON (with scores)")
-    s.add_argument("--random-baseline", type=float, nargs=2, default=(0.2, 1024))
-    s.add_argument("--grid", default="", help="global_fraction:window,... (default: the "
-                   "SmolLM2 grid)")
+    s.add_argument("--random-baseline", type=float, nargs=2, default=(0.2, 1024),
+                   help="global fraction and window of the random-heads point (0 0: none)")
+    s.add_argument("--ffn-points", type=int, default=len(FFN_GRID),
+                   help="how many sparse-FFN schedules to try on the chosen head config")
+    s.add_argument("--grid", default="", help="global_fraction:window[:tail],... (default: "
+                   "the SmolLM2 grid); a point without a tail tries every --tails value")
     s.add_argument("--tails", default="0", help="tail_full_tokens values tried at every "
                    "grid point (default 0)")
     s.add_argument("--emit", default=None, help="folder for the chosen default configs")

@@ -51,6 +51,13 @@ MODELS: dict[str, dict[str, Any]] = {
         "engine": {"load_format": "dummy", "max_model_len": 65536 + 512,
                    "max_num_batched_tokens": 65536 + 512, "gpu_memory_utilization": 0.85},
     },
+    "qwen05": {  # Qwen2.5-Coder-0.5B, real weights; head config from --head-config
+        "lengths": [16384, 32512],
+        "head_config": "head_class/qwen2.5-coder-0.5b-instruct.json",
+        "sparse_ffn": None,
+        "engine": {"max_model_len": 32768, "max_num_batched_tokens": 32768,
+                   "gpu_memory_utilization": 0.5},
+    },
     "smollm2": {
         "lengths": [2048, 4096, 7680],
         "head_config": "head_class/smollm2-135m-instruct.shape80.json",
@@ -66,6 +73,10 @@ def model_dir(kind: str, root: Path) -> str:
         from redknot_vllm.registry import smollm2_path
 
         return str(smollm2_path())
+    if kind == "qwen05":
+        from redknot_vllm.registry import resolve_model
+
+        return resolve_model("qwen2.5-coder-0.5b")
     path = root / "llama-3.1-8b-shape"
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(LLAMA8B))
@@ -87,8 +98,9 @@ def child(args: argparse.Namespace) -> None:
               skip_tokenizer_init=args.model == "llama8b", disable_log_stats=False)
     redknot = args.engine == "redknot"
     if redknot:
+        ffn = args.sparse_ffn or (spec["sparse_ffn"] and str(ROOT / spec["sparse_ffn"]))
         kw = engine_args(model, head_config=args.head_config or str(ROOT / spec["head_config"]),
-                         sparse_ffn=args.sparse_ffn or str(ROOT / spec["sparse_ffn"]),
+                         sparse_ffn=ffn or None,
                          request_stats=False, **kw)
     else:
         kw = dict(kw, model=model)
