@@ -95,16 +95,44 @@ def child(spec_path: str) -> None:
     cases = quality.make_cases(tok, spec["tasks"], spec["lengths"], spec["n"], spec["seed"])
     t0 = time.perf_counter()
     outs = quality.run_cases(llm, cases, redknot=redknot)
+    gen_s = time.perf_counter() - t0
+    ttft = measure_ttft(llm, spec["ttft_tokens"]) if spec.get("ttft_tokens") else None
     Path(spec["out"]).write_text(json.dumps({
-        "engine_start_s": start_s, "generate_s": time.perf_counter() - t0,
+        "engine_start_s": start_s, "generate_s": gen_s, "ttft_s": ttft,
         "prompt_tokens": {str(n): sum(len(c.prompt_ids) for c in cases if c.tokens == n)
                           / max(1, sum(c.tokens == n for c in cases)) for n in spec["lengths"]},
         "outcomes": [asdict(o) for o in outs]}))
     llm.llm_engine.engine_core.shutdown()
 
 
+def measure_ttft(llm: Any, lengths: list[int], prompts: int = 5) -> dict[str, list[float]]:
+    """TTFT per length in this engine (the quality engine: no second start-up): wall clock
+    of ``generate`` with one output token, one request at a time, after a same-length
+    warm-up; random token ids from one seed, so dense and RedKnot see the same prompts."""
+    import random
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rng = random.Random(1234)
+    sp = SamplingParams(max_tokens=1, temperature=0)
+    out: dict[str, list[float]] = {}
+    for n in lengths:
+        def one(n: int = n) -> float:
+            ids = [rng.randrange(100, 30000) for _ in range(n)]
+            t = time.perf_counter()
+            llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)
+            return time.perf_counter() - t
+
+        one()  # warm-up of this length
+        out[str(n)] = [one() for _ in range(prompts)]
+        print(f"[child] TTFT {n}: {sorted(out[str(n)])}", flush=True)
+    return out
+
+
 def _spec(model: str, head_config: dict | None, sparse_ffn: dict | None, tasks: list[str],
-          lengths: list[int], n: int, seed: int) -> tuple[dict[str, Any], str]:
+          lengths: list[int], n: int, seed: int,
+          ttft_tokens: list[int] | None = None) -> tuple[dict[str, Any], str]:
     """The run's definition and its cache key (informational config keys left out)."""
     def core(cfg: dict | None) -> dict | None:
         return None if cfg is None else {k: v for k, v in cfg.items() if k not in (
@@ -113,6 +141,8 @@ def _spec(model: str, head_config: dict | None, sparse_ffn: dict | None, tasks: 
     spec = {"model": model, "head_config": head_config, "sparse_ffn": sparse_ffn,
             "tasks": tasks, "lengths": lengths, "n": n, "seed": seed,
             "harness": quality.__name__ + "-v1"}
+    if ttft_tokens:
+        spec["ttft_tokens"] = ttft_tokens
     keyed = {**spec, "head_config": core(head_config), "sparse_ffn": core(sparse_ffn)}
     return spec, hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -123,9 +153,11 @@ def cached(workdir: Path, *args: Any) -> bool:
 
 def run_engine(workdir: Path, model: str, head_config: dict | None, sparse_ffn: dict | None,
                tasks: list[str], lengths: list[int], n: int, seed: int,
-               label: str, key: str | None = None) -> list[quality.Outcome]:
+               label: str, key: str | None = None,
+               ttft_tokens: list[int] | None = None) -> list[quality.Outcome]:
     """Outcomes of one engine over all cases, from the cache or a fresh child process."""
-    spec, own_key = _spec(model, head_config, sparse_ffn, tasks, lengths, n, seed)
+    spec, own_key = _spec(model, head_config, sparse_ffn, tasks, lengths, n, seed,
+                          ttft_tokens)
     key = key or own_key
     out = workdir / f"run-{key}.json"
     if not out.is_file():
@@ -143,9 +175,15 @@ def run_engine(workdir: Path, model: str, head_config: dict | None, sparse_ffn: 
                              f"\n{tail}")
         print(f"[quality] {label}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     raw = json.loads(out.read_text())
+    if raw.get("ttft_s"):
+        TTFT[label] = raw["ttft_s"]
     return [quality.Outcome(**{**o, "first_logprobs": {int(k): v for k, v in
                                                        o["first_logprobs"].items()}})
             for o in raw["outcomes"]]
+
+
+TTFT: dict[str, dict[str, list[float]]] = {}
+"""label -> TTFT per length, from the engines of this invocation that measured it."""
 
 
 def env_info() -> dict[str, Any]:
@@ -185,9 +223,21 @@ def report(a: argparse.Namespace) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     tasks, lengths = a.tasks.split(","), [int(x) for x in a.lengths.split(",")]
     head, ffn = _load_json(a.head_config), _load_json(a.sparse_ffn)
-    dense = run_engine(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, "dense")
-    rk = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, "redknot")
+    tt = [int(x) for x in a.ttft_tokens.split(",") if x]
+    dense = run_engine(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, "dense",
+                       ttft_tokens=tt)
+    if a.only_dense:  # the RedKnot engine in a later call (the dense run is cached)
+        return
+    rk = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, "redknot",
+                    ttft_tokens=tt)
     block = compare_block(dense, rk, quality.Bar())
+    if tt:
+        import statistics
+
+        block["ttft"] = [{"tokens": t, "dense_s": TTFT["dense"][str(t)],
+                          "redknot_s": TTFT["redknot"][str(t)],
+                          "speedup_median": statistics.median(TTFT["dense"][str(t)])
+                          / statistics.median(TTFT["redknot"][str(t)])} for t in tt]
     result = {**env_info(), "model": a.model, "seed": a.seed, "n": a.n,
               "config": {"head_config": a.head_config, "sparse_ffn": a.sparse_ffn,
                          "sparse_ffn_params": ffn, "engine": engine_kwargs(lengths)},
@@ -387,6 +437,10 @@ def main() -> None:
     r = sub.choices["report"]
     r.add_argument("--head-config", required=True)
     r.add_argument("--sparse-ffn", default=None)
+    r.add_argument("--ttft-tokens", default="", help="also time TTFT at these prompt "
+                   "lengths in the same engines (comma-separated; one request at a time)")
+    r.add_argument("--only-dense", action="store_true",
+                   help="run (and cache) the dense engine only")
     s = sub.choices["sweep"]
     s.add_argument("--scores", required=True, help="profiler output JSON (with scores)")
     s.add_argument("--random-baseline", type=float, nargs=2, default=(0.2, 1024),
