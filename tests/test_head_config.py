@@ -152,3 +152,14 @@ def test_shipped_demo_config_loads():
     hc = HeadConfig.from_json(str(root / "smollm2-135m-instruct.shape80.json"))
     hc.validate_for_model(30, 3, 1)
     assert hc.counts()["local"] == 72
+
+
+def test_shipped_qwen05_config_loads():
+    """The Qwen2.5-Coder-0.5B quality default: the profiler's output, with its provenance."""
+    import importlib.resources
+
+    root = importlib.resources.files("redknot_vllm.head_class")
+    hc = HeadConfig.from_json(str(root / "qwen2.5-coder-0.5b-instruct.json"))
+    hc.validate_for_model(24, 2, 1)
+    assert hc.counts()["global"] == 7 and hc.tail_full_tokens == 128
+    assert hc.info["provenance"]["parameters"]["device"] == "cuda"
