@@ -65,20 +65,42 @@ def model_path(name: str) -> str:
     return resolve_model(name)
 
 
-# ---------------------------------------------------------------- one engine, one child
+# ---------------------------------------------------------------- engines in a child
 def child(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+    """Run the engine(s) of a spec file (one spec, or a list run one after another in this
+    process: imports and cases once). Stops at the first engine that fails; the parent
+    runs what is missing in children of their own."""
+    raw = json.loads(Path(spec_path).read_text())
+    specs = raw if isinstance(raw, list) else [raw]
     if os.environ.get("REDKNOT_STACK_DUMP_S"):  # diagnose a stuck engine start
         import faulthandler
 
         faulthandler.dump_traceback_later(float(os.environ["REDKNOT_STACK_DUMP_S"]), repeat=True)
     print(f"[child] {time.strftime('%X')} resolving model", flush=True)
+    import gc
+
+    import torch
     from transformers import AutoTokenizer
+
+    cases_by: dict[str, list[quality.Case]] = {}
+    for spec in specs:
+        model = model_path(spec["model"])
+        what = json.dumps([model, spec["tasks"], spec["lengths"], spec["n"], spec["seed"]])
+        if what not in cases_by:
+            tok = AutoTokenizer.from_pretrained(model)
+            cases_by[what] = quality.make_cases(tok, spec["tasks"], spec["lengths"], spec["n"],
+                                                spec["seed"])
+        _one_engine(spec, model, cases_by[what])
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _one_engine(spec: dict[str, Any], model: str, cases: list[quality.Case]) -> None:
     from vllm import LLM
 
     from redknot_vllm import engine_args
 
-    model = model_path(spec["model"])
     kw = engine_kwargs(spec["lengths"])
     redknot = spec["head_config"] is not None
     if redknot:
@@ -91,8 +113,6 @@ def child(spec_path: str) -> None:
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
     print(f"[child] {time.strftime('%X')} engine up in {start_s:.0f} s", flush=True)
-    tok = AutoTokenizer.from_pretrained(model)
-    cases = quality.make_cases(tok, spec["tasks"], spec["lengths"], spec["n"], spec["seed"])
     t0 = time.perf_counter()
     outs = quality.run_cases(llm, cases, redknot=redknot)
     gen_s = time.perf_counter() - t0
@@ -103,6 +123,7 @@ def child(spec_path: str) -> None:
                           / max(1, sum(c.tokens == n for c in cases)) for n in spec["lengths"]},
         "outcomes": [asdict(o) for o in outs]}))
     llm.llm_engine.engine_core.shutdown()
+    del llm
 
 
 def measure_ttft(llm: Any, lengths: list[int], prompts: int = 5) -> dict[str, list[float]]:
@@ -186,6 +207,37 @@ TTFT: dict[str, dict[str, list[float]]] = {}
 """label -> TTFT per length, from the engines of this invocation that measured it."""
 
 
+def run_together(workdir: Path, runs: list[tuple[str, tuple[Any, ...], str | None]]) -> None:
+    """Run the engines of ``runs`` (label, run_engine's definition arguments, key or None)
+    that are not cached yet in one child process, one after another: engine start-up
+    dominates a small sweep, and imports and case generation are then paid once. Whatever
+    that child does not finish, run_engine later runs in a child of its own."""
+    todo = []
+    for label, args, key in runs:
+        spec, own = _spec(*args)
+        key = key or own
+        out = workdir / f"run-{key}.json"
+        if not out.is_file():
+            todo.append((label, {**spec, "out": str(out)}))
+    # REDKNOT_QUALITY_TOGETHER=0: one child per engine (engines in one process on a GPU
+    # are not tried there yet; a child that fails leaves the rest to their own children)
+    if len(todo) < 2 or os.environ.get("REDKNOT_QUALITY_TOGETHER", "1") == "0":
+        return
+    tag = hashlib.sha256("".join(sp["out"] for _, sp in todo).encode()).hexdigest()[:12]
+    spec_path, log = workdir / f"specs-{tag}.json", workdir / f"log-together-{tag}.txt"
+    spec_path.write_text(json.dumps([sp for _, sp in todo]))
+    t0 = time.perf_counter()
+    print(f"[quality] {len(todo)} engines in one child: {', '.join(x for x, _ in todo)}",
+          flush=True)
+    with log.open("w") as f:
+        rc = subprocess.call([sys.executable, __file__, "child", str(spec_path)],
+                             stdout=f, stderr=subprocess.STDOUT)
+    done = sum(Path(sp["out"]).is_file() for _, sp in todo)
+    print(f"[quality] {done} of {len(todo)} done in {time.perf_counter() - t0:.0f} s"
+          + (f" (exit {rc}; the rest run alone; log {log})" if done < len(todo) else ""),
+          flush=True)
+
+
 def env_info() -> dict[str, Any]:
     import torch
     import vllm
@@ -224,6 +276,10 @@ def report(a: argparse.Namespace) -> None:
     tasks, lengths = a.tasks.split(","), [int(x) for x in a.lengths.split(",")]
     head, ffn = _load_json(a.head_config), _load_json(a.sparse_ffn)
     tt = [int(x) for x in a.ttft_tokens.split(",") if x]
+    if not a.only_dense:
+        run_together(workdir, [
+            ("dense", (a.model, None, None, tasks, lengths, a.n, a.seed, tt), None),
+            ("redknot", (a.model, head, ffn, tasks, lengths, a.n, a.seed, tt), None)])
     dense = run_engine(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, "dense",
                        ttft_tokens=tt)
     if a.only_dense:  # the RedKnot engine in a later call (the dense run is cached)
@@ -299,7 +355,6 @@ def sweep(a: argparse.Namespace) -> None:
     bar = quality.Bar()
     scores = load_scores(a.scores)
     nl, nh = scores.num_layers, scores.num_kv_heads
-    dense = run_engine(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, "dense")
     points: list[dict[str, Any]] = []
     top = str(max(lengths))
 
@@ -329,18 +384,27 @@ def sweep(a: argparse.Namespace) -> None:
     grid = [(f, w, None) for f, w in HEAD_GRID] if not a.grid else [
         (float(x[0]), int(x[1]), int(x[2]) if len(x) > 2 else None)
         for x in (g.split(":") for g in a.grid.split(","))]
+    first: list[tuple[str, HeadConfig, dict[str, Any]]] = []
     for f, w, tail in grid:
         for t in tails if tail is None else [tail]:
             hc = classify(scores, f, w, tail_full_tokens=t)
             heads[(f, w, t)] = hc
-            evaluate(f"profiled-g{f}-w{w}" + (f"-t{t}" if t else ""), hc, None,
-                     {"global_fraction": f, "window": w, "tail_full_tokens": t,
-                      "method": "profiled"})
+            first.append((f"profiled-g{f}-w{w}" + (f"-t{t}" if t else ""), hc,
+                          {"global_fraction": f, "window": w, "tail_full_tokens": t,
+                           "method": "profiled"}))
     # the same budget with random global heads: what the profiler buys
     if a.random_baseline[0] > 0:
         f0, w0 = a.random_baseline
-        evaluate(f"random-g{f0}-w{w0}", HeadConfig.shape(nl, nh, f0, window=w0, seed=0), None,
-                 {"global_fraction": f0, "window": w0, "method": "random"})
+        first.append((f"random-g{f0}-w{w0}", HeadConfig.shape(nl, nh, f0, window=w0, seed=0),
+                      {"global_fraction": f0, "window": w0, "method": "random"}))
+    if not a.cached_only:
+        run_together(workdir, [("dense", (a.model, None, None, tasks, lengths, a.n, a.seed),
+                                None)] + [
+            (name, (a.model, {**hc.to_dict(), "_source": name}, None, tasks, lengths, a.n,
+                    a.seed), keys.get(name)) for name, hc, _ in first])
+    dense = run_engine(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, "dense")
+    for name, hc, meta in first:
+        evaluate(name, hc, None, meta)
 
     def saved(p: dict[str, Any]) -> float:
         return p["flops_saved"].get(top, 0.0)
