@@ -156,7 +156,8 @@ def run(*, tokens: int = 4000, max_tokens: int = 16, head_config: str | None = N
     kept = stats.get("ffn_kept_fraction")
     saved = stats.get("flops_saved")
     table.add_row("RedKnot", repr(rk_text.strip()), str(prompt.answer in rk_text),
-                  f"{rk_ttft:.2f}", "n/a" if kept is None else f"{100 * kept:.1f}%",
+                  f"{rk_ttft:.2f}", "off" if sparse is None else
+                  "n/a" if kept is None else f"{100 * kept:.1f}%",
                   "n/a" if saved is None else f"{100 * saved:.1f}%")
     console.print(table)
     console.print(f"TTFT is measured on this CPU machine (torch RedKnot path vs vLLM's C++ "
