@@ -196,15 +196,15 @@ def run_engine(workdir: Path, model: str, head_config: dict | None, sparse_ffn: 
                              f"\n{tail}")
         print(f"[quality] {label}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     raw = json.loads(out.read_text())
-    if raw.get("ttft_s"):
-        TTFT[label] = raw["ttft_s"]
     return [quality.Outcome(**{**o, "first_logprobs": {int(k): v for k, v in
                                                        o["first_logprobs"].items()}})
             for o in raw["outcomes"]]
 
 
-TTFT: dict[str, dict[str, list[float]]] = {}
-"""label -> TTFT per length, from the engines of this invocation that measured it."""
+def run_ttft(workdir: Path, *args: Any) -> dict[str, list[float]]:
+    """TTFT per length that the cached run with this definition (``_spec``'s arguments,
+    ``ttft_tokens`` included) measured."""
+    return json.loads((workdir / f"run-{_spec(*args)[1]}.json").read_text())["ttft_s"]
 
 
 def run_together(workdir: Path, runs: list[tuple[str, tuple[Any, ...], str | None]]) -> None:
@@ -290,10 +290,12 @@ def report(a: argparse.Namespace) -> None:
     if tt:
         import statistics
 
+        d_tt = run_ttft(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, tt)
+        r_tt = run_ttft(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, tt)
         block["ttft_by_length"] = [
-            {"tokens": t, "dense_s": TTFT["dense"][str(t)], "redknot_s": TTFT["redknot"][str(t)],
-             "speedup_median": statistics.median(TTFT["dense"][str(t)])
-             / statistics.median(TTFT["redknot"][str(t)])} for t in tt]
+            {"tokens": t, "dense_s": d_tt[str(t)], "redknot_s": r_tt[str(t)],
+             "speedup_median": statistics.median(d_tt[str(t)])
+             / statistics.median(r_tt[str(t)])} for t in tt]
         block["ttft"] = block["ttft_by_length"][-1]  # the longest length
     result = {**env_info(), "model": a.model, "seed": a.seed, "n": a.n,
               "config": {"head_config": a.head_config, "sparse_ffn": a.sparse_ffn,

@@ -98,9 +98,9 @@ def child(args: argparse.Namespace) -> None:
               skip_tokenizer_init=args.model == "llama8b", disable_log_stats=False)
     redknot = args.engine == "redknot"
     if redknot:
-        ffn = args.sparse_ffn or (spec["sparse_ffn"] and str(ROOT / spec["sparse_ffn"]))
+        ffn = args.sparse_ffn or (str(ROOT / spec["sparse_ffn"]) if spec["sparse_ffn"] else None)
         kw = engine_args(model, head_config=args.head_config or str(ROOT / spec["head_config"]),
-                         sparse_ffn=ffn or None,
+                         sparse_ffn=ffn,
                          request_stats=False, **kw)
     else:
         kw = dict(kw, model=model)
