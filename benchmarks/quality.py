@@ -103,6 +103,11 @@ def _one_engine(spec: dict[str, Any], model: str, cases: list[quality.Case]) -> 
 
     kw = engine_kwargs(spec["lengths"])
     redknot = spec["head_config"] is not None
+    # a diagnostic: RedKnot's torch attention on a GPU (read when the engine's layers are
+    # built, so it is set for this engine only)
+    os.environ.pop("VLLM_REDKNOT_ATTENTION", None)
+    if spec.get("attention"):
+        os.environ["VLLM_REDKNOT_ATTENTION"] = spec["attention"]
     if redknot:
         kw = engine_args(model, head_config=spec["head_config"], sparse_ffn=spec["sparse_ffn"],
                          **kw)
@@ -151,21 +156,63 @@ def measure_ttft(llm: Any, lengths: list[int], prompts: int = 5) -> dict[str, li
     return out
 
 
-def _spec(model: str, head_config: dict | None, sparse_ffn: dict | None, tasks: list[str],
-          lengths: list[int], n: int, seed: int,
-          ttft_tokens: list[int] | None = None) -> tuple[dict[str, Any], str]:
-    """The run's definition and its cache key (informational config keys left out)."""
-    def core(cfg: dict | None) -> dict | None:
-        return None if cfg is None else {k: v for k, v in cfg.items() if k not in (
-            "provenance", "profiling_meta", "_source")}
+def _core(cfg: dict | None) -> dict | None:
+    """A config without its informational keys (they do not change a run)."""
+    return None if cfg is None else {k: v for k, v in cfg.items() if k not in (
+        "provenance", "profiling_meta", "_source")}
 
+
+def _spec(model: str, head_config: dict | None, sparse_ffn: dict | None, tasks: list[str],
+          lengths: list[int], n: int, seed: int, ttft_tokens: list[int] | None = None,
+          attention: str | None = None) -> tuple[dict[str, Any], str]:
+    """The run's definition and its cache key (informational config keys left out).
+
+    ``attention``: ``torch`` runs RedKnot's torch attention on a GPU (a diagnostic)."""
     spec = {"model": model, "head_config": head_config, "sparse_ffn": sparse_ffn,
             "tasks": tasks, "lengths": lengths, "n": n, "seed": seed,
             "harness": quality.__name__ + "-v1"}
     if ttft_tokens:
         spec["ttft_tokens"] = ttft_tokens
-    keyed = {**spec, "head_config": core(head_config), "sparse_ffn": core(sparse_ffn)}
+    if attention:
+        spec["attention"] = attention
+    keyed = {**spec, "head_config": _core(head_config), "sparse_ffn": _core(sparse_ffn)}
     return spec, hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _from_superset(workdir: Path, spec: dict[str, Any], out: Path) -> str | None:
+    """Serve a run from a cached run of the same engine over more cases: the same model,
+    configs, seed, harness and attention, tasks and lengths a superset, n at least as large
+    (case ``i`` of a (task, length) depends only on the seed, so the first n are the same
+    prompts). Writes ``out`` with the selected outcomes; returns the source key or None.
+    Runs that time TTFT are never served this way."""
+    if spec.get("ttft_tokens"):
+        return None
+    same = ("model", "seed", "harness", "attention")
+    for sp_path in sorted(workdir.glob("spec-*.json")):
+        key = sp_path.stem[len("spec-"):]
+        src = workdir / f"run-{key}.json"
+        try:
+            other = json.loads(sp_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (not isinstance(other, dict) or not src.is_file()
+                or any(other.get(k) != spec.get(k) for k in same)
+                or _core(other.get("head_config")) != _core(spec["head_config"])
+                or _core(other.get("sparse_ffn")) != _core(spec["sparse_ffn"])
+                or not set(spec["tasks"]) <= set(other.get("tasks", ()))
+                or not set(spec["lengths"]) <= set(other.get("lengths", ()))
+                or other.get("n", 0) < spec["n"]):
+            continue
+        raw = json.loads(src.read_text())
+        tasks, lengths = set(spec["tasks"]), set(spec["lengths"])
+        raw["outcomes"] = [o for o in raw["outcomes"] if o["task"] in tasks
+                           and o["tokens"] in lengths and o["index"] < spec["n"]]
+        raw["prompt_tokens"] = {k: v for k, v in raw.get("prompt_tokens", {}).items()
+                                if int(k) in lengths}
+        raw["from_run"] = key
+        out.write_text(json.dumps(raw))
+        return key
+    return None
 
 
 def cached(workdir: Path, *args: Any) -> bool:
@@ -175,12 +222,17 @@ def cached(workdir: Path, *args: Any) -> bool:
 def run_engine(workdir: Path, model: str, head_config: dict | None, sparse_ffn: dict | None,
                tasks: list[str], lengths: list[int], n: int, seed: int,
                label: str, key: str | None = None,
-               ttft_tokens: list[int] | None = None) -> list[quality.Outcome]:
-    """Outcomes of one engine over all cases, from the cache or a fresh child process."""
+               ttft_tokens: list[int] | None = None,
+               attention: str | None = None) -> list[quality.Outcome]:
+    """Outcomes of one engine over all cases, from the cache (this run, or a cached run
+    over more cases) or a fresh child process."""
     spec, own_key = _spec(model, head_config, sparse_ffn, tasks, lengths, n, seed,
-                          ttft_tokens)
+                          ttft_tokens, attention)
     key = key or own_key
     out = workdir / f"run-{key}.json"
+    if not out.is_file() and (src := _from_superset(workdir, spec, out)):
+        print(f"[quality] {label}: {key} served from the cached run {src} (more cases)",
+              flush=True)
     if not out.is_file():
         spec_path = workdir / f"spec-{key}.json"
         spec_path.write_text(json.dumps({**spec, "out": str(out)}))
@@ -217,7 +269,7 @@ def run_together(workdir: Path, runs: list[tuple[str, tuple[Any, ...], str | Non
         spec, own = _spec(*args)
         key = key or own
         out = workdir / f"run-{key}.json"
-        if not out.is_file():
+        if not out.is_file() and not _from_superset(workdir, spec, out):
             todo.append((label, {**spec, "out": str(out)}))
     # REDKNOT_QUALITY_TOGETHER=0: one child per engine (engines in one process on a GPU
     # are not tried there yet; a child that fails leaves the rest to their own children)
@@ -276,22 +328,23 @@ def report(a: argparse.Namespace) -> None:
     tasks, lengths = a.tasks.split(","), [int(x) for x in a.lengths.split(",")]
     head, ffn = _load_json(a.head_config), _load_json(a.sparse_ffn)
     tt = [int(x) for x in a.ttft_tokens.split(",") if x]
+    att = a.attention if a.attention != "auto" else None
     if not a.only_dense:
         run_together(workdir, [
             ("dense", (a.model, None, None, tasks, lengths, a.n, a.seed, tt), None),
-            ("redknot", (a.model, head, ffn, tasks, lengths, a.n, a.seed, tt), None)])
+            ("redknot", (a.model, head, ffn, tasks, lengths, a.n, a.seed, tt, att), None)])
     dense = run_engine(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, "dense",
                        ttft_tokens=tt)
     if a.only_dense:  # the RedKnot engine in a later call (the dense run is cached)
         return
     rk = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, "redknot",
-                    ttft_tokens=tt)
+                    ttft_tokens=tt, attention=att)
     block = compare_block(dense, rk, quality.Bar())
     if tt:
         import statistics
 
         d_tt = run_ttft(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, tt)
-        r_tt = run_ttft(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, tt)
+        r_tt = run_ttft(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, tt, att)
         block["ttft_by_length"] = [
             {"tokens": t, "dense_s": d_tt[str(t)], "redknot_s": r_tt[str(t)],
              "speedup_median": statistics.median(d_tt[str(t)])
@@ -299,6 +352,7 @@ def report(a: argparse.Namespace) -> None:
         block["ttft"] = block["ttft_by_length"][-1]  # the longest length
     result = {**env_info(), "model": a.model, "seed": a.seed, "n": a.n,
               "config": {"head_config": a.head_config, "sparse_ffn": a.sparse_ffn,
+                         "attention": a.attention,
                          "sparse_ffn_params": ffn, "engine": engine_kwargs(lengths)},
               "tasks": tasks, "lengths": lengths,
               "metrics": {"accuracy": "all expected answers appear in the greedy completion "
@@ -347,6 +401,23 @@ def plot_report(result: dict[str, Any], path: Path) -> None:
 
 
 # ---------------------------------------------------------------- sweep
+def parse_point(text: str) -> tuple[float, int, int | None, int | None, int]:
+    """``f:W[:T[:S[:D]]]``: global fraction, window, tail_full_tokens (absent: every
+    ``--tails`` value), sink (absent or ``-``: the profiled sink), dense_prefix_layers."""
+    x = text.split(":")
+    if not 2 <= len(x) <= 5:
+        raise SystemExit(f"--grid: {text!r} is not f:W[:T[:S[:D]]]")
+    opt = [None if len(x) <= i or x[i] in ("", "-") else int(x[i]) for i in (2, 3, 4)]
+    return float(x[0]), int(x[1]), opt[0], opt[1], opt[2] or 0
+
+
+def point_name(f: float, w: int, t: int, sink: int | None, dpl: int) -> str:
+    """A sweep point's name; the parts at their defaults are left out (so older runs keep
+    their names)."""
+    return (f"profiled-g{f}-w{w}" + (f"-t{t}" if t else "")
+            + (f"-s{sink}" if sink is not None else "") + (f"-d{dpl}" if dpl else ""))
+
+
 def sweep(a: argparse.Namespace) -> None:
     from redknot_vllm.head_config import HeadConfig
     from redknot_vllm.profiler import classify, load_scores
@@ -382,17 +453,16 @@ def sweep(a: argparse.Namespace) -> None:
 
     heads = {}
     tails = [int(t) for t in a.tails.split(",")]
-    # f:W tries every --tails value at that point; f:W:T only tail T
-    grid = [(f, w, None) for f, w in HEAD_GRID] if not a.grid else [
-        (float(x[0]), int(x[1]), int(x[2]) if len(x) > 2 else None)
-        for x in (g.split(":") for g in a.grid.split(","))]
+    grid = [(f, w, None, None, 0) for f, w in HEAD_GRID] if not a.grid else [
+        parse_point(g) for g in a.grid.split(",")]
     first: list[tuple[str, HeadConfig, dict[str, Any]]] = []
-    for f, w, tail in grid:
+    for f, w, tail, sink, dpl in grid:
         for t in tails if tail is None else [tail]:
-            hc = classify(scores, f, w, tail_full_tokens=t)
-            heads[(f, w, t)] = hc
-            first.append((f"profiled-g{f}-w{w}" + (f"-t{t}" if t else ""), hc,
+            hc = classify(scores, f, w, sink=sink, tail_full_tokens=t, dense_prefix_layers=dpl)
+            heads[(f, w, t, sink, dpl)] = hc
+            first.append((point_name(f, w, t, sink, dpl), hc,
                           {"global_fraction": f, "window": w, "tail_full_tokens": t,
+                           "sink_arg": sink, "dense_prefix_layers": dpl,
                            "method": "profiled"}))
     # the same budget with random global heads: what the profiler buys
     if a.random_baseline[0] > 0:
@@ -411,22 +481,32 @@ def sweep(a: argparse.Namespace) -> None:
     def saved(p: dict[str, Any]) -> float:
         return p["flops_saved"].get(top, 0.0)
 
+    def eligible() -> list[dict[str, Any]]:
+        # profiled points that save at least --min-saved at the longest length (the FLOPs
+        # target): a point that saves less is on the frontier but is never the default
+        return [p for p in points if p and p["method"] == "profiled"
+                and saved(p) >= a.min_saved]
+
+    def hkey(p: dict[str, Any]) -> tuple:
+        return (p["global_fraction"], p["window"], p.get("tail_full_tokens", 0),
+                p.get("sink_arg"), p.get("dense_prefix_layers", 0))
+
     points[:] = [p for p in points if p]
-    ok = [p for p in points if p["meets_bar"] and p["method"] == "profiled"]
+    ok = [p for p in eligible() if p["meets_bar"]]
     base = max(ok, key=saved) if ok else max(
-        (p for p in points if p["method"] == "profiled"), key=lambda p: p["avg_ratio"] or 0)
-    bf, bw, bt = base["global_fraction"], base["window"], base.get("tail_full_tokens", 0)
-    for ffn in FFN_GRID[:a.ffn_points]:
-        evaluate(f"profiled-g{bf}-w{bw}" + (f"-t{bt}" if bt else "")
+        eligible(), key=lambda p: p["avg_ratio"] or 0, default=None)
+    for ffn in FFN_GRID[:a.ffn_points] if base is not None else []:
+        bf, bw, bt, bs, bd = hkey(base)
+        evaluate(point_name(bf, bw, bt, bs, bd)
                  + f"-ffn-m{ffn['mass_thresh']}-d{ffn['dense_until']}",
-                 heads[(bf, bw, bt)], ffn, {"global_fraction": bf, "window": bw,
-                                            "tail_full_tokens": bt, "method": "profiled"})
+                 heads[hkey(base)], ffn, {k: base[k] for k in (
+                     "global_fraction", "window", "tail_full_tokens", "sink", "sink_arg",
+                     "dense_prefix_layers", "method") if k in base})
     points[:] = [p for p in points if p]
-    ok = [p for p in points if p["meets_bar"] and p["method"] == "profiled"]
+    ok = [p for p in eligible() if p["meets_bar"]]
     # nothing meets the bar: the default is the best quality reachable (stated as such)
     default = (max(ok, key=lambda p: (saved(p), p["avg_ratio"])) if ok else
-               max((p for p in points if p["method"] == "profiled"),
-                   key=lambda p: (p["avg_ratio"] or 0, saved(p)), default=None))
+               max(eligible(), key=lambda p: (p["avg_ratio"] or 0, saved(p)), default=None))
     info = env_info()
     if a.cached_only:  # summarised here from runs made elsewhere: say where they ran
         info.update(json.loads(a.runs_env), summarised_on=info["device"],
@@ -439,16 +519,17 @@ def sweep(a: argparse.Namespace) -> None:
               "points": points,
               "default": default["name"] if default else None,
               "default_meets_bar": bool(default and default["meets_bar"]),
-              "selection": "the profiled point with the most prefill FLOPs saved at the "
-                           "longest length among those meeting the bar on this (tuning) seed; "
-                           "when none meets it, the profiled point with the highest average "
-                           "ratio (the best quality reachable)"}
+              "min_saved": a.min_saved,
+              "selection": "among the profiled points saving at least min_saved of prefill "
+                           "FLOPs at the longest length: the one with the most saved among "
+                           "those meeting the bar on this (tuning) seed; when none meets it, "
+                           "the one with the highest average ratio (the best quality "
+                           "reachable)"}
     Path(a.out).write_text(json.dumps(result, indent=1))
     if default is not None and a.emit:
         emit = Path(a.emit)
         emit.mkdir(parents=True, exist_ok=True)
-        hc = heads[(default["global_fraction"], default["window"],
-                    default.get("tail_full_tokens", 0))]
+        hc = heads[hkey(default)]
         hc.save_json(emit / "head_config.json")
         if default["sparse_ffn"] is not None:
             (emit / "sparse_ffn.json").write_text(json.dumps(default["sparse_ffn"], indent=1))
@@ -509,6 +590,9 @@ def main() -> None:
                    "lengths in the same engines (comma-separated; one request at a time)")
     r.add_argument("--only-dense", action="store_true",
                    help="run (and cache) the dense engine only")
+    r.add_argument("--attention", choices=("auto", "torch"), default="auto",
+                   help="torch: RedKnot's torch attention on a GPU too (a diagnostic: "
+                   "does a loss come from the CUDA kernels or from the method?)")
     s = sub.choices["sweep"]
     s.add_argument("--scores", required=True, help="profiler output JSON (with scores)")
     s.add_argument("--random-baseline", type=float, nargs=2, default=(0.2, 1024),
@@ -520,6 +604,8 @@ def main() -> None:
     s.add_argument("--tails", default="0", help="tail_full_tokens values tried at every "
                    "grid point (default 0)")
     s.add_argument("--emit", default=None, help="folder for the chosen default configs")
+    s.add_argument("--min-saved", type=float, default=0.0, help="the default must save at "
+                   "least this share of prefill FLOPs at the longest length (e.g. 0.4)")
     s.add_argument("--cached-only", action="store_true",
                    help="summarise the runs already in --workdir; list the others as not run")
     s.add_argument("--keys", default="", help="with --cached-only: name=key,... for runs "

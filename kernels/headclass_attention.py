@@ -115,21 +115,23 @@ def sequence_headclass_attention(
     num_kv_heads = key.shape[0]
     per_kv = num_heads // num_kv_heads
     q = query.view(num_q, num_kv_heads, per_kv, head_size)
+    dev = query.device  # CPU, or CUDA under VLLM_REDKNOT_ATTENTION=torch
     for g in groups:
-        kv_idx = torch.tensor(g.kv_heads)
+        kv_idx = torch.tensor(g.kv_heads, device=dev)
         qg = q[:, kv_idx].reshape(num_q, -1, head_size).transpose(0, 1)  # [Hg*per, nq, D]
         kg, vg = key[kv_idx], value[kv_idx]  # [Hg, S, D]
         for a in range(0, num_q, tile):
             b = min(a + tile, num_q)
-            q_pos = torch.arange(first_pos + a, first_pos + b)
+            q_pos = torch.arange(first_pos + a, first_pos + b, device=dev)
             end = first_pos + b  # keys beyond the tile's last query are never visible
             if g.window == FULL:
-                k_pos = torch.arange(end)
+                k_pos = torch.arange(end, device=dev)
                 ks, vs = kg[:, :end], vg[:, :end]
             else:
                 sink = min(g.sink, end)
                 lo = max(sink, first_pos + a - g.window + 1)
-                k_pos = torch.cat([torch.arange(sink), torch.arange(lo, end)])
+                k_pos = torch.cat([torch.arange(sink, device=dev),
+                                   torch.arange(lo, end, device=dev)])
                 ks = torch.cat([kg[:, :sink], kg[:, lo:end]], dim=1)
                 vs = torch.cat([vg[:, :sink], vg[:, lo:end]], dim=1)
             mask = visible_mask(q_pos, k_pos, g.window, g.sink)

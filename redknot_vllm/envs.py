@@ -35,3 +35,13 @@ def debug() -> bool:
     """``VLLM_REDKNOT_DEBUG=1``: the ``redknot`` command shows tracebacks of configuration
     errors (by default it prints one line naming the option)."""
     return os.environ.get("VLLM_REDKNOT_DEBUG", "") not in ("", "0")
+
+
+def attention_impl() -> str:
+    """``VLLM_REDKNOT_ATTENTION``: ``auto`` (default: FA3 + Triton on CUDA, torch on CPU) or
+    ``torch`` (the torch implementation on CUDA too: a diagnostic, to tell a kernel fault
+    from the method's own loss; slow)."""
+    v = os.environ.get("VLLM_REDKNOT_ATTENTION", "auto").strip().lower() or "auto"
+    if v not in ("auto", "torch"):
+        raise ValueError(f"VLLM_REDKNOT_ATTENTION={v!r}: expected 'auto' or 'torch'")
+    return v

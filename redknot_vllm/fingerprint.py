@@ -63,3 +63,22 @@ def model_fingerprint(model_dir: str | Path, dtype: str = "auto") -> str:
     if memo != before:
         atomic_write(memo_path, json.dumps(memo))
     return h.hexdigest()
+
+
+def tensor_digests(model_dir: str | Path) -> dict[str, str]:
+    """sha256 of every weight tensor's dtype, shape and bytes, by name (safetensors files
+    only): two conversions of one source hold the same weights exactly when these agree,
+    whatever their files' headers, metadata or tensor order."""
+    import torch
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for p in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(p), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name).contiguous()
+                h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+                out[name] = h.hexdigest()
+    return out
+

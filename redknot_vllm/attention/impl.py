@@ -8,7 +8,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
 
-from redknot_vllm import compat
+from redknot_vllm import compat, envs
 from redknot_vllm.attention.metadata import RedKnotAttentionMetadata
 from redknot_vllm.attention.plan import LayerPlan
 from redknot_vllm.kernels.headclass_attention import paged_headclass_attention
@@ -64,6 +64,10 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
         self.plan = redknot_plan
         self.runtime = redknot_runtime
         self._fa_impl = None
+        self._torch_on_cuda = envs.attention_impl() == "torch"
+        if self._torch_on_cuda:
+            logger.warning_once("VLLM_REDKNOT_ATTENTION=torch: RedKnot prefill attention runs "
+                                "the torch implementation (a diagnostic; slow on a GPU)")
         from vllm.platforms import current_platform
 
         if current_platform.is_cuda():
@@ -126,7 +130,7 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
         n = md.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         o = output[:n].view(n, self.num_heads, self.head_size)
-        if q.is_cuda:
+        if q.is_cuda and not self._torch_on_cuda:
             paged_headclass_attention_cuda(q, kv_cache, md, self.plan.groups, self.scale, o)
         else:
             paged_headclass_attention(q, kv_cache, md.block_table, md.query_start_loc_cpu,
