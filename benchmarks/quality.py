@@ -495,7 +495,11 @@ def sweep(a: argparse.Namespace) -> None:
     ok = [p for p in eligible() if p["meets_bar"]]
     base = max(ok, key=saved) if ok else max(
         eligible(), key=lambda p: p["avg_ratio"] or 0, default=None)
-    for ffn in FFN_GRID[:a.ffn_points] if base is not None else []:
+    ffn_grid = FFN_GRID if not a.ffn_grid else [
+        {"mass_thresh": float(x[0]), "dense_until": int(x[1]),
+         "recent_n": int(x[2]) if len(x) > 2 else 128}
+        for x in (g.split(":") for g in a.ffn_grid.split(","))]
+    for ffn in ffn_grid[:a.ffn_points] if base is not None else []:
         bf, bw, bt, bs, bd = hkey(base)
         evaluate(point_name(bf, bw, bt, bs, bd)
                  + f"-ffn-m{ffn['mass_thresh']}-d{ffn['dense_until']}",
@@ -599,6 +603,8 @@ def main() -> None:
                    help="global fraction and window of the random-heads point (0 0: none)")
     s.add_argument("--ffn-points", type=int, default=len(FFN_GRID),
                    help="how many sparse-FFN schedules to try on the chosen head config")
+    s.add_argument("--ffn-grid", default="", help="sparse-FFN schedules mass:dense_until"
+                   "[:recent_n],... (default: the SmolLM2 schedules)")
     s.add_argument("--grid", default="", help="global_fraction:window[:tail],... (default: "
                    "the SmolLM2 grid); a point without a tail tries every --tails value")
     s.add_argument("--tails", default="0", help="tail_full_tokens values tried at every "
