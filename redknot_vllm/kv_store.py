@@ -10,6 +10,14 @@ Tiers, each with a byte limit and LRU eviction: GPU (tensors on ``device``) -> h
 Eviction demotes one tier down (a segment already on disk is just dropped); disk eviction
 deletes the file. A hit in a lower tier is promoted to the highest memory tier that fits.
 
+Deviation scores measured after a segment was written (``precompute``'s probe,
+:meth:`SegmentStore.set_deviation`) go into a sidecar ``<digest>.deviation`` next to the
+segment file instead of a rewrite of its KV, so ``precompute`` writes each segment file once.
+The sidecar has its own keyed checksum, which also covers the segment file's checksum: it
+only ever applies to the exact KV it was measured on (a sidecar left from an earlier version
+of the segment is ignored and removed). A damaged sidecar is quarantined and the segment,
+whose KV verified, is served without deviation scores.
+
 Integrity: files are never unpickled, and only regular files inside ``disk_dir`` are opened
 (a FIFO, a device or a symlink out of the store is never read, so nothing blocks). A load
 checks the format tag, that the stored digest matches the file name and the request, that
@@ -54,6 +62,11 @@ logger = init_logger(__name__)
 
 FORMAT = "redknot-segment-v2"
 """v2: keyed checksum (``mac``). v1 files (plain sha256) are unverifiable and quarantined."""
+DEVIATION_FORMAT = "redknot-deviation-v1"
+"""A segment's deviation sidecar: ``deviation`` float32 ``[L]``, keyed checksum over it, the
+digest, the segment file's ``mac`` and the meta entries it adds."""
+_DEVIATION_SLACK = 1 << 16
+"""A sidecar holds 4 bytes per token plus a header of at most this many bytes."""
 INDEX_FORMAT = "redknot-segment-index-v1"
 INDEX_LIMIT = 256 << 20
 """The largest ``index.json`` read (about 1M segments)."""
@@ -157,7 +170,14 @@ class Segment:
 @dataclasses.dataclass
 class _DiskEntry:
     nbytes: int
+    """The segment file's bytes plus its sidecar's."""
     last_access: float
+    sidecar: int = 0
+    """The deviation sidecar's bytes (0: none)."""
+
+
+_FileState = tuple[int, int, int, int]
+"""(inode, size, mtime_ns, ctime_ns) of a file."""
 
 
 def _mac(key: bytes, digest: str, tensors: dict[str, torch.Tensor], meta_json: str) -> str:
@@ -169,6 +189,19 @@ def _mac(key: bytes, digest: str, tensors: dict[str, torch.Tensor], meta_json: s
             t = tensors[name].detach().to("cpu").contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy())
+    h.update(meta_json.encode())
+    return h.hexdigest()
+
+
+def _deviation_mac(key: bytes, digest: str, segment_mac: str, deviation: torch.Tensor,
+                   meta_json: str) -> str:
+    """HMAC-SHA256 of a deviation sidecar. ``segment_mac`` binds it to one segment file's
+    content without hashing the KV again."""
+    h = hmac.new(key, f"redknot-deviation-mac-v1|{digest}|{segment_mac}\n".encode(),
+                 hashlib.sha256)
+    t = deviation.detach().to("cpu").contiguous()
+    h.update(f"deviation|{t.dtype}|{tuple(t.shape)}\n".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
     h.update(meta_json.encode())
     return h.hexdigest()
 
@@ -251,7 +284,7 @@ def installation_key(path: Path | None = None) -> bytes:
     return key
 
 
-def _file_state(path: Path) -> tuple[int, int, int, int]:
+def _file_state(path: Path) -> _FileState:
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
@@ -295,12 +328,14 @@ class SegmentStore:
         self._lookup_misses = 0
         self._corrupt = 0
         self._write_errors = 0
+        self._segment_writes = 0
+        self._deviation_writes = 0
         self.last_hit_tier: str | None = None
         self._dir = None if disk_dir is None else Path(disk_dir)
         self._key = key
-        self._verified: dict[str, tuple[int, int, int, int]] = {}
-        """digest -> (inode, size, mtime, ctime) of a file whose checksum was verified or
-        written by this process."""
+        self._verified: dict[str, tuple[_FileState, str]] = {}
+        """digest -> (state, keyed checksum) of a segment file whose checksum this store
+        verified or wrote."""
         if self._dir is not None:
             self._dir.mkdir(parents=True, exist_ok=True)
             if key is None:
@@ -346,6 +381,53 @@ class SegmentStore:
                 return False
             return self._place(digest, seg, "disk", rewrite=True) == "disk"
 
+    def set_deviation(self, key: SegmentKey, deviation: torch.Tensor,
+                      meta: dict[str, str] | None = None) -> str | None:
+        """Attach deviation scores (float32 ``[L]``) and ``meta`` entries to a stored segment
+        without rewriting its KV: a disk copy gets a sidecar file, memory copies are replaced
+        (and, with a disk tier, a memory-only segment is written whole, as ``put`` would).
+        Returns the highest tier holding the segment, None if it is not stored. Disk write
+        errors raise ``OSError`` before any memory tier changes."""
+        n = len(key.token_ids)
+        if deviation.shape != (n,) or deviation.dtype != torch.float32:
+            raise ValueError(f"deviation must be float32 [{n}], got {deviation.dtype} "
+                             f"{tuple(deviation.shape)}")
+        meta = dict(meta or {})
+        if not all(isinstance(a, str) and isinstance(b, str) for a, b in meta.items()):
+            raise ValueError("meta must map str to str")
+        digest = key.digest()
+        with self._lock:
+            held = [(name, self._mem[name][digest]) for name in ("gpu", "host")
+                    if digest in self._mem[name]]
+            if not held and digest not in self._disk:
+                return None
+            new = {name: dataclasses.replace(seg, deviation=deviation.to(seg.k.device),
+                                             meta={**seg.meta, **meta})
+                   for name, seg in held}
+            if digest in self._disk:
+                try:
+                    self._write_deviation(digest, deviation, meta)
+                except FileNotFoundError:  # its file vanished: as if it were memory-only
+                    logger.warning("KV segment file %s vanished; dropped from the index",
+                                   self._path(digest))
+                    self._forget_disk(digest)
+                    self._write_index()
+                    if not held:
+                        return None
+            if digest not in self._disk and held and self._limits["disk"]:
+                # only in memory (its disk copy evicted or never written): written whole,
+                # deviation included, the file's one write
+                self._place(digest, new[held[0][0]], "disk")
+            for name, seg in held:
+                self._mem[name][digest] = new[name]
+                self._bytes[name] += new[name].nbytes - seg.nbytes
+            for name, _ in held:
+                self._evict(name)
+            for name in ("gpu", "host"):
+                if digest in self._mem[name]:
+                    return name
+            return "disk" if digest in self._disk else None
+
     def lookup(self, key_or_digest: SegmentKey | str,
                device: str | torch.device | None = None) -> tuple[Segment, str] | None:
         """``(segment, tier it was found in)`` or None. Promotes lower-tier hits; tensors come
@@ -380,7 +462,8 @@ class SegmentStore:
             return "disk" if digest in self._disk else None
 
     def stats(self) -> dict:
-        """Per-tier bytes, limits, counts, hits, misses, evictions; corrupt files skipped."""
+        """Per-tier bytes, limits, counts, hits, misses, evictions; corrupt files skipped;
+        segment files and deviation sidecars this store wrote."""
         with self._lock:
             counts = {"gpu": len(self._mem["gpu"]), "host": len(self._mem["host"]),
                       "disk": len(self._disk)}
@@ -388,7 +471,9 @@ class SegmentStore:
                          "hits": self._hits[t], "misses": self._misses[t],
                          "evictions": self._evictions[t]} for t in TIERS}
             return {**tiers, "hits": sum(self._hits.values()), "misses": self._lookup_misses,
-                    "corrupt": self._corrupt, "write_errors": self._write_errors}
+                    "corrupt": self._corrupt, "write_errors": self._write_errors,
+                    "segment_writes": self._segment_writes,
+                    "deviation_writes": self._deviation_writes}
 
     # -- internals (caller holds the lock) -----------------------------------------------------
 
@@ -461,6 +546,10 @@ class SegmentStore:
         assert self._dir is not None
         return segment_file(self._dir, digest)
 
+    def _sidecar_path(self, digest: str) -> Path:
+        assert self._dir is not None
+        return deviation_file(self._dir, digest)
+
     def _secret(self) -> bytes:
         assert self._key is not None, "the disk tier's key is set with its folder"
         return self._key
@@ -480,13 +569,65 @@ class SegmentStore:
         path.parent.mkdir(exist_ok=True)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
                      durable=True)
-        self._verified[digest] = _file_state(path)  # hashed once, at write
+        self._segment_writes += 1
+        self._verified[digest] = (_file_state(path), metadata["mac"])  # hashed once, at write
+        # a sidecar measured on the previous KV is bound to that file's checksum and would be
+        # ignored anyway; removed so that it takes no disk space
+        self._unlink(self._sidecar_path(digest))
         old = self._disk.pop(digest, None)
         self._bytes["disk"] -= old.nbytes if old else 0
         self._disk[digest] = _DiskEntry(path.stat().st_size, time.time())
         self._bytes["disk"] += self._disk[digest].nbytes
         self._evict_disk()
         self._write_index()
+
+    def _segment_mac(self, digest: str) -> str:
+        """The keyed checksum in a segment file's header: remembered if this store wrote or
+        verified the file as it is now, else read from the header without verifying the KV
+        (cheap; a sidecar bound to a wrong checksum never applies, since a load compares it
+        with the one it verified)."""
+        assert self._dir is not None
+        path = self._path(digest)
+        known = self._verified.get(digest)
+        if known is not None and known[0] == _file_state(path):
+            return known[1]
+        check_regular(path, self._dir)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            mac = (f.metadata() or {}).get("mac")
+        if not mac:
+            raise ValueError(f"KV segment file {path} has no keyed checksum")
+        return mac
+
+    def _write_deviation(self, digest: str, deviation: torch.Tensor,
+                         meta: dict[str, str]) -> None:
+        """Write the deviation sidecar of a segment on disk."""
+        tensors = {"deviation": deviation.detach().to("cpu").contiguous()}
+        meta_json = json.dumps(meta, sort_keys=True)
+        seg_mac = self._segment_mac(digest)
+        metadata = {"format": DEVIATION_FORMAT, "digest": digest, "segment_mac": seg_mac,
+                    "meta": meta_json,
+                    "mac": _deviation_mac(self._secret(), digest, seg_mac, tensors["deviation"],
+                                          meta_json)}
+        path = self._sidecar_path(digest)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                     durable=True)  # a probe prefill is as expensive as the store's
+        self._deviation_writes += 1
+        self._set_sidecar_bytes(digest, path.stat().st_size)
+        self._evict_disk()
+        self._write_index()
+
+    def _set_sidecar_bytes(self, digest: str, size: int) -> None:
+        entry = self._disk.get(digest)
+        if entry is not None:
+            self._bytes["disk"] += size - entry.sidecar
+            entry.nbytes += size - entry.sidecar
+            entry.sidecar = size
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            logger.warning("Could not remove KV segment file %s: %s", path, e)
 
     def _evict_disk(self) -> None:
         while self._bytes["disk"] > self._limits["disk"] and self._disk:
@@ -496,11 +637,8 @@ class SegmentStore:
     def _forget_disk(self, digest: str) -> None:
         entry = self._disk.pop(digest, None)
         self._bytes["disk"] -= entry.nbytes if entry else 0
-        path = self._path(digest)
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as e:
-            logger.warning("Could not remove KV segment file %s: %s", path, e)
+        self._unlink(self._path(digest))
+        self._unlink(self._sidecar_path(digest))
 
     def _load(self, digest: str) -> Segment | None:
         """Read and verify a disk segment (CPU tensors); None, logged and quarantined if bad."""
@@ -512,7 +650,9 @@ class SegmentStore:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 md = f.metadata() or {}
                 tensors = {n: f.get_tensor(n) for n in f.keys()}
-            unchanged = before == _file_state(path) == self._verified.get(digest)
+            known = self._verified.get(digest)
+            unchanged = known is not None and before == _file_state(path) == known[0] \
+                and md.get("mac") == known[1]
             if md.get("format") != FORMAT:
                 raise ValueError(f"format {md.get('format')!r}, expected {FORMAT!r} (files "
                                  "written before keyed checksums: run `redknot precompute` "
@@ -533,9 +673,9 @@ class SegmentStore:
                 if not hmac.compare_digest(mac, md.get("mac", "")):
                     raise ValueError("keyed checksum mismatch (damaged, or written without "
                                      "this installation's key)")
-                self._verified[digest] = before
+                self._verified[digest] = (before, md["mac"])
             meta = json.loads(md["meta"])
-            return Segment(key, tensors["k"], tensors["v"], tensors.get("deviation"), meta)
+            seg = Segment(key, tensors["k"], tensors["v"], tensors.get("deviation"), meta)
         except FileNotFoundError:
             logger.warning("KV segment file %s vanished; dropped from the index", path)
             self._forget_disk(digest)
@@ -547,6 +687,60 @@ class SegmentStore:
             self._forget_disk(digest)
             self._write_index()
             return None
+        side = self._load_deviation(digest, md["mac"], len(key.token_ids))
+        if side is None:
+            return seg
+        return dataclasses.replace(seg, deviation=side[0], meta={**seg.meta, **side[1]})
+
+    def _load_deviation(self, digest: str, segment_mac: str, n: int
+                        ) -> tuple[torch.Tensor, dict[str, str]] | None:
+        """The verified sidecar of a segment whose file (checksum ``segment_mac``) verified:
+        (deviation, meta entries), or None if there is none, it belongs to another version
+        of the segment (removed), or it is bad (quarantined; the KV is served without it).
+        Small (4 bytes per token), so verified at every load."""
+        assert self._dir is not None
+        path = self._sidecar_path(digest)
+        try:
+            check_regular(path, self._dir)
+            if os.stat(path).st_size > 4 * n + _DEVIATION_SLACK:
+                raise ValueError(f"larger than a sidecar of {n} tokens")
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                md = f.metadata() or {}
+                dev = f.get_tensor("deviation")
+            if md.get("format") != DEVIATION_FORMAT or md.get("digest") != digest:
+                raise ValueError(f"format {md.get('format')!r} / digest {md.get('digest')!r}, "
+                                 f"expected {DEVIATION_FORMAT!r} / {digest}")
+            if dev.shape != (n,) or dev.dtype != torch.float32:
+                raise ValueError(f"deviation {dev.dtype} {tuple(dev.shape)}, expected "
+                                 f"float32 [{n}]")
+            mac = _deviation_mac(self._secret(), digest, md.get("segment_mac", ""), dev,
+                                 md.get("meta", ""))
+            if not hmac.compare_digest(mac, md.get("mac", "")):
+                raise ValueError("keyed checksum mismatch (damaged, or written without this "
+                                 "installation's key)")
+            meta = json.loads(md["meta"])
+            if not isinstance(meta, dict) or not all(
+                    isinstance(a, str) and isinstance(b, str) for a, b in meta.items()):
+                raise ValueError("meta must map str to str")
+        except FileNotFoundError:
+            self._set_sidecar_bytes(digest, 0)
+            return None
+        except Exception as e:
+            self._corrupt += 1
+            quarantine(path, e)
+            self._set_sidecar_bytes(digest, 0)
+            self._write_index()
+            return None
+        if not hmac.compare_digest(md["segment_mac"], segment_mac):
+            # genuine, but measured on an earlier version of the segment (a crash between
+            # the segment's rewrite and the sidecar's removal): it does not apply
+            logger.info("Removing the deviation sidecar %s of an earlier version of its "
+                        "segment", path)
+            self._unlink(path)
+            self._set_sidecar_bytes(digest, 0)
+            self._write_index()
+            return None
+        return dev, meta
 
     def _write_index(self) -> None:
         # Best effort: the files are the truth and the next start repairs the index from them;
@@ -582,6 +776,22 @@ class SegmentStore:
             except OSError:
                 continue
             files[p.stem] = p
+        sidecars: dict[str, int] = {}  # digest -> bytes of its deviation sidecar
+        for p in self._dir.glob("??/*.deviation"):
+            digest = p.name.removesuffix(".deviation")
+            if not (_DIGEST_RE.fullmatch(digest) and p.parent.name == digest[:2]):
+                continue
+            try:
+                check_regular(p, self._dir)
+                if digest not in files:  # its segment is gone: it can never apply
+                    p.unlink()
+                    continue
+                sidecars[digest] = p.stat().st_size
+            except CorruptFile as e:
+                self._corrupt += 1
+                quarantine(p, e)
+            except OSError:
+                continue
         index = self._dir / "index.json"
         try:
             try:
@@ -605,9 +815,10 @@ class SegmentStore:
                 st = path.stat()
             except OSError:
                 continue
-            entries.append((indexed.get(digest, st.st_mtime), digest, st.st_size))
-        for last_access, digest, size in sorted(entries):
-            self._disk[digest] = _DiskEntry(size, last_access)
+            side = sidecars.get(digest, 0)
+            entries.append((indexed.get(digest, st.st_mtime), digest, st.st_size + side, side))
+        for last_access, digest, size, side in sorted(entries):
+            self._disk[digest] = _DiskEntry(size, last_access, side)
             self._bytes["disk"] += size
         self._evict_disk()
         self._write_index()
@@ -616,6 +827,11 @@ class SegmentStore:
 def segment_file(disk_dir: str | Path, digest: str) -> Path:
     """Where a store's disk tier keeps the segment ``digest``."""
     return Path(disk_dir) / digest[:2] / f"{digest}.safetensors"
+
+
+def deviation_file(disk_dir: str | Path, digest: str) -> Path:
+    """Where a store's disk tier keeps the deviation sidecar of the segment ``digest``."""
+    return Path(disk_dir) / digest[:2] / f"{digest}.deviation"
 
 
 def read_key(path: str | Path, root: str | Path) -> SegmentKey:

@@ -8,10 +8,13 @@ import logging
 import os
 import shutil
 import threading
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from redknot_vllm import kv_store
@@ -440,3 +443,180 @@ def test_keyed_checksum_is_verified_once_per_file(tmp_path: Path,
     path.write_bytes(path.read_bytes())
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert reader.get(seg.key) is not None and len(calls) == 3
+
+
+# -- deviation sidecars (precompute's probe) -----------------------------------------------------
+
+def _count_writes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """File name -> atomic writes through the store (the index left out)."""
+    writes: Counter[str] = Counter()
+    real = kv_store.atomic_write
+
+    def counting(path: str | Path, *a: Any, **k: Any) -> None:
+        if Path(path).name != "index.json":
+            writes[Path(path).name] += 1
+        real(path, *a, **k)
+
+    monkeypatch.setattr(kv_store, "atomic_write", counting)
+    return writes
+
+
+def _probed(tokens: int = 32) -> tuple[Segment, Segment]:
+    """(the segment as stored, the same with its probe's deviation and meta entry)."""
+    seg = make_segment(tokens)
+    bare = dataclasses.replace(seg, deviation=None)
+    return bare, dataclasses.replace(seg, meta={**seg.meta, "deviation": "probe offset 9"})
+
+
+def _set_probe(store: SegmentStore, probed: Segment) -> str | None:
+    assert probed.deviation is not None
+    return store.set_deviation(probed.key, probed.deviation, {"deviation": "probe offset 9"})
+
+
+def dev_file(root: Path, seg: Segment) -> Path:
+    return kv_store.deviation_file(root, seg.key.digest())
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_probe_writes_a_sidecar_not_the_segment_again(tmp_path: Path, host: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """precompute's flow: stored (write-through), then probed: the segment file is written
+    and its KV hashed once; the scores go into a sidecar that every reader applies."""
+    writes = _count_writes(monkeypatch)
+    macs: list[int] = []
+    real_mac = kv_store._mac
+    monkeypatch.setattr(kv_store, "_mac", lambda *a: macs.append(1) or real_mac(*a))
+    bare, probed = _probed()
+    store = SegmentStore(host_bytes=(1 << 20) if host else 0, disk_dir=tmp_path)
+    tier = "host" if host else "disk"
+    assert store.put(bare, write_through=True) == tier
+    if not host:
+        assert store.get(bare.key) is not None  # the probe's look-up: from disk, not hashed
+    assert _set_probe(store, probed) == tier
+    d = bare.key.digest()
+    assert writes == {f"{d}.safetensors": 1, f"{d}.deviation": 1} and len(macs) == 1
+    st = store.stats()
+    assert st["segment_writes"] == 1 and st["deviation_writes"] == 1 and st["corrupt"] == 0
+    assert_same(store.get(bare.key), probed)  # type: ignore[arg-type]
+    fresh = SegmentStore(host_bytes=0, disk_dir=tmp_path)
+    assert_same(fresh.get(d), probed)  # type: ignore[arg-type]
+    # the disk tier counts the sidecar, here and after a restart
+    size = seg_file(tmp_path, bare).stat().st_size + dev_file(tmp_path, bare).stat().st_size
+    assert st["disk"]["bytes"] == fresh.stats()["disk"]["bytes"] == size
+    assert writes == {f"{d}.safetensors": 1, f"{d}.deviation": 1}  # loads write nothing
+
+
+def test_set_deviation_without_a_disk_copy(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    bare, probed = _probed()
+    memory_only = SegmentStore()
+    memory_only.put(bare)
+    assert _set_probe(memory_only, probed) == "host"
+    assert_same(memory_only.get(bare.key), probed)  # type: ignore[arg-type]
+    assert memory_only.stats()["host"]["bytes"] == probed.nbytes
+
+    writes = _count_writes(monkeypatch)
+    store = SegmentStore(disk_dir=tmp_path)  # a disk tier, but no disk copy yet
+    store.put(bare)
+    assert _set_probe(store, probed) == "host"
+    d = bare.key.digest()
+    assert writes == {f"{d}.safetensors": 1}  # written whole, deviation inside: once
+    assert not dev_file(tmp_path, bare).exists()
+    assert_same(SegmentStore(host_bytes=0, disk_dir=tmp_path).get(d), probed)  # type: ignore[arg-type]
+
+    assert store.set_deviation(make_key(start=500), torch.zeros(16)) is None
+    with pytest.raises(ValueError, match="deviation"):
+        store.set_deviation(bare.key, torch.zeros(31))
+    with pytest.raises(ValueError, match="deviation"):
+        store.set_deviation(bare.key, torch.zeros(32, dtype=torch.float16))
+
+
+def _stored_probed(root: Path) -> Segment:
+    """A probed segment on disk (its sidecar beside it); returns it as stored."""
+    bare, probed = _probed()
+    store = SegmentStore(host_bytes=0, disk_dir=root)
+    store.put(bare)
+    _set_probe(store, probed)
+    return bare
+
+
+def test_damaged_or_forged_sidecar_serves_the_kv_without_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The KV verified on its own: it is served, without scores; the sidecar is quarantined."""
+    for how in ("flip", "forge", "fifo"):
+        root = tmp_path / how
+        bare = _stored_probed(root)
+        path = dev_file(root, bare)
+        if how == "flip":
+            data = bytearray(path.read_bytes())
+            data[-3] ^= 0x01
+            path.write_bytes(bytes(data))
+        elif how == "forge":
+            with safe_open(str(path), framework="pt") as f:
+                md, dev = dict(f.metadata()), f.get_tensor("deviation")
+            dev = torch.rand_like(dev)
+            md["mac"] = kv_store._deviation_mac(os.urandom(32), md["digest"],
+                                                md["segment_mac"], dev, md["meta"])
+            save_file({"deviation": dev}, str(path), metadata=md)
+        else:
+            path.unlink()
+            os.mkfifo(path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="redknot_vllm.kv_store"):
+            store = SegmentStore(host_bytes=0, disk_dir=root)
+            got = store.get(bare.key)
+        assert got is not None, how
+        assert_same(got, bare)
+        assert str(path) in caplog.text, how
+        assert not os.path.lexists(path) and path.with_name(path.name + ".corrupt").exists()
+        assert store.stats()["corrupt"] == 1 and store.stats()["disk"]["bytes"] == \
+            seg_file(root, bare).stat().st_size
+        assert_same(store.get(bare.key), bare)  # type: ignore[arg-type]
+        if how == "forge":
+            assert "checksum" in caplog.text
+
+
+def test_sidecar_applies_only_to_the_kv_it_was_measured_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bare = _stored_probed(tmp_path)
+    old_sidecar = dev_file(tmp_path, bare).read_bytes()
+    store = SegmentStore(host_bytes=0, disk_dir=tmp_path)
+    newer = dataclasses.replace(bare, k=bare.k + 1, meta={"source": "stored again"})
+    store.put(newer, write_through=True)  # a rewrite of the KV drops the scores
+    assert not dev_file(tmp_path, bare).exists()
+    assert_same(store.get(bare.key), newer)  # type: ignore[arg-type]
+    # a crash between the rewrite and the sidecar's removal leaves the old one: never applied
+    dev_file(tmp_path, bare).write_bytes(old_sidecar)
+    fresh = SegmentStore(host_bytes=0, disk_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="redknot_vllm.kv_store"):
+        assert_same(fresh.get(bare.key), newer)  # type: ignore[arg-type]
+    assert not dev_file(tmp_path, bare).exists() and fresh.stats()["corrupt"] == 0
+    assert not list(tmp_path.rglob("*.corrupt")) and not caplog.records
+    # a segment file that fails is a miss, whatever its sidecar says
+    bare = _stored_probed(tmp_path / "b")
+    path = seg_file(tmp_path / "b", bare)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    store = SegmentStore(host_bytes=0, disk_dir=tmp_path / "b")
+    assert store.get(bare.key) is None and store.stats()["corrupt"] == 1
+    assert not dev_file(tmp_path / "b", bare).exists()
+
+
+def test_sidecars_follow_their_segment_on_disk(tmp_path: Path) -> None:
+    bare = _stored_probed(tmp_path)
+    size = seg_file(tmp_path, bare).stat().st_size + dev_file(tmp_path, bare).stat().st_size
+    (tmp_path / "index.json").unlink()
+    assert SegmentStore(disk_dir=tmp_path).stats()["disk"]["bytes"] == size  # rebuilt
+    seg_file(tmp_path, bare).unlink()  # an orphan sidecar is removed at start
+    assert SegmentStore(disk_dir=tmp_path).stats()["disk"]["count"] == 0
+    assert not dev_file(tmp_path, bare).exists()
+
+    bare = _stored_probed(tmp_path / "e")
+    store = SegmentStore(host_bytes=0, disk_dir=tmp_path / "e", disk_bytes=size * 3 // 2)
+    other = make_segment(32, start=100)
+    store.put(other)  # evicts the probed segment: both its files go
+    assert not seg_file(tmp_path / "e", bare).exists()
+    assert not dev_file(tmp_path / "e", bare).exists()
+    assert all_files(tmp_path / "e") == sorted(["index.json", str(seg_file(
+        tmp_path / "e", other).relative_to(tmp_path / "e"))])

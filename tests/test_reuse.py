@@ -7,6 +7,7 @@ engine is the dense reference.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -53,6 +54,72 @@ def test_precompute_writes_verified_segments_with_deviation(reuse_llm, stored):
         assert seg.deviation is not None and seg.deviation.shape == (n,)
         # a token's KV depends on context from layer 1 on: some deviation, never NaN
         assert torch.isfinite(seg.deviation).all() and float(seg.deviation.max()) > 0
+
+
+def test_precompute_writes_each_segment_file_once(reuse_llm, stored):
+    """One precompute of three new documents (one given twice): each segment file is written
+    once (before: twice, the probe rewrote it with its deviation), the deviation once as a
+    sidecar; a fresh reader gets it, and the recompute mask ranks chunks by it, also in the
+    worker when the segments come from disk."""
+    from vllm import SamplingParams
+
+    from redknot_vllm import request_stats
+    from redknot_vllm.config import RedKnotConfig
+    from redknot_vllm.kv_store import SegmentStore, deviation_file, segment_file
+    from redknot_vllm.reuse import precompute
+    from redknot_vllm.reuse.policy import recompute_mask
+
+    tok = stored["tok"]
+    docs = [_ids(tok, _doc(name, code, 6)) for name, code in
+            (("amber", "30517"), ("violet", "77164"), ("teal", "25880"))]
+
+    def stats() -> dict[str, Any]:
+        return reuse_llm.collective_rpc("redknot_reuse_stats")[0]
+
+    before = stats()
+    digests = precompute(reuse_llm, [*docs, docs[0]], progress=False)
+    after = stats()
+    assert digests[3] == digests[0] and len(set(digests)) == 3
+    assert after["segment_writes"] - before["segment_writes"] == 3
+    assert after["deviation_writes"] - before["deviation_writes"] == 3
+    assert after["corrupt"] == before["corrupt"]
+
+    cfg = RedKnotConfig.from_additional_config(
+        reuse_llm.llm_engine.vllm_config.additional_config).reuse
+    store = SegmentStore(host_bytes=0, disk_dir=cfg.store_dir)
+    for digest, ids in zip(digests, docs, strict=False):
+        assert segment_file(cfg.store_dir, digest).is_file()
+        assert deviation_file(cfg.store_dir, digest).is_file()
+        seg = store.get(digest)
+        assert seg is not None and seg.deviation is not None
+        assert seg.meta["deviation"].startswith("probe offset ")
+        assert torch.isfinite(seg.deviation).all() and float(seg.deviation.max()) > 0
+        # beyond the first tokens, the chunks recomputed are the most deviating ones
+        mask = recompute_mask(seg, cfg)
+        n, c = len(ids), cfg.chunk
+        score = torch.nn.functional.pad(seg.deviation, (0, (-n) % c)).view(-1, c).mean(1)
+        first = -(-cfg.recompute_first // c)
+        chosen = {i for i in range(first, score.numel()) if bool(mask[i * c])}
+        assert chosen and chosen == set((score[first:].topk(len(chosen)).indices + first)
+                                        .tolist())
+        without = recompute_mask(dataclasses.replace(seg, deviation=None), cfg)
+        assert int(without.sum()) == cfg.recompute_first < int(mask.sum())
+
+    # the worker's store reopened without memory tiers: the segment and its sidecar come
+    # from disk, and half of the document is recomputed by its deviation
+    reuse_llm.collective_rpc("redknot_reuse_tiers", args=(0, 0))
+    try:
+        prompt = _ids(tok, PREFACE) + docs[1] + _ids(tok, QUESTION.format(name="violet"))
+        sp = SamplingParams(max_tokens=6, temperature=0.0, extra_args={"kv_transfer_params": {
+            "redknot": {"reuse": "auto", "recompute_fraction": 0.5}}})
+        out = reuse_llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+        reused = request_stats(reuse_llm, [out.request_id])[out.request_id]["reused_tokens"]
+        assert "77164" in out.outputs[0].text
+        # without deviation scores only the first 16 tokens would be recomputed
+        assert 0.3 * len(docs[1]) < reused < 0.6 * len(docs[1])
+        assert stats()["disk"]["hits"] >= 1 and stats()["corrupt"] == after["corrupt"]
+    finally:
+        reuse_llm.collective_rpc("redknot_reuse_tiers", args=(cfg.gpu_bytes, cfg.host_bytes))
 
 
 def test_segment_reused_at_two_positions_answers_like_dense(reuse_llm, stored):

@@ -22,6 +22,11 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
                progress: bool = True) -> list[str]:
     """Store each document's KV, prefilled alone at ``[0, L)``, and its deviation profile.
 
+    Each segment file is written once, by its store request; the probe that follows adds
+    the deviation as a small sidecar file
+    (:meth:`~redknot_vllm.kv_store.SegmentStore.set_deviation`) instead of rewriting the
+    KV. A document given twice is stored and probed once.
+
     Args:
         llm: a ``vllm.LLM`` built with ``engine_args(..., reuse=...)``.
         docs: texts (tokenized without special tokens) or token id lists.
@@ -46,18 +51,23 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
     ids = encode_docs(llm.get_tokenizer(), docs)
     check_docs(ids, setup.cfg, llm.llm_engine.model_config.get_vocab_size())
     digests = [setup.key(x).digest() for x in ids]
+    # one request per distinct segment: a repeated document would write its file again
+    first: dict[str, int] = {}
+    for i, d in enumerate(digests):
+        first.setdefault(d, i)
+    todo = list(first.values())
 
     def params(p: dict[str, Any]) -> Any:
         return SamplingParams(max_tokens=1, temperature=0.0,
                               extra_args={"kv_transfer_params": {PARAMS_KEY: p}})
 
-    llm.generate([{"prompt_token_ids": x} for x in ids], params({"store": True}),
+    llm.generate([{"prompt_token_ids": ids[i]} for i in todo], params({"store": True}),
                  use_tqdm=progress)
     if probe is not None:
         pre = encode_docs(llm.get_tokenizer(), [probe])[0]
-        llm.generate([{"prompt_token_ids": pre + x} for x in ids],
-                     [params({"probe": {"digest": d, "offset": len(pre)}}) for d in digests],
-                     use_tqdm=progress)
+        llm.generate([{"prompt_token_ids": pre + ids[i]} for i in todo],
+                     [params({"probe": {"digest": digests[i], "offset": len(pre)}})
+                      for i in todo], use_tqdm=progress)
     return digests
 
 

@@ -228,6 +228,8 @@ class ReuseWorker:
         logger.info("RedKnot store: %d tokens stored as %s…", len(ids), digest[:12])
 
     def _probe(self, cap: Capture, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Record how far a stored segment's KV is from its KV behind the probe's context
+        (the ``deviation`` the selective policy recomputes by)."""
         assert cap.probe is not None
         digest, offset = cap.probe
         found = self.store.lookup(digest, k.device)
@@ -244,8 +246,12 @@ class ReuseWorker:
         dv = (v.float() - ref_v).norm(dim=-1) / ref_v.norm(dim=-1).clamp_min(1e-6)
         deviation = ((dk + dv) / 2).mean(dim=(0, 2)).cpu()  # [n]: over layers and heads
         assert deviation.numel() == n
-        self.put(Segment(seg.key, seg.k, seg.v, deviation,
-                         {**seg.meta, "deviation": f"probe offset {offset}"}))
+        # the KV is stored already: only the scores are written (a sidecar on disk), so a
+        # precomputed segment's file is written once, by its store request
+        if self.store.set_deviation(seg.key, deviation.float().contiguous(),
+                                    {"deviation": f"probe offset {offset}"}) is None:
+            logger.warning("RedKnot probe: segment %s… was evicted during its probe; no "
+                           "deviation recorded", digest[:12])
 
     # ------------------------------------------------------------------ benchmarks
     def reopen_store(self, gpu_bytes: int, host_bytes: int) -> dict[str, Any]:
