@@ -109,8 +109,9 @@ def _one_engine(spec: dict[str, Any], model: str, cases: list[quality.Case]) -> 
     if spec.get("attention"):
         os.environ["VLLM_REDKNOT_ATTENTION"] = spec["attention"]
     if redknot:
+        # the harness measures the configuration, shipped default or not: no gate needed
         kw = engine_args(model, head_config=spec["head_config"], sparse_ffn=spec["sparse_ffn"],
-                         **kw)
+                         require_gate=False, **kw)
     else:
         kw = dict(kw, model=model)
     print(f"[child] {time.strftime('%X')} starting engine: {kw}", flush=True)
@@ -411,6 +412,17 @@ def parse_point(text: str) -> tuple[float, int, int | None, int | None, int]:
     return float(x[0]), int(x[1]), opt[0], opt[1], opt[2] or 0
 
 
+def parse_retrieval_point(text: str) -> tuple[float, int, int, float, dict[str, int]]:
+    """``f:W:T:rf:K:R:Wr``: global fraction, local window, tail, then the fraction of heads
+    (next in the ranking) that are block-sparse retrieval heads with top-K blocks of R
+    positions and window Wr."""
+    x = text.split(":")
+    if len(x) != 7:
+        raise SystemExit(f"--retrieval-points: {text!r} is not f:W:T:rf:K:R:Wr")
+    return (float(x[0]), int(x[1]), int(x[2]), float(x[3]),
+            {"top_k": int(x[4]), "block": int(x[5]), "window": int(x[6])})
+
+
 def point_name(f: float, w: int, t: int, sink: int | None, dpl: int) -> str:
     """A sweep point's name; the parts at their defaults are left out (so older runs keep
     their names)."""
@@ -432,6 +444,9 @@ def sweep(a: argparse.Namespace) -> None:
     top = str(max(lengths))
 
     not_run: list[str] = []
+    # torch: RedKnot's torch attention for every RedKnot point (block-sparse retrieval heads
+    # have no CUDA kernel yet); part of each run's cache key
+    att = a.attention if a.attention != "auto" else None
     # runs whose spec hash cannot be recomputed (it covered the provenance date), by the
     # name -> key lines of the run's own log
     keys = dict(kv.split("=", 1) for kv in a.keys.split(",") if kv)
@@ -440,10 +455,11 @@ def sweep(a: argparse.Namespace) -> None:
         head = {**hc.to_dict(), "_source": name}
         key = keys.get(name)
         if a.cached_only and key is None and not cached(workdir, a.model, head, ffn, tasks,
-                                                        lengths, a.n, a.seed):
+                                                        lengths, a.n, a.seed, None, att):
             not_run.append(name)
             return {}
-        rk = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, name, key)
+        rk = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, name, key,
+                        attention=att)
         p = {"name": name, **meta, "sparse_ffn": ffn, "head_config_hash": hc.content_hash(),
              **compare_block(dense, rk, bar)}
         points.append(p)
@@ -456,6 +472,7 @@ def sweep(a: argparse.Namespace) -> None:
     grid = [(f, w, None, None, 0) for f, w in HEAD_GRID] if not a.grid else [
         parse_point(g) for g in a.grid.split(",")]
     first: list[tuple[str, HeadConfig, dict[str, Any]]] = []
+    retr = [parse_retrieval_point(x) for x in a.retrieval_points.split(",") if x]
     for f, w, tail, sink, dpl in grid:
         for t in tails if tail is None else [tail]:
             hc = classify(scores, f, w, sink=sink, tail_full_tokens=t, dense_prefix_layers=dpl)
@@ -464,6 +481,16 @@ def sweep(a: argparse.Namespace) -> None:
                           {"global_fraction": f, "window": w, "tail_full_tokens": t,
                            "sink_arg": sink, "dense_prefix_layers": dpl,
                            "method": "profiled"}))
+    for f, w, t, rf, rb in retr:  # the next-ranked heads block-sparse instead of local
+        hc = classify(scores, f, w, tail_full_tokens=t, retrieval_fraction=rf,
+                      retrieval_blocks=rb)
+        name = (point_name(f, w, t, None, 0)
+                + f"-r{rf}-k{rb['top_k']}-b{rb['block']}-rw{rb['window']}")
+        heads[(f, w, t, None, 0, rf)] = hc
+        first.append((name, hc, {"global_fraction": f, "window": w, "tail_full_tokens": t,
+                                 "sink_arg": None, "dense_prefix_layers": 0,
+                                 "retrieval_fraction": rf, "retrieval_blocks": rb,
+                                 "method": "profiled"}))
     # the same budget with random global heads: what the profiler buys
     if a.random_baseline[0] > 0:
         f0, w0 = a.random_baseline
@@ -473,7 +500,7 @@ def sweep(a: argparse.Namespace) -> None:
         run_together(workdir, [("dense", (a.model, None, None, tasks, lengths, a.n, a.seed),
                                 None)] + [
             (name, (a.model, {**hc.to_dict(), "_source": name}, None, tasks, lengths, a.n,
-                    a.seed), keys.get(name)) for name, hc, _ in first])
+                    a.seed, None, att), keys.get(name)) for name, hc, _ in first])
     dense = run_engine(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, "dense")
     for name, hc, meta in first:
         evaluate(name, hc, None, meta)
@@ -488,8 +515,9 @@ def sweep(a: argparse.Namespace) -> None:
                 and saved(p) >= a.min_saved]
 
     def hkey(p: dict[str, Any]) -> tuple:
-        return (p["global_fraction"], p["window"], p.get("tail_full_tokens", 0),
-                p.get("sink_arg"), p.get("dense_prefix_layers", 0))
+        k = (p["global_fraction"], p["window"], p.get("tail_full_tokens", 0),
+             p.get("sink_arg"), p.get("dense_prefix_layers", 0))
+        return k + (p["retrieval_fraction"],) if p.get("retrieval_fraction") else k
 
     points[:] = [p for p in points if p]
     ok = [p for p in eligible() if p["meets_bar"]]
@@ -505,7 +533,8 @@ def sweep(a: argparse.Namespace) -> None:
                  + f"-ffn-m{ffn['mass_thresh']}-d{ffn['dense_until']}",
                  heads[hkey(base)], ffn, {k: base[k] for k in (
                      "global_fraction", "window", "tail_full_tokens", "sink", "sink_arg",
-                     "dense_prefix_layers", "method") if k in base})
+                     "dense_prefix_layers", "retrieval_fraction", "retrieval_blocks",
+                     "method") if k in base})
     points[:] = [p for p in points if p]
     ok = [p for p in eligible() if p["meets_bar"]]
     # nothing meets the bar: the default is the best quality reachable (stated as such)
@@ -603,6 +632,10 @@ def main() -> None:
                    help="global fraction and window of the random-heads point (0 0: none)")
     s.add_argument("--ffn-points", type=int, default=len(FFN_GRID),
                    help="how many sparse-FFN schedules to try on the chosen head config")
+    s.add_argument("--attention", choices=("auto", "torch"), default="auto",
+                   help="torch: RedKnot's torch attention in every RedKnot engine")
+    s.add_argument("--retrieval-points", default="", help="points with block-sparse "
+                   "retrieval heads, f:W:T:rf:K:R:Wr,... (see parse_retrieval_point)")
     s.add_argument("--ffn-grid", default="", help="sparse-FFN schedules mass:dense_until"
                    "[:recent_n],... (default: the SmolLM2 schedules)")
     s.add_argument("--grid", default="", help="global_fraction:window[:tail],... (default: "

@@ -31,7 +31,8 @@ _INJECTED_FLAGS = ("--hf-overrides", "--additional-config", "--kv-transfer-confi
 
 
 def serve_argv(model: str, head_config: str | None, sparse_ffn: str | None,
-               request_stats: bool, vllm_argv: list[str], reuse: Any = None) -> list[str]:
+               request_stats: bool, vllm_argv: list[str], reuse: Any = None,
+               require_gate: bool | None = None) -> list[str]:
     """The ``vllm serve`` argv that switches RedKnot on for ``model``."""
     clash = [f for f in _INJECTED_FLAGS if any(a == f or a.startswith(f + "=")
                                                for a in vllm_argv)]
@@ -39,7 +40,7 @@ def serve_argv(model: str, head_config: str | None, sparse_ffn: str | None,
         raise SystemExit(f"redknot serve sets {', '.join(clash)} itself; pass --head-config / "
                          "--sparse-ffn instead (or --no-request-stats to drop the connector)")
     args = engine_args(model, head_config=head_config, sparse_ffn=sparse_ffn,
-                       request_stats=request_stats, reuse=reuse)
+                       request_stats=request_stats, reuse=reuse, require_gate=require_gate)
     argv = [model, *vllm_argv,
             "--hf-overrides", json.dumps(args["hf_overrides"]),
             "--additional-config", json.dumps(args["additional_config"])]
@@ -61,6 +62,10 @@ def serve(argv: list[str]) -> None:
     ours.add_argument("--reuse", default=None,
                       help="offline KV reuse: `on` for the defaults or a JSON object of "
                            "ReuseConfig fields, e.g. '{\"store_dir\": \"/data/kv\"}'")
+    ours.add_argument("--require-gate", choices=("on", "off"), default=None,
+                      help="refuse to start without a passed `redknot gate` for this model "
+                           "and config (default: on for a shipped quality default, off "
+                           "otherwise)")
     if argv and argv[0] in ("-h", "--help"):
         ours.print_help()
         print("\nAll other arguments are those of `vllm serve`.")
@@ -80,7 +85,8 @@ def serve(argv: list[str]) -> None:
     reuse = None if known.reuse is None else True if known.reuse == "on" else _json_option(
         "--reuse", known.reuse)
     full = serve_argv(model, known.head_config, known.sparse_ffn, not known.no_request_stats,
-                      rest, reuse)
+                      rest, reuse, None if known.require_gate is None
+                      else known.require_gate == "on")
     args = parser.parse_args(["--model", full[0], *full[1:]])
     compat.configure_server_logging(args)
     validate(args)

@@ -21,10 +21,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from vllm.logger import init_logger
+
 from redknot_vllm.architectures import ARCHITECTURES, redknot_names
 from redknot_vllm.dims import ModelDims
 from redknot_vllm.errors import RedKnotError
 from redknot_vllm.head_config import POSITION_LIMIT, HeadConfig
+
+logger = init_logger(__name__)
 
 REDKNOT_KEY = "redknot"
 
@@ -276,14 +280,15 @@ class RedKnotConfig:
                                      f"{unknown}; expected {list(cls._KEYS)}")
         head = raw.get("head_config")
         sparse = raw.get("sparse_ffn")
-        gate = raw.get("require_gate", False)
-        if not isinstance(gate, bool):
+        gate = raw.get("require_gate")
+        if gate is not None and not isinstance(gate, bool):
             raise RedKnotConfigError(f'additional_config["{REDKNOT_KEY}"]["require_gate"] must '
                                      f"be true or false, got {gate!r}")
+        hc = None if head is None else _load(head, HeadConfig, "head_config")
         return cls(
-            head_config=None if head is None else _load(head, HeadConfig, "head_config"),
+            head_config=hc,
             sparse_ffn=None if sparse is None else _load(sparse, SparseFFNConfig, "sparse_ffn"),
-            require_gate=gate,
+            require_gate=resolve_require_gate(hc, gate),
             reuse=None if raw.get("reuse") is None else ReuseConfig.from_dict(raw["reuse"]),
         )
 
@@ -376,13 +381,38 @@ def redknot_architecture(arch: str) -> str:
     return ARCHITECTURES[arch][0]
 
 
+def resolve_require_gate(hc: HeadConfig | None, require_gate: bool | None) -> bool:
+    """``require_gate`` as given, or by default: on for a shipped quality default
+    (:mod:`redknot_vllm.defaults`), off for a user's own config. Turning it off for a
+    shipped default, and running a user's config ungated, are logged."""
+    from redknot_vllm.defaults import quality_default_name
+
+    if hc is None:
+        return bool(require_gate)
+    shipped = quality_default_name(hc)
+    if shipped is not None and require_gate is None:
+        logger.info_once("RedKnot: head config %s is the shipped quality default %s; its "
+                         "quality gate is required (require_gate=False opts out)",
+                         hc.source, shipped)
+        return True
+    if shipped is not None and not require_gate:
+        logger.warning_once("RedKnot: the shipped quality default %s runs without its "
+                            "quality gate (require_gate=False)", shipped)
+    elif shipped is None and not require_gate:
+        logger.warning_once("RedKnot: head config %s is not a shipped quality default and no "
+                            "quality gate is required for it; `redknot gate MODEL "
+                            "--head-config FILE` measures it, and require_gate=True enforces "
+                            "that result", hc.source)
+    return bool(require_gate)
+
+
 def engine_args(
     model: str,
     head_config: str | Path | dict[str, Any] | HeadConfig | None = None,
     sparse_ffn: str | Path | dict[str, Any] | SparseFFNConfig | None = None,
     *,
     request_stats: bool = True,
-    require_gate: bool = False,
+    require_gate: bool | None = None,
     reuse: ReuseConfig | dict[str, Any] | bool | None = None,
     architecture: str | None = None,
     **vllm_kwargs: Any,
@@ -399,6 +429,8 @@ def engine_args(
             and the worker extension still answers ``redknot_prefill_totals``.
         require_gate: refuse to start unless ``redknot gate`` passed for this model, dtype
             and configuration (checked in the worker, so ``vllm serve`` obeys it too).
+            None (default): required for a shipped quality default, whose passed gate
+            results ship with the package; not required for a user's own config (logged).
         reuse: offline KV reuse (:class:`ReuseConfig`, its dict, or True for the defaults);
             needs a head config and ``request_stats`` (the connector carries it).
         architecture: the model's stock architecture, if ``model`` has no local config.json.
@@ -409,12 +441,12 @@ def engine_args(
         >>> args = engine_args("/models/smol", head_config={...})  # doctest: +SKIP
         >>> llm = LLM(**args, enforce_eager=True)  # doctest: +SKIP
     """
+    hc = None if head_config is None else _load(head_config, HeadConfig, "head_config")
     cfg = RedKnotConfig(
-        head_config=None if head_config is None else _load(head_config, HeadConfig,
-                                                           "head_config"),
+        head_config=hc,
         sparse_ffn=None if sparse_ffn is None else _load(sparse_ffn, SparseFFNConfig,
                                                          "sparse_ffn"),
-        require_gate=require_gate,
+        require_gate=resolve_require_gate(hc, require_gate),
         reuse=(None if reuse is None or reuse is False else ReuseConfig() if reuse is True
                else reuse if isinstance(reuse, ReuseConfig) else ReuseConfig.from_dict(reuse)),
     )

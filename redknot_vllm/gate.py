@@ -4,12 +4,18 @@
 tasks (:mod:`redknot_vllm.quality`) through stock vLLM and through RedKnot, and refuses the
 configuration when RedKnot's accuracy falls below the bar (by default 98% of dense on
 average and 95% in every cell). The result is cached under
-``<cache>/gates/<key>.json``, where the key is a sha256 over the model fingerprint
-(weights, tokenizer, dtype), the head-config hash and the sparse-FFN hash.
+``<cache>/gates/<key>.json``, where the key is a sha256 over the weights fingerprint
+(every weight tensor's values and the dtype: the same model converted on another host
+keys the same, see :func:`redknot_vllm.fingerprint.weights_fingerprint`), the head-config
+hash and the sparse-FFN hash.
 
-An engine started with ``require_gate`` (``engine_args(..., require_gate=True)`` or
-``"require_gate": true`` in ``additional_config["redknot"]``) refuses to start unless a
-passed gate result exists for exactly that model, dtype and configuration.
+An engine started with ``require_gate`` refuses to start unless a passed gate result
+exists for exactly that model, dtype and configuration, in the user's cache or among the
+results shipped with the package (``head_class/gates/``). ``require_gate`` is on by
+default when the head config is a shipped quality default
+(:mod:`redknot_vllm.defaults`), off for a user's own config; both can be set explicitly
+(``engine_args(..., require_gate=...)`` or ``"require_gate"`` in
+``additional_config["redknot"]``), and turning it off for a shipped default is logged.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from typing import Any
 
 from redknot_vllm import envs
 from redknot_vllm.config import RedKnotConfig, RedKnotConfigError
+from redknot_vllm.defaults import shipped_gates_dir
 from redknot_vllm.errors import RedKnotError
-from redknot_vllm.fingerprint import model_fingerprint
+from redknot_vllm.fingerprint import weights_fingerprint
 from redknot_vllm.fsutil import atomic_write
 from redknot_vllm.quality import fmt
 
@@ -52,7 +59,7 @@ def _config_hashes(cfg: RedKnotConfig) -> tuple[str, str]:
 def gate_key(fingerprint: str, cfg: RedKnotConfig) -> str:
     """Cache key of a gate result: model fingerprint and both config hashes."""
     head, ffn = _config_hashes(cfg)
-    return hashlib.sha256(f"gate-v1|{fingerprint}|{head}|{ffn}".encode()).hexdigest()
+    return hashlib.sha256(f"gate-v2|{fingerprint}|{head}|{ffn}".encode()).hexdigest()
 
 
 def gate_path(key: str) -> Path:
@@ -113,8 +120,10 @@ def run_gate(model: str, cfg: RedKnotConfig, *, tasks: Sequence[str] = DEFAULT_T
     outcomes = []
     dtype = None
     for llm, build in ((dense_llm, lambda: dict(kw, model=model)),
+                       # the engine under test runs ungated: this is its gate
                        (redknot_llm, lambda: engine_args(model, head_config=cfg.head_config,
-                                                         sparse_ffn=cfg.sparse_ffn, **kw))):
+                                                         sparse_ffn=cfg.sparse_ffn,
+                                                         require_gate=False, **kw))):
         own = llm is None
         if own:
             from vllm import LLM
@@ -129,7 +138,7 @@ def run_gate(model: str, cfg: RedKnotConfig, *, tasks: Sequence[str] = DEFAULT_T
                 del llm
     cells = quality.compare(outcomes[0], outcomes[1])
     summary = quality.summarize(cells, bar)
-    fp = model_fingerprint(model, dtype or "auto")
+    fp = weights_fingerprint(model, dtype or "auto")
     head, ffn = _config_hashes(cfg)
     result = GateResult(
         passed=summary["meets_bar"], model=Path(model).name, model_fingerprint=fp,
@@ -143,23 +152,25 @@ def run_gate(model: str, cfg: RedKnotConfig, *, tasks: Sequence[str] = DEFAULT_T
 
 
 def lookup(model: str, cfg: RedKnotConfig, dtype: str) -> GateResult | None:
-    """The cached gate result for this model, dtype and configuration, if any."""
-    fp = model_fingerprint(model, dtype)
-    path = gate_path(gate_key(fp, cfg))
-    try:
-        raw = json.loads(path.read_text())
-        result = GateResult(**raw)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, TypeError) as e:
-        logger.warning("Ignoring unreadable gate result %s: %s", path, e)
-        return None
+    """The gate result for this model, dtype and configuration, if any: the user's cache
+    first (a gate run here), then the results shipped with the package."""
+    fp = weights_fingerprint(model, dtype)
+    key = gate_key(fp, cfg)
     head, ffn = _config_hashes(cfg)
-    if (result.model_fingerprint, result.head_config_hash, result.sparse_ffn_hash) != (
-            fp, head, ffn):
-        logger.warning("Ignoring gate result %s: it is for another model or config", path)
-        return None
-    return result
+    for path in (gate_path(key), shipped_gates_dir() / f"{key}.json"):
+        try:
+            result = GateResult(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, TypeError) as e:
+            logger.warning("Ignoring unreadable gate result %s: %s", path, e)
+            continue
+        if (result.model_fingerprint, result.head_config_hash, result.sparse_ffn_hash) != (
+                fp, head, ffn):
+            logger.warning("Ignoring gate result %s: it is for another model or config", path)
+            continue
+        return result
+    return None
 
 
 def require_passed(model: str, cfg: RedKnotConfig, dtype: Any) -> GateResult:
@@ -175,7 +186,8 @@ def require_passed(model: str, cfg: RedKnotConfig, dtype: Any) -> GateResult:
         raise GateRefused(
             f"require_gate: no quality-gate result for this model ({name}) and RedKnot "
             f"configuration (head {cfg.head_config.source if cfg.head_config else None}); "
-            f"run `{cmd}` first, or drop require_gate")
+            f"run `{cmd}` first, or pass require_gate=False (`--require-gate off`) to "
+            "start without one")
     if not result.passed:
         raise GateRefused(f"require_gate: this configuration failed its gate on "
                           f"{result.date}: {result.message()}")
