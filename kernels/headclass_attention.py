@@ -15,6 +15,14 @@ Visibility for a query at absolute position ``p`` and a key at position ``k``::
     local (sink S, window W):  k <= p  and  (k < S  or  k > p - W)
 
 so a local head sees ``min(p + 1, S + W)`` keys, sinks never counted twice.
+
+Block-sparse retrieval (``top_k`` K, ``block`` R, window W a multiple of R): a query at
+``p`` in block ``b = p // R`` sees key block 0, its window ``[max(0, b·R - W), p]`` and the
+K key blocks ``j`` in ``[1, max(0, b·R - W) / R)`` scoring highest for block b; when there
+are no more than K such blocks it sees its whole causal prefix. A key block's score for a
+query block is ``Σ_d max(q̄_d · kmax_jd, q̄_d · kmin_jd)``, q̄ the mean query of the block's
+queries in this call over the KV head's query heads, kmax/kmin the key block's per-channel
+extremes (Quest's bound, with the block's mean query).
 """
 
 from __future__ import annotations
@@ -40,6 +48,14 @@ class HeadGroup:
     """Sliding window W, or ``FULL``."""
     sink: int
     """Sink tokens ``[0, sink)`` a local head always sees (ignored when ``window`` is FULL)."""
+    topk: int = 0
+    """Block-sparse retrieval: key blocks kept per query block (0: not retrieval)."""
+    block: int = 0
+    """Block-sparse retrieval: positions per block (query and key blocks alike)."""
+
+    @property
+    def is_full(self) -> bool:
+        return self.window == FULL and not self.topk
 
 
 def visible_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sink: int) -> torch.Tensor:
@@ -60,6 +76,7 @@ def headclass_attention_ref(
     kv_sink: torch.Tensor,
     scale: float,
     full_from: int | None = None,
+    retrieval: dict[int, tuple[int, int, int]] | None = None,
 ) -> torch.Tensor:
     """Naive head-class attention for one sequence (test reference).
 
@@ -72,6 +89,9 @@ def headclass_attention_ref(
         scale: softmax scale.
         full_from: queries at positions ``>= full_from`` attend fully on every head (a
             prefill tail); None: none.
+        retrieval: KV head -> (top_k, block, window) for block-sparse retrieval heads (their
+            ``kv_window`` entry is ignored); the query blocks' mean queries are taken over
+            the queries given here whose position is below ``full_from``.
 
     Returns:
         ``[num_q, num_heads, head_size]`` in fp32.
@@ -81,15 +101,98 @@ def headclass_attention_ref(
     group = num_heads // num_kv_heads
     k_pos = torch.arange(num_keys)
     out = torch.empty(num_q, num_heads, query.shape[-1], dtype=torch.float32)
+    sel_masks = {kvh: _retrieval_mask_ref(query, key, q_positions, kvh, group, *params,
+                                          full_from)
+                 for kvh, params in (retrieval or {}).items()}
     for h in range(num_heads):
         kvh = h // group
-        mask = visible_mask(q_positions, k_pos, int(kv_window[kvh]), int(kv_sink[kvh]))
+        if kvh in sel_masks:
+            mask = sel_masks[kvh].clone()
+        else:
+            mask = visible_mask(q_positions, k_pos, int(kv_window[kvh]), int(kv_sink[kvh]))
         if full_from is not None:
             mask |= (q_positions[:, None] >= full_from) & (k_pos[None, :] <= q_positions[:, None])
         s = (query[:, h].float() @ key[:, kvh].float().T) * scale
         s = s.masked_fill(~mask, float("-inf"))
         out[:, h] = torch.softmax(s, dim=-1) @ value[:, kvh].float()
     return out
+
+
+def _retrieval_mask_ref(query: torch.Tensor, key: torch.Tensor, q_positions: torch.Tensor,
+                        kvh: int, group: int, top_k: int, block: int, window: int,
+                        full_from: int | None) -> torch.Tensor:
+    """Bool ``[num_q, num_keys]``: what each query of a block-sparse retrieval KV head sees,
+    written position by position (independent of the tiled implementation)."""
+    num_keys = key.shape[0]
+    k = key[:, kvh].float()
+    mask = torch.zeros(len(q_positions), num_keys, dtype=torch.bool)
+    heads = list(range(kvh * group, (kvh + 1) * group))
+    for i, p in enumerate(q_positions.tolist()):
+        b = p // block
+        ws = max(0, b * block - window)
+        cands = list(range(1, ws // block))
+        if len(cands) <= top_k:
+            mask[i, :p + 1] = True
+            continue
+        rows = [j for j, x in enumerate(q_positions.tolist()) if x // block == b
+                and (full_from is None or x < full_from)]
+        qbar = query[rows][:, heads].float().mean(dim=(0, 1))
+        scores = []
+        for j in cands:
+            kb = k[j * block:(j + 1) * block]
+            scores.append(float(torch.maximum(qbar * kb.max(0).values,
+                                              qbar * kb.min(0).values).sum()))
+        best = sorted(range(len(cands)), key=lambda c: -scores[c])[:top_k]
+        mask[i, :block] = True
+        for c in best:
+            mask[i, cands[c] * block:(cands[c] + 1) * block] = True
+        mask[i, ws:p + 1] = True
+    return mask
+
+
+def _retrieval_group(q: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, first_pos: int,
+                     g: HeadGroup, scale: float, out: torch.Tensor, kv_idx: torch.Tensor,
+                     per_kv: int) -> None:
+    """One block-sparse retrieval group of one sequence, tile = one query block.
+
+    q: ``[num_q, num_kv_heads, per_kv, D]``; kg/vg: ``[Hg, seq, D]``; out as in
+    :func:`sequence_headclass_attention`."""
+    num_q, head_size = q.shape[0], q.shape[-1]
+    seq = first_pos + num_q
+    r, dev = g.block, q.device
+    nkb = -(-seq // r)
+    pad = nkb * r - seq
+    kf = kg.float()
+    kmax = F.pad(kf, (0, 0, 0, pad), value=float("-inf")).view(len(kv_idx), nkb, r, -1).amax(2)
+    kmin = F.pad(kf, (0, 0, 0, pad), value=float("inf")).view(len(kv_idx), nkb, r, -1).amin(2)
+    o_view = out.view(num_q, -1, per_kv, head_size)
+    for b in range(first_pos // r, (seq - 1) // r + 1):
+        a, e = max(first_pos, b * r) - first_pos, min(seq, (b + 1) * r) - first_pos
+        ws = max(0, b * r - g.window)
+        ncand = max(0, ws // r - 1)
+        q_pos = torch.arange(first_pos + a, first_pos + e, device=dev)
+        qt = q[a:e, kv_idx]  # [nq, Hg, per, D]
+        if ncand <= g.topk:  # the whole causal prefix
+            k_pos = torch.arange(first_pos + e, device=dev)
+            o = F.scaled_dot_product_attention(
+                qt.reshape(e - a, -1, head_size).transpose(0, 1), kg[:, :first_pos + e],
+                vg[:, :first_pos + e], attn_mask=k_pos[None, :] <= q_pos[:, None],
+                scale=scale, enable_gqa=True)
+            o_view[a:e, kv_idx] = o.transpose(0, 1).reshape(e - a, len(kv_idx), per_kv,
+                                                            head_size).to(out.dtype)
+            continue
+        qbar = qt.float().mean(dim=(0, 2))  # [Hg, D]
+        score = torch.maximum(qbar[:, None] * kmax[:, 1:ncand + 1],
+                              qbar[:, None] * kmin[:, 1:ncand + 1]).sum(-1)  # [Hg, ncand]
+        sel = score.topk(g.topk, dim=-1).indices + 1  # key blocks, per KV head
+        offs = torch.arange(r, device=dev)
+        for hi in range(len(kv_idx)):
+            k_pos = torch.cat([offs, (sel[hi].sort().values[:, None] * r + offs).reshape(-1),
+                               torch.arange(ws, first_pos + e, device=dev)])
+            o = F.scaled_dot_product_attention(
+                qt[:, hi].transpose(0, 1), kg[hi:hi + 1, k_pos], vg[hi:hi + 1, k_pos],
+                attn_mask=k_pos[None, :] <= q_pos[:, None], scale=scale, enable_gqa=True)
+            o_view[a:e, kv_idx[hi]] = o.transpose(0, 1).to(out.dtype)
 
 
 def sequence_headclass_attention(
@@ -118,6 +221,10 @@ def sequence_headclass_attention(
     dev = query.device  # CPU, or CUDA under VLLM_REDKNOT_ATTENTION=torch
     for g in groups:
         kv_idx = torch.tensor(g.kv_heads, device=dev)
+        if g.topk:
+            _retrieval_group(q, key[kv_idx], value[kv_idx], first_pos, g, scale, out, kv_idx,
+                             per_kv)
+            continue
         qg = q[:, kv_idx].reshape(num_q, -1, head_size).transpose(0, 1)  # [Hg*per, nq, D]
         kg, vg = key[kv_idx], value[kv_idx]  # [Hg, S, D]
         for a in range(0, num_q, tile):

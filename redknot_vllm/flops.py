@@ -5,6 +5,10 @@ Per layer, for the ``T`` prompt tokens actually computed (prefix-cache hits are 
     projections  2·T·h·(Hq + 2·Hkv)·D + 2·T·Hq·D·h
     attention    4·D·Σ_t visible_keys(t)   per query head
                  global head: t + 1 keys;  local head: min(t + 1, sink + W) keys
+                 block-sparse retrieval head (K blocks of R, window W), t in block b,
+                 ws = max(0, b·R - W): t + 1 keys while b has <= K candidate blocks,
+                 else R + K·R + (t - ws + 1) keys, plus 4·D per candidate block and
+                 query block for the selection (per KV head: its score)
     FFN          6·h·I per token that runs it (SwiGLU)
 
 FLOPs saved = 1 − RedKnot / dense, with the kept FFN token counts measured on the run.
@@ -15,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from redknot_vllm.dims import ModelDims
-from redknot_vllm.head_config import HeadClass, HeadConfig
+from redknot_vllm.head_config import HeadClass, HeadConfig, RetrievalBlocks
 
 
 def sum_positions(start: int, end: int) -> int:
@@ -37,6 +41,9 @@ class AttentionShape:
     """[num_layers] query heads attending the full prefix."""
     local_q_heads: tuple[tuple[tuple[int, int], ...], ...]
     """[num_layers] of ((sink + W), query heads) for local heads."""
+    retrieval_kv_heads: tuple[int, ...] = ()
+    """[num_layers] block-sparse retrieval KV heads (empty: none)."""
+    retrieval: RetrievalBlocks | None = None
 
     @classmethod
     def dense(cls, dims: ModelDims) -> AttentionShape:
@@ -45,19 +52,43 @@ class AttentionShape:
     @classmethod
     def from_head_config(cls, dims: ModelDims, hc: HeadConfig) -> AttentionShape:
         per_kv = dims.num_q_heads // dims.num_kv_heads
-        full, local = [], []
+        full, local, retr = [], [], []
         for li in range(dims.num_layers):
-            f = 0
+            f = r = 0
             caps: dict[int, int] = {}
             for h in range(dims.num_kv_heads):
-                if hc.effective_class(li, h) is HeadClass.LOCAL:
+                cls_ = hc.effective_class(li, h)
+                if cls_ is HeadClass.LOCAL:
                     cap = hc.windows[li][h] + hc.sinks[li][h]
                     caps[cap] = caps.get(cap, 0) + per_kv
+                elif cls_ is HeadClass.RETRIEVAL and hc.retrieval_blocks is not None:
+                    r += 1
                 else:
                     f += per_kv
             full.append(f)
             local.append(tuple(sorted(caps.items())))
-        return cls(tuple(full), tuple(local))
+            retr.append(r)
+        if not any(retr):
+            return cls(tuple(full), tuple(local))
+        return cls(tuple(full), tuple(local), tuple(retr), hc.retrieval_blocks)
+
+    def retrieval_keys(self, start: int, end: int) -> tuple[int, int]:
+        """(Σ visible keys per query head, Σ candidate blocks scored per query block) of
+        one block-sparse retrieval head over positions [start, end)."""
+        rb = self.retrieval
+        assert rb is not None
+        keys = scored = 0
+        r = rb.block
+        for b in range(start // r, (end - 1) // r + 1 if end > start else start // r):
+            lo, hi = max(start, b * r), min(end, (b + 1) * r)
+            ws = max(0, b * r - rb.window)
+            ncand = max(0, ws // r - 1)
+            if ncand <= rb.top_k:
+                keys += sum_positions(lo, hi)
+            else:
+                keys += (hi - lo) * (r + rb.top_k * r) + sum_positions(lo - ws, hi - ws)
+                scored += ncand
+        return keys, scored
 
     def attention_flops(self, dims: ModelDims, start: int, end: int, tail: int = 0) -> int:
         """Attention FLOPs of computing positions [start, end) in every layer; the last
@@ -65,10 +96,15 @@ class AttentionShape:
         total = 0
         full_keys = sum_positions(start, end)
         split = max(start, end - tail)
+        per_kv = dims.num_q_heads // dims.num_kv_heads
+        rk, scored = self.retrieval_keys(start, split) if self.retrieval_kv_heads else (0, 0)
         for li in range(dims.num_layers):
             keys = self.full_q_heads[li] * full_keys
             for cap, heads in self.local_q_heads[li]:
                 keys += heads * (sum_capped(start, split, cap) + sum_positions(split, end))
+            if self.retrieval_kv_heads and self.retrieval_kv_heads[li]:
+                n = self.retrieval_kv_heads[li]
+                keys += n * per_kv * (rk + sum_positions(split, end)) + n * scored
             total += 4 * dims.head_dim * keys
         return total
 

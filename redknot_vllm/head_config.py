@@ -3,13 +3,19 @@
 Reads and writes the seed's JSON format (``num_layers``, ``num_kv_heads``,
 ``kv_head_classification`` [L][H], ``kv_head_max_distance`` [L][H], optional
 ``kv_head_sink_size`` [L][H], ``retrieval_top_p``, ``dense_prefix_layers``, and RedKnot's
-``tail_full_tokens``) and validates
+``tail_full_tokens`` and ``retrieval_blocks``) and validates
 it strictly: every error names the field, the layer and head, and what was expected.
 
 Semantics per KV head (all query heads of a KV head share its class):
 
-* ``global`` / ``dense`` / ``retrieval``: full causal attention during prefill
-  (retrieval top-p is not implemented yet; it runs as global, which is logged);
+* ``global`` / ``dense``: full causal attention during prefill;
+* ``retrieval``: with ``retrieval_blocks`` ``{"top_k": K, "block": R, "window": W}``,
+  block-sparse: the prompt is cut into blocks of ``R`` positions; a query in block ``b``
+  sees key block 0 (the sink block), the ``K`` key blocks before its window that score
+  highest for block ``b``'s mean query (a Quest-style bound over each key block's
+  per-channel min and max), and its window ``[b·R - W, p]``; a block with no more than
+  ``K`` candidates sees its whole prefix. Without ``retrieval_blocks`` a retrieval head runs
+  as global (the seed's top-p is not implemented, logged);
 * ``local``: the sink tokens ``[0, sink)`` plus a sliding window of the last ``W``
   keys (``W`` = ``kv_head_max_distance``), i.e. position ``p`` sees
   ``[0, sink) ∪ [p - W + 1, p]``;
@@ -58,7 +64,7 @@ LEGACY_ALIASES: dict[str, HeadClass] = {
 
 _REQUIRED_KEYS = ("num_layers", "num_kv_heads", "kv_head_classification", "kv_head_max_distance")
 _OPTIONAL_KEYS = ("kv_head_sink_size", "retrieval_top_p", "dense_prefix_layers",
-                  "tail_full_tokens")
+                  "tail_full_tokens", "retrieval_blocks")
 _MATRIX_KEYS = ("kv_head_classification", "kv_head_max_distance", "kv_head_sink_size")
 INFORMATIONAL_KEYS = frozenset(
     {
@@ -104,11 +110,13 @@ class HeadConfig:
     sinks: tuple[tuple[int, ...], ...]
     """``[num_layers][num_kv_heads]`` sink tokens kept by local heads."""
     retrieval_top_p: float = DEFAULT_RETRIEVAL_TOP_P
-    """Top-p for retrieval heads (not used yet: retrieval runs as global)."""
+    """The seed's top-p for retrieval heads (not implemented; see ``retrieval_blocks``)."""
     dense_prefix_layers: int = 0
     """Layers ``< dense_prefix_layers`` are full regardless of ``classes``."""
     tail_full_tokens: int = 0
     """The last this many tokens of every prefill chunk attend fully on every head."""
+    retrieval_blocks: RetrievalBlocks | None = None
+    """Block-sparse retrieval heads' parameters; None: retrieval heads run as global."""
     source: str = "<dict>"
     """Where the config came from, for messages."""
     defaults_applied: tuple[str, ...] = ()
@@ -201,6 +209,8 @@ class HeadConfig:
         if isinstance(tail, bool) or not isinstance(tail, int) or not 0 <= tail <= POSITION_LIMIT:
             raise _fail(source, f"tail_full_tokens is {tail!r}; expected an integer in [0, "
                         f"{POSITION_LIMIT}] (how many last prompt tokens attend fully)")
+        rb = None if data.get("retrieval_blocks") is None else RetrievalBlocks.parse(
+            data["retrieval_blocks"], source)
         info = {k: v for k, v in data.items() if k in INFORMATIONAL_KEYS or k.startswith("_")}
         return cls(
             num_layers=num_layers,
@@ -214,6 +224,7 @@ class HeadConfig:
             retrieval_top_p=float(top_p),
             dense_prefix_layers=dpl,
             tail_full_tokens=tail,
+            retrieval_blocks=rb,
             source=source,
             defaults_applied=tuple(defaults),
             info=info,
@@ -284,8 +295,11 @@ class HeadConfig:
         ws = sorted({w for w, _ in local})
         ss = sorted({s for _, s in local})
         return (f"{total} KV heads: {c['global']} global, {c['local']} local "
-                f"(window {ws or '-'}, sink {ss or '-'}), {c['retrieval']} retrieval, "
-                f"{c['dense']} dense (dense_prefix_layers={self.dense_prefix_layers}"
+                f"(window {ws or '-'}, sink {ss or '-'}), {c['retrieval']} retrieval"
+                + (f" (block-sparse: top {self.retrieval_blocks.top_k} blocks of "
+                   f"{self.retrieval_blocks.block}, window {self.retrieval_blocks.window})"
+                   if self.retrieval_blocks and c["retrieval"] else "")
+                + f", {c['dense']} dense (dense_prefix_layers={self.dense_prefix_layers}"
                 + (f", last {self.tail_full_tokens} prompt tokens full"
                    if self.tail_full_tokens else "") + ")")
 
@@ -304,6 +318,8 @@ class HeadConfig:
         }
         if self.tail_full_tokens:  # only when set: configs without it keep their hash
             out["tail_full_tokens"] = self.tail_full_tokens
+        if self.retrieval_blocks is not None:  # likewise
+            out["retrieval_blocks"] = self.retrieval_blocks.to_dict()
         for k, v in self.info.items():
             out.setdefault(k, v)
         return out
@@ -376,6 +392,37 @@ class HeadConfig:
             "tail_full_tokens": tail_full_tokens,
             **meta,
         }, source="<shape>")
+
+
+@dataclass(frozen=True)
+class RetrievalBlocks:
+    """Block-sparse retrieval heads: ``top_k`` key blocks of ``block`` positions per query
+    block, plus key block 0 and a ``window`` (see the module docstring)."""
+
+    top_k: int
+    block: int
+    window: int
+
+    @classmethod
+    def parse(cls, v: Any, source: str) -> RetrievalBlocks:
+        where = "retrieval_blocks"
+        if not isinstance(v, dict) or set(v) != {"top_k", "block", "window"}:
+            raise _fail(source, f"{where} is {v!r}; expected an object with exactly top_k, "
+                        'block and window, e.g. {"top_k": 8, "block": 64, "window": 1024}')
+        for k in ("top_k", "block", "window"):
+            x = v[k]
+            if isinstance(x, bool) or not isinstance(x, int) or not 0 < x <= POSITION_LIMIT:
+                raise _fail(source, f"{where}.{k} is {x!r}; expected a positive integer")
+        if v["block"] % 16:
+            raise _fail(source, f"{where}.block is {v['block']}; it must be a multiple of 16 "
+                        "(a block is a whole number of KV-cache pages)")
+        if v["window"] % v["block"]:
+            raise _fail(source, f"{where}.window is {v['window']}; it must be a multiple of "
+                        f"block={v['block']}")
+        return cls(v["top_k"], v["block"], v["window"])
+
+    def to_dict(self) -> dict[str, int]:
+        return {"top_k": self.top_k, "block": self.block, "window": self.window}
 
 
 def _positive_int(v: Any, name: str, source: str) -> int:

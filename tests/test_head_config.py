@@ -163,3 +163,44 @@ def test_shipped_qwen05_config_loads():
     hc.validate_for_model(24, 2, 1)
     assert hc.counts()["global"] == 7 and hc.tail_full_tokens == 128
     assert hc.info["provenance"]["parameters"]["device"] == "cuda"
+
+
+def _with_retrieval(blocks):
+    from redknot_vllm.head_config import HeadConfig
+
+    d = HeadConfig.shape(4, 2, 0.5, window=64, seed=1).to_dict()
+    d["kv_head_classification"][2] = ["retrieval", "local"]
+    d["kv_head_max_distance"][2] = [-1, 64]
+    if blocks is not None:
+        d["retrieval_blocks"] = blocks
+    return HeadConfig.from_dict(d, source="r.json")
+
+
+@pytest.mark.parametrize("blocks,message", [
+    ({"top_k": 8, "block": 64}, "exactly top_k, block and window"),
+    ({"top_k": 0, "block": 64, "window": 1024}, "retrieval_blocks.top_k is 0"),
+    ({"top_k": 8, "block": 40, "window": 1024}, "multiple of 16"),
+    ({"top_k": 8, "block": 64, "window": 1000}, "multiple of block=64"),
+    ({"top_k": True, "block": 64, "window": 1024}, "retrieval_blocks.top_k is True"),
+])
+def test_bad_retrieval_blocks_name_the_field(blocks, message):
+    from redknot_vllm.head_config import HeadConfigError
+
+    with pytest.raises(HeadConfigError, match=message):
+        _with_retrieval(blocks)
+
+
+def test_retrieval_heads_are_block_sparse_only_with_retrieval_blocks():
+    from redknot_vllm.attention.plan import build_layer_plan
+
+    plain = build_layer_plan(_with_retrieval(None), 2, 0, 1)
+    assert [g.topk for g in plain.groups] == [0, 0]  # full (as before) and local
+    hc = _with_retrieval({"top_k": 8, "block": 64, "window": 1024})
+    plan = build_layer_plan(hc, 2, 0, 1)
+    assert [(g.kv_heads, g.window, g.topk, g.block) for g in plan.groups] == [
+        ((0,), 1024, 8, 64), ((1,), 64, 0, 0)]
+    assert not plan.all_full
+    assert "1 retrieval (block-sparse: top 8 blocks of 64, window 1024)" in hc.summary()
+    # the key appears only when set, so configs without it keep their content hash
+    assert "retrieval_blocks" not in _with_retrieval(None).to_dict()
+    assert hc.content_hash() != _with_retrieval(None).content_hash()

@@ -273,3 +273,19 @@ def test_long_profile_adds_scores_and_classifies_with_them(smollm2: str, scores,
     back = load_scores(path)
     assert back.edge_mass_long == long.edge_mass_long and back.long_params["long_tokens"] == 400
     assert combined_scores(back, 32) == combined_scores(long, 32) != combined_scores(scores, 32)
+
+
+def test_classify_makes_the_next_ranked_heads_retrieval(scores: ProfileScores):
+    rb = {"top_k": 8, "block": 64, "window": 1024}
+    plain = classify(scores, 0.2, 64)
+    hc = classify(scores, 0.2, 64, retrieval_fraction=0.1, retrieval_blocks=rb)
+    c = hc.counts()
+    total = scores.num_layers * scores.num_kv_heads
+    assert c["global"] == plain.counts()["global"] and c["retrieval"] == round(0.1 * total)
+    assert hc.retrieval_blocks.to_dict() == rb
+    for li in range(scores.num_layers):  # retrieval heads were local before, globals stay
+        for h in range(scores.num_kv_heads):
+            if hc.classes[li][h].value == "retrieval":
+                assert plain.classes[li][h].value == "local"
+    with pytest.raises(ProfileError, match="retrieval_blocks"):
+        classify(scores, 0.2, 64, retrieval_fraction=0.1)

@@ -66,7 +66,7 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
         from redknot_vllm.kernels.headclass_attention_cuda import warm_up_sink_merge
 
         groups = {(g.window, g.sink) for p in self.runtime.plans.values() for g in p.groups
-                  if g.window != FULL and g.sink > 0}
+                  if g.window != FULL and g.sink > 0 and not g.topk}
         if not groups:
             return
         mc = vllm_config.model_config

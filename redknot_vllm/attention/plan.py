@@ -31,7 +31,7 @@ class LayerPlan:
 
     @property
     def all_full(self) -> bool:
-        return all(g.window == FULL for g in self.groups)
+        return all(g.is_full for g in self.groups)
 
     @property
     def is_identity(self) -> bool:
@@ -39,24 +39,27 @@ class LayerPlan:
 
 
 def build_layer_plan(head_config: HeadConfig, layer: int, tp_rank: int, tp_size: int) -> LayerPlan:
-    """Group this rank's KV heads of ``layer`` by (window, sink); non-local heads are full.
-
-    Retrieval heads run as full attention (top-p selection is not implemented yet).
-    """
+    """Group this rank's KV heads of ``layer``: full heads, then block-sparse retrieval
+    heads (when the config has ``retrieval_blocks``; otherwise they are full), then local
+    heads by (window, sink)."""
     rank_heads = head_config.rank_kv_heads(tp_rank, tp_size)
+    rb = head_config.retrieval_blocks
     keys = []
     for h in rank_heads:
-        if head_config.effective_class(layer, h) is HeadClass.LOCAL:
-            keys.append((1, head_config.windows[layer][h], head_config.sinks[layer][h]))
+        cls = head_config.effective_class(layer, h)
+        if cls is HeadClass.LOCAL:
+            keys.append((2, head_config.windows[layer][h], head_config.sinks[layer][h], 0, 0))
+        elif cls is HeadClass.RETRIEVAL and rb is not None:
+            keys.append((1, rb.window, 0, rb.top_k, rb.block))
         else:
-            keys.append((0, FULL, 0))
+            keys.append((0, FULL, 0, 0, 0))
     perm = sorted(range(len(rank_heads)), key=lambda i: keys[i])  # stable: keeps order
     groups: list[HeadGroup] = []
     start = 0
     for i in range(1, len(perm) + 1):
         if i == len(perm) or keys[perm[i]] != keys[perm[start]]:
-            _, w, s = keys[perm[start]]
-            groups.append(HeadGroup(tuple(range(start, i)), w, s))
+            _, w, s, k, b = keys[perm[start]]
+            groups.append(HeadGroup(tuple(range(start, i)), w, s, topk=k, block=b))
             start = i
     return LayerPlan(layer=layer, groups=tuple(groups), kv_perm=tuple(perm))
 

@@ -150,8 +150,9 @@ def _log_startup(arch: str, cfg: RedKnotConfig, tp_rank: int) -> None:
     notes = []
     if hc.defaults_applied:
         notes.append(f"defaults applied: {', '.join(hc.defaults_applied)}")
-    if hc.counts()["retrieval"]:
-        notes.append("retrieval heads run as global (top-p not implemented)")
+    if hc.counts()["retrieval"] and hc.retrieval_blocks is None:
+        notes.append("retrieval heads run as global (no retrieval_blocks; the seed's top-p "
+                     "is not implemented)")
     sf = cfg.sparse_ffn
     sparse = ("off" if sf is None else
               f"dense_until={sf.dense_until}, mass_thresh={sf.mass_thresh}, "

@@ -80,11 +80,16 @@ def _rank(comb: Matrix) -> list[tuple[int, int, float]]:
 
 def classify(scores: ProfileScores, global_fraction: float, window: int,
              sink: int | None = None, weights: dict[str, float] | None = None,
-             tail_full_tokens: int = 0, dense_prefix_layers: int = 0) -> HeadConfig:
+             tail_full_tokens: int = 0, dense_prefix_layers: int = 0,
+             retrieval_fraction: float = 0.0,
+             retrieval_blocks: dict[str, int] | None = None) -> HeadConfig:
     """Top ``round(L * H * global_fraction)`` heads global, the rest local(``window``, ``sink``).
 
-    ``sink`` defaults to the profiled sink (4 by default), the one edge_mass assumed;
-    ``tail_full_tokens`` and ``dense_prefix_layers`` pass into the config as they are.
+    With ``retrieval_fraction``, the next ``round(L * H * retrieval_fraction)`` heads of the
+    ranking are block-sparse retrieval heads (``retrieval_blocks``: top_k, block, window)
+    instead of local. ``sink`` defaults to the profiled sink (4 by default), the one
+    edge_mass assumed; ``tail_full_tokens`` and ``dense_prefix_layers`` pass into the config
+    as they are.
     """
     f = _check_fraction(global_fraction)
     window = _check_window(window, scores.windows)
@@ -97,9 +102,17 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
     comb = combined_scores(scores, window, weights)
     ranked = _rank(comb)
     n_global = round(f * len(ranked))
+    rf = _check_fraction(retrieval_fraction)
+    if rf and retrieval_blocks is None:
+        raise ProfileError("retrieval_fraction needs retrieval_blocks (top_k, block, window)")
+    if f + rf > 1:
+        raise ProfileError(f"global_fraction {f} + retrieval_fraction {rf} exceed 1")
+    n_retr = round(rf * len(ranked))
     global_set = {(li, h) for li, h, _ in ranked[:n_global]}
-    classes = [["global" if (li, h) in global_set else "local"
-                for h in range(scores.num_kv_heads)] for li in range(scores.num_layers)]
+    retr_set = {(li, h) for li, h, _ in ranked[n_global:n_global + n_retr]}
+    classes = [["global" if (li, h) in global_set else "retrieval" if (li, h) in retr_set
+                else "local" for h in range(scores.num_kv_heads)]
+               for li in range(scores.num_layers)]
     provenance = {
         "model": scores.model,
         "model_fingerprint": scores.model_fingerprint,
@@ -107,6 +120,8 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
         "parameters": {
             "global_fraction": f, "window": window, "sink": sink, "weights": weights,
             "tail_full_tokens": tail_full_tokens, "dense_prefix_layers": dense_prefix_layers,
+            **({"retrieval_fraction": rf, "retrieval_blocks": retrieval_blocks} if n_retr
+               else {}),
             **{k: v for k, v in scores.params.items() if k != "sink"},
             "profiled_sink": scores.sink,
         },
@@ -135,6 +150,7 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
         "kv_head_max_distance": [[window if c == "local" else -1 for c in row]
                                  for row in classes],
         "kv_head_sink_size": [[sink] * scores.num_kv_heads for _ in range(scores.num_layers)],
+        **({"retrieval_blocks": retrieval_blocks} if n_retr else {}),
         "provenance": provenance,
         "profiling_meta": meta,
     }, source="<profile>")

@@ -63,7 +63,7 @@ class SplicedKV:
     def write_local_heads(self, plan: LayerPlan, kv_cache: torch.Tensor) -> None:
         """Seed policy: called by the attention layer after its cache write, before
         attention; the local heads read the relocated stored KV, the others their own."""
-        heads = [h for g in plan.groups if g.window != FULL for h in g.kv_heads]
+        heads = [h for g in plan.groups if g.window != FULL and not g.topk for h in g.kv_heads]
         row = self.layer_row.get(plan.layer)
         if heads and row is not None:
             k, v = self.layer(row)
