@@ -16,8 +16,13 @@ Heads are regrouped at load time so that each group is a contiguous KV-head rang
      those tokens, written over the group's output (a slice when they are whole decode rows
      leading the batch, as vLLM's reorder puts them).
 
-:func:`sink_merge_ref` is the torch reference of the kernel; the end-to-end reference is
-``headclass_attention.headclass_attention_ref``.
+* block-sparse retrieval group (:func:`_retrieval_group_cuda`): each prefill row's query
+  blocks become rows of one FA3 varlen call per KV head, over a virtual block table (key
+  block 0, the blocks selected on the device, the window), then the full tokens as above.
+
+:func:`sink_merge_ref` is the torch reference of the kernel; the end-to-end references are
+``headclass_attention.headclass_attention_ref`` and, for retrieval groups, the torch path
+``headclass_attention.paged_headclass_attention``.
 """
 
 from __future__ import annotations
@@ -217,6 +222,11 @@ def paged_headclass_attention_cuda(query: torch.Tensor, kv_cache: torch.Tensor, 
         o = out[:, h0 * per:h1 * per]
         kc, vc = key_cache[:, :, h0:h1], value_cache[:, :, h0:h1]
         common = dict(softmax_scale=scale, causal=True, fa_version=fa_version)
+        if g.topk:  # block-sparse retrieval, then the step's full tokens over it
+            _retrieval_group_cuda(flash_attn_varlen_func, q, kc, vc, o, md, g, per, common)
+            if md.num_full_tokens:
+                _full_tokens(flash_attn_varlen_func, q, kc, vc, o, md, common)
+            continue
         if g.window == FULL:
             flash_attn_varlen_func(q=q, k=kc, v=vc, out=o, cu_seqlens_q=md.query_start_loc,
                                    max_seqlen_q=md.max_query_len, seqused_k=md.seq_lens,
@@ -250,3 +260,123 @@ def _full_tokens(fa: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
              max_seqlen_q=md.max_full_query_len, seqused_k=md.seq_lens[rows],
              max_seqlen_k=md.max_seq_len, block_table=md.block_table[rows], **common)
     o[idx] = res
+
+
+# ------------------------------------------------------------ block-sparse retrieval
+class RetrievalLayout:
+    """One step's query blocks for a block-sparse retrieval group (host-built, then copied
+    once): every prefill row's head-class tokens (its tail excluded) cut into blocks of
+    ``block`` positions, each block a "row" of a virtual FA3 batch whose block table lists
+    key block 0's pages, ``top_k`` selected blocks' pages (filled per layer and head on
+    the device) and its window's pages, or, for a block with at most ``top_k`` candidate
+    blocks, its whole prefix (see ``headclass_attention``'s module docstring)."""
+
+    def __init__(self, md: Any, block: int, window: int, top_k: int, page: int,
+                 device: torch.device) -> None:
+        if block % page:
+            raise NotImplementedError(f"retrieval_blocks.block={block} is not a multiple of "
+                                      f"the KV-cache page size {page}")
+        bp = block // page
+        tails = md.full_tail_cpu or [0] * md.num_reqs
+        token_idx: list[torch.Tensor] = []
+        blk_row, blk_len, seqused, ncand, sparse = [], [], [], [], []
+        logical: list[list[int]] = []
+        for r in range(md.num_reqs):
+            if not md.is_prefill_cpu[r]:
+                continue
+            qs, qe = md.query_start_loc_cpu[r], md.query_start_loc_cpu[r + 1]
+            seq = md.seq_lens_cpu[r]
+            m = qe - qs - tails[r]
+            if m <= 0:
+                continue
+            first = seq - (qe - qs)
+            token_idx.append(torch.arange(qs, qs + m))
+            for b in range(first // block, (first + m - 1) // block + 1):
+                lo, e = max(first, b * block), min(first + m, (b + 1) * block)
+                ws = max(0, b * block - window)
+                nc = max(0, ws // block - 1)
+                blk_row.append(r)
+                blk_len.append(e - lo)
+                ncand.append(nc)
+                if nc <= top_k:  # the whole causal prefix
+                    sparse.append(False)
+                    seqused.append(e)
+                    logical.append(list(range(-(-e // page))))
+                else:
+                    sparse.append(True)
+                    seqused.append(block + top_k * block + e - ws)
+                    logical.append(list(range(bp)) + [0] * (top_k * bp)
+                                   + list(range(ws // page, -(-e // page))))
+        self.num_blocks = len(blk_row)
+        if not self.num_blocks:
+            return
+        width = max(len(x) for x in logical)
+        table = torch.zeros(self.num_blocks, width, dtype=torch.long)
+        for i, x in enumerate(logical):
+            table[i, :len(x)] = torch.tensor(x)
+        lens = torch.tensor(blk_len)
+        self.token_index = torch.cat(token_idx).to(device, non_blocking=True)
+        self.token_block = torch.arange(self.num_blocks).repeat_interleave(lens).to(
+            device, non_blocking=True)
+        self.block_len = lens.to(device, non_blocking=True)
+        self.cu_seqlens_q = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(
+            torch.int32).to(device, non_blocking=True)
+        self.seqused_k = torch.tensor(seqused, dtype=torch.int32).to(device, non_blocking=True)
+        self.max_seqused = max(seqused)
+        self.max_block_len = max(blk_len)
+        self.logical = table.to(device, non_blocking=True)
+        self.block_row = torch.tensor(blk_row).to(device, non_blocking=True)
+        self.block_ncand = torch.tensor(ncand).to(device, non_blocking=True)
+        # the rows that have sparse blocks: their blocks, and how many key blocks to score
+        self.sparse_rows: list[tuple[int, torch.Tensor, int]] = []
+        for r in sorted(set(blk_row)):
+            ids = [i for i, (rr, sp) in enumerate(zip(blk_row, sparse, strict=True))
+                   if rr == r and sp]
+            if ids:
+                self.sparse_rows.append((r, torch.tensor(ids).to(device, non_blocking=True),
+                                         max(ncand[i] for i in ids) + 1))
+        self.bp, self.top_k, self.block = bp, top_k, block
+
+
+def _retrieval_group_cuda(fa: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                          o: torch.Tensor, md: Any, g: HeadGroup, per: int,
+                          common: dict[str, Any]) -> None:
+    """A block-sparse retrieval group's prefill tokens (decode rows and tails are written
+    by the full pass after it). One FA3 varlen call per KV head of the group (each head
+    selects its own blocks); the selection stays on the device."""
+    page = kc.shape[1]
+    key = (g.block, g.window, g.topk, page)
+    lay = md.retrieval_layouts.get(key)
+    if lay is None:
+        lay = md.retrieval_layouts[key] = RetrievalLayout(md, g.block, g.window, g.topk,
+                                                          page, q.device)
+    if not lay.num_blocks:
+        return
+    q_sub = q[lay.token_index]  # [T', Hq_g, D]
+    phys = md.block_table[lay.block_row[:, None], lay.logical].to(torch.int32)
+    offs = torch.arange(lay.bp, device=q.device)
+    for h in range(kc.shape[2]):
+        qh = q_sub[:, h * per:(h + 1) * per]
+        table = phys.clone()
+        if lay.sparse_rows:
+            # block means of the queries, over the tokens and the head's query heads
+            qbar = torch.zeros(lay.num_blocks, q.shape[-1], device=q.device,
+                               dtype=torch.float32)
+            qbar.index_add_(0, lay.token_block, qh.float().mean(1))
+            qbar /= lay.block_len[:, None]
+            for r, ids, nkb in lay.sparse_rows:
+                pages = md.block_table[r, :nkb * lay.bp].long()
+                kr = kc[pages, :, h].float().reshape(nkb, lay.block, -1)  # [nkb, R, D]
+                kmax, kmin = kr.amax(1), kr.amin(1)
+                qb = qbar[ids][:, None]  # [n, 1, D]
+                score = torch.maximum(qb * kmax, qb * kmin).sum(-1)  # [n, nkb]
+                j = torch.arange(nkb, device=q.device)
+                cand = (j >= 1) & (j <= lay.block_ncand[ids][:, None])
+                sel = score.masked_fill(~cand, float("-inf")).topk(lay.top_k, dim=-1).indices
+                logical = (sel[:, :, None] * lay.bp + offs).reshape(len(ids), -1)
+                table[ids, lay.bp:lay.bp + lay.top_k * lay.bp] = md.block_table[
+                    r, logical].to(torch.int32)
+        out = fa(q=qh, k=kc[:, :, h:h + 1], v=vc[:, :, h:h + 1], cu_seqlens_q=lay.cu_seqlens_q,
+                 max_seqlen_q=lay.max_block_len, seqused_k=lay.seqused_k,
+                 max_seqlen_k=lay.max_seqused, block_table=table, **common)
+        o[lay.token_index, h * per:(h + 1) * per] = out

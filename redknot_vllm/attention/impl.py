@@ -70,13 +70,6 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
                                 "the torch implementation (a diagnostic; slow on a GPU)")
         from vllm.platforms import current_platform
 
-        if current_platform.is_cuda() and not self._torch_on_cuda and any(
-                g.topk for g in redknot_plan.groups):
-            raise NotImplementedError(
-                f"layer {redknot_plan.layer}: block-sparse retrieval heads (head config "
-                "retrieval_blocks) have no CUDA kernel yet; set VLLM_REDKNOT_ATTENTION=torch "
-                "to run them with the torch implementation (slow), or classify those heads "
-                "global or local")
         if current_platform.is_cuda():
             self._fa_impl = compat.flash_attn_impl(num_heads, head_size, scale,
                                                    self.num_kv_heads, kv_cache_dtype, attn_type)

@@ -18,7 +18,7 @@ prompt sent whole, its question). Together those are the step's *full* tokens::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,9 @@ class RedKnotAttentionMetadata:
     full_rows: torch.Tensor | None = None  # [n] int64 their rows (when not a prefix)
     full_token_index: torch.Tensor | None = None  # [m] int64 their tokens (not a prefix)
     full_query_start_loc: torch.Tensor | None = None  # [n + 1] int32 (when not a prefix)
+    retrieval_layouts: dict[tuple[int, int, int, int], Any] = field(default_factory=dict)
+    """Block-sparse retrieval: the step's query-block layout per (block, window, top_k,
+    page), built on the host once per step by the first layer that needs it."""
     fa: Any = None
     """CUDA, steps without prefill rows: vLLM's own ``FlashAttentionMetadata`` (decode runs
     as dense vLLM does, full CUDA graphs included)."""
