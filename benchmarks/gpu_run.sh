@@ -7,6 +7,8 @@ SWEEP_KEYS=dense=7fd0bc93f846e1bd1070,profiled-g0.1-w512=7a0ff450215ad6472106,pr
 # Steps that finish leave /tmp/rkq/done-STEP (while the machine stays warm), so the same
 # command line given again continues where the last call stopped. BUDGET_S (default 575)
 # bounds the whole call: a step gets at most what is left, and none starts with < 30 s.
+# Keep BUDGET_S under the session's device time left as well: a call cut off by the lease
+# returns nothing (the results are packed into $OUT at the end).
 start=$(date +%s); budget=${BUDGET_S:-575}
 left() { echo $(( budget - ($(date +%s) - start) )); }
 cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
@@ -76,7 +78,7 @@ for step in "$@"; do
     kscale)
       # the CUDA head-class attention at the Qwen2.5-0.5B layout and 4K-8K rows
       timeout "$(cap 240)" python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
-        -k "qwen05_scale or matches_reference" > /tmp/rkq/gpu-kernel-scale.log 2>&1; rc=$?
+        -k "qwen05_scale or matches_reference or retrieval" > /tmp/rkq/gpu-kernel-scale.log 2>&1; rc=$?
       tail -3 /tmp/rkq/gpu-kernel-scale.log; [ $rc = 0 ] || tail -40 /tmp/rkq/gpu-kernel-scale.log ;;
     qdiag)
       # RedKnot's torch attention on this GPU on the multi-document tasks (DIAG_ARGS): do
