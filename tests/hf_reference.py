@@ -2,8 +2,9 @@
 
 The attention function below applies :func:`headclass_attention_ref` per layer and KV head
 (queries at positions < ``prompt_len`` use the head classes, block-sparse retrieval heads
-included, except the prompt's last ``hc.tail_full_tokens``, and later ones attend fully), so greedy decoding with it is what
-RedKnot attention (without sparse FFN) must produce for a prompt prefilled in one chunk.
+included, except the prompt's last ``hc.tail_full_tokens``, and later ones attend fully),
+so greedy decoding with it is what RedKnot attention (without sparse FFN) must produce for
+a prompt prefilled in one chunk.
 """
 
 from __future__ import annotations
