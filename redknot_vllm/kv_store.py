@@ -70,6 +70,8 @@ _DEVIATION_SLACK = 1 << 16
 INDEX_FORMAT = "redknot-segment-index-v1"
 INDEX_LIMIT = 256 << 20
 """The largest ``index.json`` read (about 1M segments)."""
+INDEX_TOUCH_S = 5.0
+"""Disk hits rewrite the index (LRU order only) at most this often."""
 TIERS = ("gpu", "host", "disk")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _TMP_RE = re.compile(r"\.tmp-(\d+)-[0-9a-f]+$")
@@ -331,6 +333,7 @@ class SegmentStore:
         self._segment_writes = 0
         self._deviation_writes = 0
         self.last_hit_tier: str | None = None
+        self._index_touched = float("-inf")  # monotonic time of the last index write
         self._dir = None if disk_dir is None else Path(disk_dir)
         self._key = key
         self._verified: dict[str, tuple[_FileState, str]] = {}
@@ -503,7 +506,7 @@ class SegmentStore:
         self._hits["disk"] += 1
         self._disk[digest].last_access = time.time()
         self._disk.move_to_end(digest)
-        self._write_index()
+        self._touch_index()
         landed = self._place(digest, seg, "gpu")
         return (self._mem[landed][digest] if landed in self._mem else seg), "disk"
 
@@ -742,16 +745,26 @@ class SegmentStore:
             return None
         return dev, meta
 
-    def _write_index(self) -> None:
+    def _touch_index(self) -> None:
+        """A disk hit changed only the LRU order: write the index at most every
+        :data:`INDEX_TOUCH_S` seconds, without fsync (every hit wrote and fsynced it, and
+        each write made the scheduler's catalog re-read it); a change of the segment set
+        still writes it at once."""
+        now = time.monotonic()
+        if now - self._index_touched >= INDEX_TOUCH_S:
+            self._write_index(durable=False)
+
+    def _write_index(self, durable: bool = True) -> None:
         # Best effort: the files are the truth and the next start repairs the index from them;
         # the index only adds LRU order across restarts.
         assert self._dir is not None
+        self._index_touched = time.monotonic()
         body = {"format": INDEX_FORMAT, "segments": {
             d: {"bytes": e.nbytes, "last_access": e.last_access,
                 "file": f"{d[:2]}/{d}.safetensors"} for d, e in self._disk.items()}}
         data = json.dumps(body, indent=0).encode()
         try:
-            atomic_write(self._dir / "index.json", data, durable=True)
+            atomic_write(self._dir / "index.json", data, durable=durable)
         except OSError as e:
             logger.warning("Could not write the KV segment index in %s: %s", self._dir, e)
 

@@ -620,3 +620,30 @@ def test_sidecars_follow_their_segment_on_disk(tmp_path: Path) -> None:
     assert not dev_file(tmp_path / "e", bare).exists()
     assert all_files(tmp_path / "e") == sorted(["index.json", str(seg_file(
         tmp_path / "e", other).relative_to(tmp_path / "e"))])
+
+
+def test_disk_hits_rewrite_the_index_at_most_every_few_seconds(tmp_path, monkeypatch):
+    """A disk hit only changes the LRU order: the index is not rewritten (nor fsynced) on
+    every hit, while a new segment still writes it at once."""
+    import redknot_vllm.kv_store as kv_store_mod
+
+    writes: list[bool] = []
+    real = kv_store_mod.atomic_write
+
+    def counting(path, data, *, durable=False):
+        if Path(path).name == "index.json":
+            writes.append(durable)
+        return real(path, data, durable=durable)
+
+    monkeypatch.setattr(kv_store_mod, "atomic_write", counting)
+    store = SegmentStore(gpu_bytes=0, host_bytes=0, disk_dir=tmp_path, key=b"k" * 32)
+    writes.clear()  # the start-up repair writes it too
+    seg = make_segment()
+    assert store.put(seg) == "disk"
+    assert writes == [True]
+    for _ in range(5):
+        assert store.lookup(seg.key)[1] == "disk"
+    assert writes == [True]  # within INDEX_TOUCH_S of the put: no rewrite
+    monkeypatch.setattr(kv_store_mod, "INDEX_TOUCH_S", 0.0)
+    assert store.lookup(seg.key)[1] == "disk"
+    assert writes == [True, False]  # the LRU order, not durable
