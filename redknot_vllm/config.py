@@ -165,6 +165,7 @@ class SparseFFNConfig:
 
 
 REUSE_POLICIES = ("selective", "seed")
+RECOMPUTE_SELECT = ("deviation", "question")
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,13 @@ class ReuseConfig:
     """Share of each segment's tokens that is recomputed, its first ``recompute_first``
     included, rounded to whole chunks; a request can set its own
     (``kv_transfer_params={"redknot": {"recompute_fraction": f}}``)."""
+    recompute_select: str = "deviation"
+    """Which chunks fill the recompute share after the first tokens (``selective``):
+    ``deviation``, the segment's own rule (its chunks whose KV moved most behind unrelated
+    context when probed); ``question``, this request's context first: the chunks that share
+    the most rare token pairs with the request's question (its tokens after the last
+    segment), then by deviation. The set then depends on the request, so it is part of the
+    prefix-cache salt."""
     chunk: int = 16
     """Tokens per recompute decision. (On H100 at 32K, chunks of 16 and 128, FA3's query
     tile, measured the same TTFT; ``benchmarks/results/reuse-h100.json`` is measured at 16.)"""
@@ -217,6 +225,8 @@ class ReuseConfig:
 
         if self.policy not in REUSE_POLICIES:
             raise bad("policy", f"one of {list(REUSE_POLICIES)}")
+        if self.recompute_select not in RECOMPUTE_SELECT:
+            raise bad("recompute_select", f"one of {list(RECOMPUTE_SELECT)}")
         for name in ("recompute_first", "max_store_tokens", "max_marked_ranges"):
             if not is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= POSITION_LIMIT:
                 raise bad(name, f"an integer in [0, {POSITION_LIMIT}]")

@@ -443,3 +443,72 @@ def test_catalog_find_equals_the_position_by_position_scan():
     cat.discard(cat.exact(docs[0]))
     prompt = docs[0] + docs[1]
     assert cat.find(prompt, 0) == scan(cat, prompt, 0)
+
+
+def test_question_focus_ranks_the_chunks_the_question_names():
+    """Three record segments; the question names the person of the second one's third
+    record: that chunk (and the one after it) rank first, a pair every record has counts
+    little, and a segment sharing nothing rare with the question has no focus."""
+    from redknot_vllm.reuse.policy import question_focus
+
+    def record(name: int, city: int) -> list[int]:  # "<name> <name+1> was born in <city>."
+        return [name, name + 1, 900, 901, 902, city, 903] + [5] * 9  # one 16-token chunk
+
+    segs = [[t for i in range(4) for t in record(100 + 10 * s * 4 + 10 * i, 500 + 4 * s + i)]
+            for s in range(3)]
+    asked = 100 + 10 * 1 * 4 + 10 * 2  # segment 1, record 2
+    pre = [7] * 20
+    prompt = pre + segs[0] + segs[1] + segs[2] + [800, 801, asked, asked + 1, 900, 901, 902]
+    uses = [(20 + 64 * s, 64) for s in range(3)]
+    focus = question_focus(prompt, uses, chunk=16)
+    assert focus[1][:2] == (2, 3)  # the named record's chunk, then the one after it
+    assert all(2 not in f[:1] for i, f in enumerate(focus) if i != 1)
+    # "was born in" is in every record: weight 1/12 per pair, under the name's 1/1
+    assert len(focus[0]) == 4 and focus[1][0] == 2
+    assert question_focus(prompt[:-7] + [1, 2, 3], uses, 16) == [(), (), ()]
+
+
+def test_recompute_mask_takes_the_focus_first_then_the_deviation():
+    from redknot_vllm.config import ReuseConfig
+    from redknot_vllm.kv_store import Segment, SegmentKey
+    from redknot_vllm.reuse.policy import recompute_mask
+
+    cfg = ReuseConfig(recompute_first=16, chunk=16, recompute_fraction=0.25)
+    n = 256  # 16 chunks; the share is 4 of them, the first tokens' chunk included
+    key = SegmentKey(model_fingerprint="m", head_config_hash="h", tokenizer="t", layout="l",
+                     bos=False, token_ids=tuple(range(n)))
+    dev = torch.arange(n, dtype=torch.float32)  # the last chunks deviate most
+    seg = Segment(key, torch.zeros(1, n, 1, 2), torch.zeros(1, n, 1, 2), dev)
+    chunks = lambda m: [c for c in range(16) if bool(m[c * 16])]  # noqa: E731
+    assert chunks(recompute_mask(seg, cfg)) == [0, 13, 14, 15]
+    # focus chunk 0 is the first tokens' already; 5 and 7 come next, then the deviation
+    assert chunks(recompute_mask(seg, cfg, focus=(0, 5, 7))) == [0, 5, 7, 15]
+    assert chunks(recompute_mask(seg, cfg, focus=(3, 4, 5, 6, 7))) == [0, 3, 4, 5]
+    assert chunks(recompute_mask(seg, cfg, focus=(99,))) == [0, 13, 14, 15]  # out of range
+
+
+def test_request_recompute_select_is_validated_and_changes_the_salt(reuse_llm, stored):
+    from vllm import SamplingParams
+
+    from redknot_vllm import request_stats
+    from redknot_vllm.config import RedKnotConfigError, ReuseConfig
+    from redknot_vllm.reuse.params import parse_params
+
+    assert parse_params({"redknot": {"recompute_select": "question"}}).recompute_select \
+        == "question"
+    with pytest.raises(RedKnotConfigError, match='"recompute_select"'):
+        parse_params({"redknot": {"recompute_select": "attention"}})
+    with pytest.raises(RedKnotConfigError, match=r"reuse\.recompute_select"):
+        ReuseConfig(recompute_select="attention")
+    tok, ids = stored["tok"], stored["ids"]
+    prompt = _ids(tok, PREFACE * 2) + ids["red"] + ids["blue"] + _ids(
+        tok, QUESTION.format(name="blue"))
+    for select in ("deviation", "question"):
+        sp = SamplingParams(max_tokens=6, temperature=0.0, extra_args={"kv_transfer_params": {
+            "redknot": {"reuse": "auto", "recompute_select": select}}})
+        out = reuse_llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+        st = request_stats(reuse_llm, [out.request_id])[out.request_id]
+        assert "48213" in out.outputs[0].text
+        assert st["reused_tokens"] > 0.6 * (len(ids["blue"]) + len(ids["red"]))
+        # the question-chosen set is salted apart from the deviation's
+        assert st["cached_tokens"] <= len(_ids(tok, PREFACE * 2))

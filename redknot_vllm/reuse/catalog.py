@@ -19,6 +19,7 @@ from redknot_vllm.kv_store import (
 )
 from redknot_vllm.reuse.keys import ReuseSetup
 from redknot_vllm.reuse.params import RequestParams, Use
+from redknot_vllm.reuse.policy import question_focus
 
 logger = init_logger(__name__)
 
@@ -176,12 +177,21 @@ class SegmentCatalog:
             return [], [], []
         self.refresh()
         if isinstance(params.reuse, list):
-            return self._marked(prompt, start, params)
+            uses, misses, notes = self._marked(prompt, start, params)
+            return self._focus(prompt, uses, params), misses, notes
         if not self.cfg.auto or not len(self.catalog):
             return [], [], []
-        return [replace(u, fraction=params.recompute_fraction)
-                for u in self.catalog.find(prompt, start)
-                if u.length >= self.cfg.min_tokens], [], []
+        return self._focus(prompt, [replace(u, fraction=params.recompute_fraction)
+                                    for u in self.catalog.find(prompt, start)
+                                    if u.length >= self.cfg.min_tokens], params), [], []
+
+    def _focus(self, prompt: Sequence[int], uses: list[Use], params: RequestParams
+               ) -> list[Use]:
+        """``recompute_select="question"``: each use's chunks ranked by the question."""
+        if (params.recompute_select or self.cfg.recompute_select) != "question" or not uses:
+            return uses
+        ranked = question_focus(prompt, [(u.start, u.length) for u in uses], self.cfg.chunk)
+        return [replace(u, focus=f) for u, f in zip(uses, ranked, strict=True)]
 
     def _marked(self, prompt: Sequence[int], start: int, params: RequestParams
                 ) -> tuple[list[Use], list[tuple[int, int]], list[str]]:

@@ -9,7 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redknot_vllm.config import RedKnotConfigError, ReuseConfig, is_int, is_number
+from redknot_vllm.config import (
+    RECOMPUTE_SELECT,
+    RedKnotConfigError,
+    ReuseConfig,
+    is_int,
+    is_number,
+)
 from redknot_vllm.logs import RateLimited
 
 PARAMS_KEY = "redknot"
@@ -27,6 +33,10 @@ class Use:
     length: int
     fraction: float | None = None
     """The request's ``recompute_fraction`` (None: the engine's ``reuse.recompute_fraction``)."""
+    focus: tuple[int, ...] = ()
+    """``recompute_select="question"``: the segment's chunks (of ``reuse.chunk`` tokens)
+    that share the most with this request's question, most first; recomputed before the
+    deviation's picks (:func:`redknot_vllm.reuse.policy.question_focus`)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,8 @@ class RequestParams:
     """(digest, offset): measure the deviation of a stored segment placed at ``offset``."""
     recompute_fraction: float | None = None
     """This request's share of each segment recomputed (None: the engine's)."""
+    recompute_select: str | None = None
+    """This request's ``reuse.recompute_select`` (None: the engine's)."""
 
 
 def parse_params(kv_transfer_params: Any) -> RequestParams:
@@ -71,10 +83,11 @@ def parse_params(kv_transfer_params: Any) -> RequestParams:
     where = f'kv_transfer_params["{PARAMS_KEY}"]'
     if not isinstance(raw, dict):
         raise RedKnotConfigError(f"{where} must be an object, got {type(raw).__name__}")
-    unknown = sorted(map(str, set(raw) - {"reuse", "store", "probe", "recompute_fraction"}))
+    unknown = sorted(map(str, set(raw) - {"reuse", "store", "probe", "recompute_fraction",
+                                          "recompute_select"}))
     if unknown:
         raise RedKnotConfigError(f"{where}: unknown key(s) {unknown[:8]}; expected reuse, "
-                                 "store, probe, recompute_fraction")
+                                 "store, probe, recompute_fraction, recompute_select")
     out = RequestParams()
     reuse = raw.get("reuse", "auto")
     if isinstance(reuse, str) and reuse in ("auto", "off"):
@@ -105,6 +118,13 @@ def parse_params(kv_transfer_params: Any) -> RequestParams:
                                      "number in [0, 1] (the engine's reuse.recompute_fraction "
                                      "when absent)")
         out.recompute_fraction = float(frac)
+    select = raw.get("recompute_select")
+    if select is not None:
+        if select not in RECOMPUTE_SELECT:
+            raise RedKnotConfigError(f'{where}["recompute_select"] is {select!r}; expected one '
+                                     f"of {list(RECOMPUTE_SELECT)} (the engine's "
+                                     "reuse.recompute_select when absent)")
+        out.recompute_select = select
     return out
 
 

@@ -58,7 +58,10 @@ class ReuseScheduler:
             self.log.info("marked", "RedKnot request %s: %s", rid, "; ".join(notes))
         if uses:
             salt = "|".join(["redknot-reuse", repr(self.cfg),
-                             *(f"{u.digest}@{u.start}~{u.fraction}" for u in uses)])
+                             *(f"{u.digest}@{u.start}~{u.fraction}"
+                               # a question-chosen recompute set is part of what was computed
+                               + (f"~{','.join(map(str, u.focus))}" if u.focus else "")
+                               for u in uses)])
             compat.salt_block_hashes(request, num_computed_tokens // self.block_size, salt)
             logger.info("RedKnot request %s reuses %d stored segment(s), %d of %d prompt "
                         "tokens", rid, len(uses), sum(u.length for u in uses), len(prompt))

@@ -165,7 +165,7 @@ class ReuseWorker:
         if self.cfg.policy == "selective":
             mkey = (req_id, u.digest, u.start)
             if mkey not in self._masks:
-                self._masks[mkey] = recompute_mask(seg, self.cfg, u.fraction)
+                self._masks[mkey] = recompute_mask(seg, self.cfg, u.fraction, u.focus)
             offs = offs[~self._masks[mkey][offs]]
         offs = offs[offs + u.start != prompt_len - 1]  # its logits are sampled
         return (seg, offs) if offs.numel() else None
