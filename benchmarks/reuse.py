@@ -197,31 +197,45 @@ def quality_child(a: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from redknot_vllm import engine_args, quality
+    from redknot_vllm import HeadConfig, engine_args, quality
     from redknot_vllm.config import ReuseConfig
+    from redknot_vllm.registry import resolve_model
     from redknot_vllm.reuse import precompute
 
-    model = model_dir("smollm2", Path(a.workdir))
+    qm = a.quality_model
+    model = model_dir("smollm2", Path(a.workdir)) if qm == "smollm2" else resolve_model(qm)
     tok = AutoTokenizer.from_pretrained(model)
-    cases = quality.make_cases(tok, quality.TASKS, a.quality_lengths, a.quality_n,
+    cases = quality.make_cases(tok, a.quality_tasks, a.quality_lengths, a.quality_n,
                                a.quality_seed)
-    per_token = 2 * 2 * (SMOLLM2["num_hidden_layers"] * SMOLLM2["num_key_value_heads"]
-                         * SMOLLM2["head_dim"])  # bf16 K and V bytes per token
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * 2 * (cfg["num_hidden_layers"] * cfg["num_key_value_heads"]
+                         * head_dim)  # bf16 K and V bytes per token
     batch_bytes = a.quality_batch * max(a.quality_lengths) * per_token
     store = quality_store(Path(a.workdir), batch_bytes)
     kw = dict(engine_kwargs("smollm2"), enforce_eager=True)  # a CUDA-graph step never reuses
-    llm = LLM(**engine_args(model, head_config=all_global("smollm2"),
+    if max(a.quality_lengths) > kw["max_model_len"]:
+        top = max(a.quality_lengths)
+        kw.update(max_model_len=top, max_num_batched_tokens=max(kw["max_num_batched_tokens"],
+                                                                top))
+    every_global = HeadConfig.shape(cfg["num_hidden_layers"], cfg["num_key_value_heads"], 1.0,
+                                    window=4096)
+    llm = LLM(**engine_args(model, head_config=every_global,
                             reuse={"store_dir": str(store), "chunk": a.chunk,
                                    "gpu_bytes": 4 << 30, "host_bytes": 8 << 30,
                                    "disk_bytes": 3 * batch_bytes, "client_store": True},
                             **kw))
     min_tokens = ReuseConfig().min_tokens
 
-    def mode(frac: float | None) -> dict[str, Any]:
-        p = {"reuse": "off"} if frac is None else {"reuse": "auto", "recompute_fraction": frac}
+    def mode(frac: float | None, select: str = "deviation") -> dict[str, Any]:
+        p = {"reuse": "off"} if frac is None else {"reuse": "auto", "recompute_fraction": frac,
+                                                    "recompute_select": select}
         return {"kv_transfer_params": {"redknot": p}}
 
-    outs: dict[str, list[quality.Outcome]] = {str(f): [] for f in (*a.fractions, "dense")}
+    # a mode per (share, selection rule): "0.15" (deviation, the default) or "0.15-question"
+    modes = {(str(f) if sel == "deviation" else f"{f}-{sel}"): (f, sel)
+             for f in a.fractions for sel in a.selects}
+    outs: dict[str, list[quality.Outcome]] = {k: [] for k in (*modes, "dense")}
     n_docs = 0
     t0 = time.perf_counter()
     for i in range(0, len(cases), a.quality_batch):
@@ -229,9 +243,9 @@ def quality_child(a: argparse.Namespace) -> None:
         docs = [d for c in batch for d in documents(c, a.quality_doc_tokens, min_tokens)]
         n_docs += len(docs)
         precompute(llm, docs, progress=False)
-        for f in a.fractions:  # before dense: a dense run would fill the prefix cache
-            outs[str(f)] += quality.run_cases(llm, batch, redknot=True, use_tqdm=False,
-                                              extra_args=mode(f))
+        for name, (f, sel) in modes.items():  # before dense: it would fill the prefix cache
+            outs[name] += quality.run_cases(llm, batch, redknot=True, use_tqdm=False,
+                                            extra_args=mode(f, sel))
         outs["dense"] += quality.run_cases(llm, batch, redknot=True, use_tqdm=False,
                                            extra_args=mode(None))
         print(f"[quality] {i + len(batch)}/{len(cases)} cases, {time.perf_counter() - t0:.0f} s",
@@ -239,14 +253,14 @@ def quality_child(a: argparse.Namespace) -> None:
     shutil.rmtree(store, ignore_errors=True)
     by_fraction = {}
     pooled_d = sum(o.correct for o in outs["dense"])
-    for f in a.fractions:
-        cells = quality.compare(outs["dense"], outs[str(f)])
+    for name in modes:
+        cells = quality.compare(outs["dense"], outs[name])
         summary = quality.summarize(cells, quality.Bar(avg_ratio=0.97, min_cell_ratio=0.0))
-        pooled_r = sum(o.correct for o in outs[str(f)])
-        by_fraction[str(f)] = {**summary, "pooled_ratio": pooled_r / pooled_d if pooled_d
-                               else None, "cells": [c.as_dict() for c in cells]}
-        print(f"[quality] fraction {f}: avg ratio {summary['avg_ratio']}, min cell "
-              f"{summary['min_ratio']}, pooled {by_fraction[str(f)]['pooled_ratio']}, "
+        pooled_r = sum(o.correct for o in outs[name])
+        by_fraction[name] = {**summary, "pooled_ratio": pooled_r / pooled_d if pooled_d
+                             else None, "cells": [c.as_dict() for c in cells]}
+        print(f"[quality] {name}: avg ratio {summary['avg_ratio']}, min cell "
+              f"{summary['min_ratio']}, pooled {by_fraction[name]['pooled_ratio']}, "
               f"FLOPs saved {summary['flops_saved']}", flush=True)
     Path(a.json_out).write_text(json.dumps({
         **env_info(),
@@ -255,7 +269,8 @@ def quality_child(a: argparse.Namespace) -> None:
                    f"of {a.quality_doc_tokens} tokens, precomputed alone and reused in place "
                    "(relocated from position 0); dense = reuse off in the same engine (every "
                    "head global)",
-        "tasks": list(quality.TASKS), "lengths": a.quality_lengths, "n": a.quality_n,
+        "model": qm, "selects": a.selects,
+        "tasks": list(a.quality_tasks), "lengths": a.quality_lengths, "n": a.quality_n,
         "seed": a.quality_seed, "documents": n_docs, "store": str(store),
         "by_fraction": by_fraction,
         "outcomes": {k: [asdict(o) for o in v] for k, v in outs.items()}}))
@@ -266,13 +281,18 @@ def parent(a: argparse.Namespace) -> None:
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="rk-reuse-"))
     work.mkdir(parents=True, exist_ok=True)
+    if a.quality_model != "smollm2":  # the children cache under the workdir: convert once
+        from redknot_vllm.registry import resolve_model
+
+        a.quality_model = resolve_model(a.quality_model)
     shared = ["--model", a.model, "--lengths", *map(str, a.lengths), "--prompts", str(a.prompts),
               "--tiers", *a.tiers, "--disk-max-len", str(a.disk_max_len), "--disk-prompts",
               str(a.disk_prompts), "--quality-n", str(a.quality_n), "--chunk", str(a.chunk),
               "--fractions", *map(str, a.fractions), "--quality-lengths",
               *map(str, a.quality_lengths), "--quality-seed", str(a.quality_seed),
               "--quality-doc-tokens", str(a.quality_doc_tokens), "--quality-batch",
-              str(a.quality_batch)]
+              str(a.quality_batch), "--quality-model", a.quality_model,
+              "--quality-tasks", *a.quality_tasks, "--selects", *a.selects]
     key = hashlib.sha256(json.dumps(shared).encode()).hexdigest()[:12]
     wanted = [*(["quality"] if a.quality_n else []), "stock", "redknot"]
     runs: dict[str, Any] = {}
@@ -374,6 +394,13 @@ def main() -> None:
     p.add_argument("--quality-batch", type=int, default=40,
                    help="cases whose documents are stored at a time")
     p.add_argument("--chunk", type=int, default=16, help="reuse.chunk (recompute granularity)")
+    p.add_argument("--quality-model", default="smollm2",
+                   help="smollm2 or a registry model (qwen2.5-coder-0.5b) for the quality part")
+    p.add_argument("--quality-tasks", nargs="+", default=None,
+                   help="the quality harness's tasks (default: all)")
+    p.add_argument("--selects", nargs="+", default=["deviation"],
+                   choices=["deviation", "question"],
+                   help="recompute_select rules measured at every --fractions share")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reuse-h100.json"))
     p.add_argument("--engines", nargs="+", default=["quality", "stock", "redknot"],
                    help="the engines this call runs (others are read from --workdir)")
@@ -384,6 +411,10 @@ def main() -> None:
     p.add_argument("--store")
     p.add_argument("--json-out")
     a = p.parse_args()
+    if a.quality_tasks is None:
+        from redknot_vllm import quality
+
+        a.quality_tasks = list(quality.TASKS)
     if a.child:
         os.environ.setdefault("VLLM_REDKNOT_CACHE_DIR", str(Path(a.workdir) / "cache"))
         (quality_child if a.engine == "quality" else child)(a)

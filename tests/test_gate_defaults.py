@@ -95,3 +95,21 @@ def test_the_shipped_smollm2_gate_matches_the_embedded_model(smollm2):
     cfg = RedKnotConfig(HeadConfig.from_json(str(shipped_dir() / "smollm2-135m-instruct.json")))
     result = lookup(smollm2, cfg, "float32")
     assert result is not None and result.passed
+
+
+def test_the_shipped_qwen_gate_holds_for_the_h200s_conversion():
+    """The tensor digests of the H200 host's conversion (committed) give the fingerprint
+    the shipped Qwen2.5-0.5B bf16 gate result was keyed on here."""
+    import hashlib
+
+    from redknot_vllm.gate import GateResult
+
+    raw = Path(__file__).resolve().parents[1] / "benchmarks/results/raw"
+    digests = json.loads((raw / "conversion-digests-qwen05.json").read_text())["digests"]
+    h = hashlib.sha256(b"redknot-weights-v1|dtype=bfloat16")
+    for name in sorted(digests):
+        h.update(f"|{name}={digests[name]}".encode())
+    results = [GateResult(**json.loads(p.read_text())) for p in SHIPPED_GATES]
+    qwen = [r for r in results if r.model.startswith("Qwen2.5-Coder-0.5B")]
+    assert qwen and qwen[0].dtype == "bfloat16"
+    assert qwen[0].model_fingerprint == h.hexdigest()
