@@ -18,8 +18,10 @@ per file, so a later call only re-reads files that changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from redknot_vllm import envs
@@ -51,20 +53,27 @@ def model_fingerprint(model_dir: str | Path, dtype: str = "auto") -> str:
     """sha256 (hex) of a local HF model folder's weights, config, tokenizer and ``dtype``."""
     root = Path(model_dir)
     weights = _weight_files(root)
+    h = hashlib.sha256(f"redknot-fingerprint-v1|dtype={dtype}".encode())
+    files = [root / "config.json", *weights,
+             *(root / n for n in _TOKENIZER_FILES if (root / n).is_file())]
+    with _memo() as memo:
+        for p in files:
+            h.update(f"|{p.name}={_file_digest(p, memo)}".encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _memo() -> Iterator[dict[str, str]]:
+    """The on-disk memo of file digests, written back if the block changed it."""
     memo_path = envs.cache_dir() / "fingerprints.json"
     try:
         memo: dict[str, str] = json.loads(memo_path.read_text())
     except (OSError, ValueError):
         memo = {}
     before = dict(memo)
-    h = hashlib.sha256(f"redknot-fingerprint-v1|dtype={dtype}".encode())
-    files = [root / "config.json", *weights,
-             *(root / n for n in _TOKENIZER_FILES if (root / n).is_file())]
-    for p in files:
-        h.update(f"|{p.name}={_file_digest(p, memo)}".encode())
+    yield memo
     if memo != before:
         atomic_write(memo_path, json.dumps(memo))
-    return h.hexdigest()
 
 
 def _weight_files(root: Path) -> list[Path]:
@@ -107,21 +116,14 @@ def tensor_digests(model_dir: str | Path) -> dict[str, str]:
 def weights_fingerprint(model_dir: str | Path, dtype: str = "auto") -> str:
     """sha256 (hex) over the weight tensors' names, dtypes, shapes and values and ``dtype``
     (see the module docstring: what a quality gate is keyed on)."""
-    memo_path = envs.cache_dir() / "fingerprints.json"
-    try:
-        memo: dict[str, str] = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    before = dict(memo)
     digests: dict[str, str] = {}
-    for p in _weight_files(Path(model_dir)):
-        st = p.stat()
-        key = f"tensors|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        if key not in memo:
-            memo[key] = json.dumps(_file_tensor_digests(p), sort_keys=True)
-        digests.update(json.loads(memo[key]))
-    if memo != before:
-        atomic_write(memo_path, json.dumps(memo))
+    with _memo() as memo:
+        for p in _weight_files(Path(model_dir)):
+            st = p.stat()
+            key = f"tensors|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+            if key not in memo:
+                memo[key] = json.dumps(_file_tensor_digests(p), sort_keys=True)
+            digests.update(json.loads(memo[key]))
     h = hashlib.sha256(f"redknot-weights-v1|dtype={dtype}".encode())
     for name in sorted(digests):
         h.update(f"|{name}={digests[name]}".encode())
