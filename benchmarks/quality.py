@@ -559,6 +559,11 @@ def sweep(a: argparse.Namespace) -> None:
                            "the one with the highest average ratio (the best quality "
                            "reachable)"}
     Path(a.out).write_text(json.dumps(result, indent=1))
+    if a.emit:  # every point's head config, so that a report can take any of them
+        points_dir = Path(a.emit) / "points"
+        points_dir.mkdir(parents=True, exist_ok=True)
+        for name, hc, _ in first:
+            hc.save_json(points_dir / f"{name}.json")
     if default is not None and a.emit:
         emit = Path(a.emit)
         emit.mkdir(parents=True, exist_ok=True)
@@ -642,7 +647,8 @@ def main() -> None:
                    "the SmolLM2 grid); a point without a tail tries every --tails value")
     s.add_argument("--tails", default="0", help="tail_full_tokens values tried at every "
                    "grid point (default 0)")
-    s.add_argument("--emit", default=None, help="folder for the chosen default configs")
+    s.add_argument("--emit", default=None, help="folder for the chosen default configs "
+                   "(and points/NAME.json: every grid point's head config)")
     s.add_argument("--min-saved", type=float, default=0.0, help="the default must save at "
                    "least this share of prefill FLOPs at the longest length (e.g. 0.4)")
     s.add_argument("--cached-only", action="store_true",
