@@ -423,6 +423,15 @@ def parse_retrieval_point(text: str) -> tuple[float, int, int, float, dict[str, 
             {"top_k": int(x[4]), "block": int(x[5]), "window": int(x[6])})
 
 
+def parse_wide_point(text: str) -> tuple[float, int, int, float, int]:
+    """``f:W:T:wf:Ww``: global fraction, window, tail, then the fraction of heads (next in
+    the ranking) that are local with the wider window Ww."""
+    x = text.split(":")
+    if len(x) != 5:
+        raise SystemExit(f"--wide-points: {text!r} is not f:W:T:wf:Ww")
+    return float(x[0]), int(x[1]), int(x[2]), float(x[3]), int(x[4])
+
+
 def point_name(f: float, w: int, t: int, sink: int | None, dpl: int) -> str:
     """A sweep point's name; the parts at their defaults are left out (so older runs keep
     their names)."""
@@ -491,6 +500,13 @@ def sweep(a: argparse.Namespace) -> None:
                                  "sink_arg": None, "dense_prefix_layers": 0,
                                  "retrieval_fraction": rf, "retrieval_blocks": rb,
                                  "method": "profiled"}))
+    for f, w, t, wf, ww in [parse_wide_point(x) for x in a.wide_points.split(",") if x]:
+        hc = classify(scores, f, w, tail_full_tokens=t, wide_fraction=wf, wide_window=ww)
+        heads[(f, w, t, None, 0, ("wide", wf, ww))] = hc
+        first.append((point_name(f, w, t, None, 0) + f"-wide{wf}-w{ww}", hc,
+                      {"global_fraction": f, "window": w, "tail_full_tokens": t,
+                       "sink_arg": None, "dense_prefix_layers": 0,
+                       "wide": ["wide", wf, ww], "method": "profiled"}))
     # the same budget with random global heads: what the profiler buys
     if a.random_baseline[0] > 0:
         f0, w0 = a.random_baseline
@@ -517,6 +533,8 @@ def sweep(a: argparse.Namespace) -> None:
     def hkey(p: dict[str, Any]) -> tuple:
         k = (p["global_fraction"], p["window"], p.get("tail_full_tokens", 0),
              p.get("sink_arg"), p.get("dense_prefix_layers", 0))
+        if p.get("wide"):
+            return k + (tuple(p["wide"]),)
         return k + (p["retrieval_fraction"],) if p.get("retrieval_fraction") else k
 
     points[:] = [p for p in points if p]
@@ -534,7 +552,7 @@ def sweep(a: argparse.Namespace) -> None:
                  heads[hkey(base)], ffn, {k: base[k] for k in (
                      "global_fraction", "window", "tail_full_tokens", "sink", "sink_arg",
                      "dense_prefix_layers", "retrieval_fraction", "retrieval_blocks",
-                     "method") if k in base})
+                     "wide", "method") if k in base})
     points[:] = [p for p in points if p]
     ok = [p for p in eligible() if p["meets_bar"]]
     # nothing meets the bar: the default is the best quality reachable (stated as such)
@@ -639,6 +657,8 @@ def main() -> None:
                    help="how many sparse-FFN schedules to try on the chosen head config")
     s.add_argument("--attention", choices=("auto", "torch"), default="auto",
                    help="torch: RedKnot's torch attention in every RedKnot engine")
+    s.add_argument("--wide-points", default="", help="points with two local windows, "
+                   "f:W:T:wf:Ww,... (see parse_wide_point)")
     s.add_argument("--retrieval-points", default="", help="points with block-sparse "
                    "retrieval heads, f:W:T:rf:K:R:Wr,... (see parse_retrieval_point)")
     s.add_argument("--ffn-grid", default="", help="sparse-FFN schedules mass:dense_until"

@@ -289,3 +289,16 @@ def test_classify_makes_the_next_ranked_heads_retrieval(scores: ProfileScores):
                 assert plain.classes[li][h].value == "local"
     with pytest.raises(ProfileError, match="retrieval_blocks"):
         classify(scores, 0.2, 64, retrieval_fraction=0.1)
+
+
+def test_classify_gives_the_next_ranked_heads_a_wider_window(scores: ProfileScores):
+    plain = classify(scores, 0.2, 32)
+    hc = classify(scores, 0.2, 32, wide_fraction=0.3, wide_window=64)
+    total = scores.num_layers * scores.num_kv_heads
+    wide = [(li, h) for li in range(L) for h in range(H) if hc.windows[li][h] == 64]
+    assert len(wide) == round(0.3 * total) and hc.counts() == plain.counts()
+    comb = combined_scores(scores, 32)
+    narrow = [comb[li][h] for li in range(L) for h in range(H) if hc.windows[li][h] == 32]
+    assert min(comb[li][h] for li, h in wide) >= max(narrow)  # ranked above the narrow ones
+    with pytest.raises(ProfileError, match="wide_window"):
+        classify(scores, 0.2, 32, wide_fraction=0.3, wide_window=32)

@@ -82,14 +82,16 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
              sink: int | None = None, weights: dict[str, float] | None = None,
              tail_full_tokens: int = 0, dense_prefix_layers: int = 0,
              retrieval_fraction: float = 0.0,
-             retrieval_blocks: dict[str, int] | None = None) -> HeadConfig:
+             retrieval_blocks: dict[str, int] | None = None,
+             wide_fraction: float = 0.0, wide_window: int | None = None) -> HeadConfig:
     """Top ``round(L * H * global_fraction)`` heads global, the rest local(``window``, ``sink``).
 
     With ``retrieval_fraction``, the next ``round(L * H * retrieval_fraction)`` heads of the
     ranking are block-sparse retrieval heads (``retrieval_blocks``: top_k, block, window)
-    instead of local. ``sink`` defaults to the profiled sink (4 by default), the one
-    edge_mass assumed; ``tail_full_tokens`` and ``dense_prefix_layers`` pass into the config
-    as they are.
+    instead of local; with ``wide_fraction``, the next ``round(L * H * wide_fraction)`` are
+    local with the wider window ``wide_window`` (per-head windows: two tiers). ``sink``
+    defaults to the profiled sink (4 by default), the one edge_mass assumed;
+    ``tail_full_tokens`` and ``dense_prefix_layers`` pass into the config as they are.
     """
     f = _check_fraction(global_fraction)
     window = _check_window(window, scores.windows)
@@ -108,8 +110,18 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
     if f + rf > 1:
         raise ProfileError(f"global_fraction {f} + retrieval_fraction {rf} exceed 1")
     n_retr = round(rf * len(ranked))
+    wf = _check_fraction(wide_fraction)
+    if wf and (wide_window is None or wide_window <= window):
+        raise ProfileError(f"wide_window (--wide-window) is {wide_window!r}; a wide tier "
+                           f"needs a window larger than window={window}")
+    if f + rf + wf > 1:
+        raise ProfileError(f"global_fraction {f} + retrieval_fraction {rf} + wide_fraction "
+                           f"{wf} exceed 1")
+    n_wide = round(wf * len(ranked))
     global_set = {(li, h) for li, h, _ in ranked[:n_global]}
     retr_set = {(li, h) for li, h, _ in ranked[n_global:n_global + n_retr]}
+    wide_set = {(li, h) for li, h, _ in
+                ranked[n_global + n_retr:n_global + n_retr + n_wide]}
     classes = [["global" if (li, h) in global_set else "retrieval" if (li, h) in retr_set
                 else "local" for h in range(scores.num_kv_heads)]
                for li in range(scores.num_layers)]
@@ -122,6 +134,7 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
             "tail_full_tokens": tail_full_tokens, "dense_prefix_layers": dense_prefix_layers,
             **({"retrieval_fraction": rf, "retrieval_blocks": retrieval_blocks} if n_retr
                else {}),
+            **({"wide_fraction": wf, "wide_window": wide_window} if n_wide else {}),
             **{k: v for k, v in scores.params.items() if k != "sink"},
             "profiled_sink": scores.sink,
         },
@@ -147,8 +160,9 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
         "dense_prefix_layers": dense_prefix_layers,
         "tail_full_tokens": tail_full_tokens,
         "kv_head_classification": classes,
-        "kv_head_max_distance": [[window if c == "local" else -1 for c in row]
-                                 for row in classes],
+        "kv_head_max_distance": [[(wide_window if (li, h) in wide_set else window)
+                                  if c == "local" else -1 for h, c in enumerate(row)]
+                                 for li, row in enumerate(classes)],
         "kv_head_sink_size": [[sink] * scores.num_kv_heads for _ in range(scores.num_layers)],
         **({"retrieval_blocks": retrieval_blocks} if n_retr else {}),
         "provenance": provenance,
