@@ -640,6 +640,7 @@ class SegmentStore:
     def _forget_disk(self, digest: str) -> None:
         entry = self._disk.pop(digest, None)
         self._bytes["disk"] -= entry.nbytes if entry else 0
+        self._verified.pop(digest, None)  # the file is gone: nothing left to trust
         self._unlink(self._path(digest))
         self._unlink(self._sidecar_path(digest))
 

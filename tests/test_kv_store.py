@@ -445,6 +445,19 @@ def test_keyed_checksum_is_verified_once_per_file(tmp_path: Path,
     assert reader.get(seg.key) is not None and len(calls) == 3
 
 
+def test_evicted_segments_leave_no_verified_entry(tmp_path: Path) -> None:
+    """The verified-file cache drops a segment whose file the store removes (it grew with
+    every segment ever seen)."""
+    segs = [make_segment(tokens=32, start=i * 32) for i in range(3)]
+    one = segs[0].nbytes
+    store = SegmentStore(gpu_bytes=0, host_bytes=0, disk_dir=tmp_path,
+                         disk_bytes=int(2.5 * one))
+    for seg in segs:
+        store.put(seg)
+    assert segs[0].key.digest() not in store._disk  # evicted for the later ones
+    assert set(store._verified) == set(store._disk) and store._disk
+
+
 # -- deviation sidecars (precompute's probe) -----------------------------------------------------
 
 def _count_writes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
