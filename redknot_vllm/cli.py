@@ -204,6 +204,8 @@ def precompute(argv: list[str]) -> None:
     p.add_argument("--no-probe", action="store_true",
                    help="skip the deviation probe (selective reuse then recomputes only the "
                         "first tokens of each segment)")
+    p.add_argument("--force", action="store_true",
+                   help="store documents again whose segment is already on disk")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
@@ -238,10 +240,12 @@ def precompute(argv: list[str]) -> None:
     from vllm import LLM
 
     llm = LLM(**engine_args(model, head_config=args.head_config, reuse=cfg, **kw))
-    digests = run_precompute(llm, ids, probe=None if args.no_probe else DEFAULT_PROBE)
+    digests = run_precompute(llm, ids, probe=None if args.no_probe else DEFAULT_PROBE,
+                             force=args.force)
     for d in digests:
         print(d)
-    print(f"stored {len(digests)} segment(s)", file=sys.stderr)
+    print(f"{len(set(digests))} segment(s) stored (those already on disk are kept; --force "
+          "stores them again)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> Any:

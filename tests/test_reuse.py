@@ -83,6 +83,13 @@ def test_precompute_writes_each_segment_file_once(reuse_llm, stored):
     assert after["segment_writes"] - before["segment_writes"] == 3
     assert after["deviation_writes"] - before["deviation_writes"] == 3
     assert after["corrupt"] == before["corrupt"]
+    # again: the segments are on disk, nothing is written; force stores them again
+    assert precompute(reuse_llm, docs, progress=False) == digests[:3]
+    again = stats()
+    assert (again["segment_writes"], again["deviation_writes"]) == (
+        after["segment_writes"], after["deviation_writes"])
+    precompute(reuse_llm, docs[:1], progress=False, force=True)
+    assert stats()["segment_writes"] == after["segment_writes"] + 1
 
     cfg = RedKnotConfig.from_additional_config(
         reuse_llm.llm_engine.vllm_config.additional_config).reuse

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from redknot_vllm.config import RedKnotConfigError, ReuseConfig
+from redknot_vllm.kv_store import deviation_file, segment_file
 from redknot_vllm.reuse.keys import reuse_setup
 from redknot_vllm.reuse.params import PARAMS_KEY
 from redknot_vllm.texts import TextsError, load_texts
@@ -19,13 +20,17 @@ DEFAULT_PROBE = (
 
 def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
                probe: str | Sequence[int] | None = DEFAULT_PROBE,
-               progress: bool = True) -> list[str]:
+               progress: bool = True, force: bool = False) -> list[str]:
     """Store each document's KV, prefilled alone at ``[0, L)``, and its deviation profile.
 
     Each segment file is written once, by its store request; the probe that follows adds
     the deviation as a small sidecar file
     (:meth:`~redknot_vllm.kv_store.SegmentStore.set_deviation`) instead of rewriting the
-    KV. A document given twice is stored and probed once.
+    KV. A document given twice is stored and probed once, and one whose segment file (and,
+    with a probe, its deviation sidecar) is already in the disk tier is not stored again
+    (``force`` stores it anyway). A file found there is verified when it is loaded, as any
+    other: a damaged one is quarantined and its tokens computed, and the next
+    ``precompute`` stores it again.
 
     Args:
         llm: a ``vllm.LLM`` built with ``engine_args(..., reuse=...)``.
@@ -33,6 +38,7 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
         probe: context for the deviation probe (text or ids); None skips the probe, and the
             selective policy then recomputes only each segment's first tokens.
         progress: vLLM's progress bars.
+        force: store and probe every document, also those already on disk.
 
     Returns:
         The segments' digests, in ``docs`` order.
@@ -55,12 +61,15 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
     first: dict[str, int] = {}
     for i, d in enumerate(digests):
         first.setdefault(d, i)
-    todo = list(first.values())
+    todo = [i for i in first.values() if force or not _on_disk(setup.store_dir, digests[i],
+                                                               probe is not None)]
 
     def params(p: dict[str, Any]) -> Any:
         return SamplingParams(max_tokens=1, temperature=0.0,
                               extra_args={"kv_transfer_params": {PARAMS_KEY: p}})
 
+    if not todo:
+        return digests
     llm.generate([{"prompt_token_ids": ids[i]} for i in todo], params({"store": True}),
                  use_tqdm=progress)
     if probe is not None:
@@ -69,6 +78,12 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
                      [params({"probe": {"digest": digests[i], "offset": len(pre)}})
                       for i in todo], use_tqdm=progress)
     return digests
+
+
+def _on_disk(store_dir: Path, digest: str, with_deviation: bool) -> bool:
+    """The segment's file (and its deviation sidecar, when one is wanted) exist."""
+    return segment_file(store_dir, digest).is_file() and (
+        not with_deviation or deviation_file(store_dir, digest).is_file())
 
 
 def encode_docs(tokenizer: Any, docs: Sequence[str | Sequence[int]]) -> list[list[int]]:
