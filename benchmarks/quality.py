@@ -460,8 +460,12 @@ def sweep(a: argparse.Namespace) -> None:
     # name -> key lines of the run's own log
     keys = dict(kv.split("=", 1) for kv in a.keys.split(",") if kv)
 
-    def evaluate(name: str, hc: HeadConfig, ffn: dict | None, meta: dict) -> dict[str, Any]:
-        head = {**hc.to_dict(), "_source": name}
+    def head_dict(name: str) -> dict[str, Any]:
+        return {**heads[name].to_dict(), "_source": name}
+
+    def evaluate(name: str, head_point: str, ffn: dict | None, meta: dict) -> dict[str, Any]:
+        """One point: the head config of the grid point ``head_point``, and ``ffn``."""
+        hc, head = heads[head_point], head_dict(head_point)
         key = keys.get(name)
         if a.cached_only and key is None and not cached(workdir, a.model, head, ffn, tasks,
                                                         lengths, a.n, a.seed, None, att):
@@ -469,14 +473,15 @@ def sweep(a: argparse.Namespace) -> None:
             return {}
         rk = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, name, key,
                         attention=att)
-        p = {"name": name, **meta, "sparse_ffn": ffn, "head_config_hash": hc.content_hash(),
+        p = {"name": name, "head_point": head_point, **meta, "sparse_ffn": ffn,
+             "head_config_hash": hc.content_hash(),
              **compare_block(dense, rk, bar)}
         points.append(p)
         print(f"[sweep] {name}: avg {p['avg_ratio']:.3f} min {p['min_ratio']:.3f} "
               f"saved@{top} {p['flops_saved'].get(top, 0):.3f}", flush=True)
         return p
 
-    heads = {}
+    heads: dict[str, HeadConfig] = {}  # grid point name -> its head config
     tails = [int(t) for t in a.tails.split(",")]
     grid = [(f, w, None, None, 0) for f, w in HEAD_GRID] if not a.grid else [
         parse_point(g) for g in a.grid.split(",")]
@@ -485,7 +490,6 @@ def sweep(a: argparse.Namespace) -> None:
     for f, w, tail, sink, dpl in grid:
         for t in tails if tail is None else [tail]:
             hc = classify(scores, f, w, sink=sink, tail_full_tokens=t, dense_prefix_layers=dpl)
-            heads[(f, w, t, sink, dpl)] = hc
             first.append((point_name(f, w, t, sink, dpl), hc,
                           {"global_fraction": f, "window": w, "tail_full_tokens": t,
                            "sink_arg": sink, "dense_prefix_layers": dpl,
@@ -495,14 +499,12 @@ def sweep(a: argparse.Namespace) -> None:
                       retrieval_blocks=rb)
         name = (point_name(f, w, t, None, 0)
                 + f"-r{rf}-k{rb['top_k']}-b{rb['block']}-rw{rb['window']}")
-        heads[(f, w, t, None, 0, rf)] = hc
         first.append((name, hc, {"global_fraction": f, "window": w, "tail_full_tokens": t,
                                  "sink_arg": None, "dense_prefix_layers": 0,
                                  "retrieval_fraction": rf, "retrieval_blocks": rb,
                                  "method": "profiled"}))
     for f, w, t, wf, ww in [parse_wide_point(x) for x in a.wide_points.split(",") if x]:
         hc = classify(scores, f, w, tail_full_tokens=t, wide_fraction=wf, wide_window=ww)
-        heads[(f, w, t, None, 0, ("wide", wf, ww))] = hc
         first.append((point_name(f, w, t, None, 0) + f"-wide{wf}-w{ww}", hc,
                       {"global_fraction": f, "window": w, "tail_full_tokens": t,
                        "sink_arg": None, "dense_prefix_layers": 0,
@@ -512,14 +514,15 @@ def sweep(a: argparse.Namespace) -> None:
         f0, w0 = a.random_baseline
         first.append((f"random-g{f0}-w{w0}", HeadConfig.shape(nl, nh, f0, window=w0, seed=0),
                       {"global_fraction": f0, "window": w0, "method": "random"}))
+    heads.update((name, hc) for name, hc, _ in first)
     if not a.cached_only:
         run_together(workdir, [("dense", (a.model, None, None, tasks, lengths, a.n, a.seed),
                                 None)] + [
-            (name, (a.model, {**hc.to_dict(), "_source": name}, None, tasks, lengths, a.n,
-                    a.seed, None, att), keys.get(name)) for name, hc, _ in first])
+            (name, (a.model, head_dict(name), None, tasks, lengths, a.n, a.seed, None, att),
+             keys.get(name)) for name, _, _ in first])
     dense = run_engine(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, "dense")
-    for name, hc, meta in first:
-        evaluate(name, hc, None, meta)
+    for name, _, meta in first:
+        evaluate(name, name, None, meta)
 
     def saved(p: dict[str, Any]) -> float:
         return p["flops_saved"].get(top, 0.0)
@@ -530,13 +533,6 @@ def sweep(a: argparse.Namespace) -> None:
         return [p for p in points if p and p["method"] == "profiled"
                 and saved(p) >= a.min_saved]
 
-    def hkey(p: dict[str, Any]) -> tuple:
-        k = (p["global_fraction"], p["window"], p.get("tail_full_tokens", 0),
-             p.get("sink_arg"), p.get("dense_prefix_layers", 0))
-        if p.get("wide"):
-            return k + (tuple(p["wide"]),)
-        return k + (p["retrieval_fraction"],) if p.get("retrieval_fraction") else k
-
     points[:] = [p for p in points if p]
     ok = [p for p in eligible() if p["meets_bar"]]
     base = max(ok, key=saved) if ok else max(
@@ -546,13 +542,9 @@ def sweep(a: argparse.Namespace) -> None:
          "recent_n": int(x[2]) if len(x) > 2 else 128}
         for x in (g.split(":") for g in a.ffn_grid.split(","))]
     for ffn in ffn_grid[:a.ffn_points] if base is not None else []:
-        bf, bw, bt, bs, bd = hkey(base)
-        evaluate(point_name(bf, bw, bt, bs, bd)
-                 + f"-ffn-m{ffn['mass_thresh']}-d{ffn['dense_until']}",
-                 heads[hkey(base)], ffn, {k: base[k] for k in (
-                     "global_fraction", "window", "tail_full_tokens", "sink", "sink_arg",
-                     "dense_prefix_layers", "retrieval_fraction", "retrieval_blocks",
-                     "wide", "method") if k in base})
+        hp = base["head_point"]
+        evaluate(f"{hp}-ffn-m{ffn['mass_thresh']}-d{ffn['dense_until']}", hp, ffn,
+                 next(meta for name, _, meta in first if name == hp))
     points[:] = [p for p in points if p]
     ok = [p for p in eligible() if p["meets_bar"]]
     # nothing meets the bar: the default is the best quality reachable (stated as such)
@@ -580,13 +572,12 @@ def sweep(a: argparse.Namespace) -> None:
     if a.emit:  # every point's head config, so that a report can take any of them
         points_dir = Path(a.emit) / "points"
         points_dir.mkdir(parents=True, exist_ok=True)
-        for name, hc, _ in first:
+        for name, hc in heads.items():
             hc.save_json(points_dir / f"{name}.json")
     if default is not None and a.emit:
         emit = Path(a.emit)
         emit.mkdir(parents=True, exist_ok=True)
-        hc = heads[hkey(default)]
-        hc.save_json(emit / "head_config.json")
+        heads[default["head_point"]].save_json(emit / "head_config.json")
         if default["sparse_ffn"] is not None:
             (emit / "sparse_ffn.json").write_text(json.dumps(default["sparse_ffn"], indent=1))
     print(f"[sweep] default: {result['default']} -> {a.out}")
