@@ -16,7 +16,6 @@ import gc
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 DEMO_HEAD_CONFIG = "smollm2-135m-instruct.json"
@@ -81,12 +80,6 @@ def build_prompt(tokenizer: Any, target_tokens: int = 4000, seed: int = 7) -> De
     return DemoPrompt(text="\n\n".join(docs) + question, answer=code, vault=vault)
 
 
-def _shipped(name: str) -> Path:
-    import importlib.resources
-
-    return Path(str(importlib.resources.files("redknot_vllm.head_class").joinpath(name)))
-
-
 def _run(llm: Any, prompt: str, max_tokens: int) -> tuple[str, float, str]:
     from vllm import SamplingParams
 
@@ -123,6 +116,7 @@ def run(*, tokens: int = 4000, max_tokens: int = 16, head_config: str | None = N
     from vllm import LLM
 
     from redknot_vllm import engine_args, request_stats
+    from redknot_vllm.defaults import shipped_dir
     from redknot_vllm.registry import smollm2_path
 
     console = Console()
@@ -138,7 +132,7 @@ def run(*, tokens: int = 4000, max_tokens: int = 16, head_config: str | None = N
     dense_text, dense_ttft, _ = _run(llm, prompt.text, max_tokens)
     _shutdown(llm)
 
-    head = head_config or _shipped(DEMO_HEAD_CONFIG)
+    head = head_config or shipped_dir() / DEMO_HEAD_CONFIG
     sparse = sparse_ffn  # off in the quality default
     console.print(f"[bold]RedKnot vLLM[/] with {head}" + (f" and {sparse}" if sparse else
                                                            " (sparse FFN off)"))

@@ -83,11 +83,12 @@ def rk_demo_llm(smollm2: str) -> Iterator[Any]:
     """The shipped speed-demonstration configuration (80% local heads + sparse FFN), 4K
     prompts unchunked."""
     from redknot_vllm import engine_args
-    from redknot_vllm.demo import SHAPE_HEAD_CONFIG, SHAPE_SPARSE_FFN, _shipped
+    from redknot_vllm.defaults import shipped_dir
+    from redknot_vllm.demo import SHAPE_HEAD_CONFIG, SHAPE_SPARSE_FFN
 
     kw = {**COMMON, "max_num_batched_tokens": 8192}
-    yield from _engine(**engine_args(smollm2, head_config=_shipped(SHAPE_HEAD_CONFIG),
-                                     sparse_ffn=_shipped(SHAPE_SPARSE_FFN), **kw))
+    yield from _engine(**engine_args(smollm2, head_config=shipped_dir() / SHAPE_HEAD_CONFIG,
+                                     sparse_ffn=shipped_dir() / SHAPE_SPARSE_FFN, **kw))
 
 
 PREFACE = "Some unrelated preface text about the weather in spring and the price of bread. "
