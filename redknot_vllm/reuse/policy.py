@@ -32,19 +32,17 @@ def recompute_mask(segment: Segment, cfg: ReuseConfig,
     # the fraction is of the whole segment, its first tokens included, so that it means the
     # same share for a 1K-token document as for an 8K one
     extra = max(0, round((frac * n - min(cfg.recompute_first, n)) / cfg.chunk))
-    first_chunks = math.ceil(cfg.recompute_first / cfg.chunk)
     for c in focus:
         if extra <= 0:
             break
-        if first_chunks <= c < math.ceil(n / cfg.chunk) and not mask[c * cfg.chunk]:
+        if 0 <= c < math.ceil(n / cfg.chunk) and not mask[c * cfg.chunk]:
             mask[c * cfg.chunk:(c + 1) * cfg.chunk] = True
             extra -= 1
     if extra and segment.deviation is not None:
         dev = segment.deviation.float().cpu()
         pad = (-n) % cfg.chunk
         score = torch.nn.functional.pad(dev, (0, pad)).view(-1, cfg.chunk).mean(1)
-        score[: math.ceil(cfg.recompute_first / cfg.chunk)] = -1  # already recomputed
-        score[[c for c in focus if 0 <= c < score.numel()]] = -1  # likewise
+        score[mask[::cfg.chunk]] = -1  # chunks already recomputed (first tokens, focus)
         for c in score.topk(min(extra, score.numel())).indices.tolist():
             mask[c * cfg.chunk:(c + 1) * cfg.chunk] = True
     elif extra:
