@@ -63,11 +63,12 @@ SMOLLM2 = {"num_hidden_layers": 30, "num_key_value_heads": 3, "head_dim": 64}
 SHAPES = {"llama8b": LLAMA8B, "smollm2": SMOLLM2}
 
 
-def all_global(model: str) -> Any:
-    """Every head global: RedKnot attention is dense, so only reuse differs from dense."""
+def all_global(model: str | dict[str, Any]) -> Any:
+    """Every head global: RedKnot attention is dense, so only reuse differs from dense.
+    ``model``: a name of :data:`SHAPES` or an HF ``config.json`` dict."""
     from redknot_vllm import HeadConfig
 
-    cfg = SHAPES[model]
+    cfg = SHAPES[model] if isinstance(model, str) else model
     return HeadConfig.shape(cfg["num_hidden_layers"], cfg["num_key_value_heads"], 1.0,
                             window=4096)
 
@@ -191,13 +192,14 @@ def quality_store(work: Path, need_bytes: int) -> Path:
 
 
 def quality_child(a: argparse.Namespace) -> None:
-    """The quality harness's tasks with their contexts reused (SmolLM2, real weights)."""
+    """The quality harness's tasks with their contexts reused (``--quality-model``, real
+    weights)."""
     from dataclasses import asdict
 
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from redknot_vllm import HeadConfig, engine_args, quality
+    from redknot_vllm import engine_args, quality
     from redknot_vllm.config import ReuseConfig
     from redknot_vllm.registry import resolve_model
     from redknot_vllm.reuse import precompute
@@ -218,9 +220,7 @@ def quality_child(a: argparse.Namespace) -> None:
         top = max(a.quality_lengths)
         kw.update(max_model_len=top, max_num_batched_tokens=max(kw["max_num_batched_tokens"],
                                                                 top))
-    every_global = HeadConfig.shape(cfg["num_hidden_layers"], cfg["num_key_value_heads"], 1.0,
-                                    window=4096)
-    llm = LLM(**engine_args(model, head_config=every_global,
+    llm = LLM(**engine_args(model, head_config=all_global(cfg),
                             reuse={"store_dir": str(store), "chunk": a.chunk,
                                    "gpu_bytes": 4 << 30, "host_bytes": 8 << 30,
                                    "disk_bytes": 3 * batch_bytes, "client_store": True},
