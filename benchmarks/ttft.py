@@ -152,14 +152,20 @@ def child(args: argparse.Namespace) -> None:
 
 
 def profile(llm: Any, prompt: Any, n: int, path: Path) -> None:
-    """One prefill of ``n`` tokens under torch.profiler (engine in this process)."""
+    """One prefill of ``n`` tokens under torch.profiler (engine in this process): the ops by
+    device time, by host time, and the host time by Python call site (where a host-bound
+    step spends its time), beside the wall clock of the same prefill unprofiled."""
     import torch
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=1, temperature=0)
     llm.generate([prompt(n)], sp, use_tqdm=False)  # warm-up
+    t = time.perf_counter()
+    llm.generate([prompt(n)], sp, use_tqdm=False)
+    plain = time.perf_counter() - t
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+                                            torch.profiler.ProfilerActivity.CUDA],
+                                with_stack=True) as prof:
         t = time.perf_counter()
         llm.generate([prompt(n)], sp, use_tqdm=False)
         wall = time.perf_counter() - t
@@ -170,8 +176,14 @@ def profile(llm: Any, prompt: Any, n: int, path: Path) -> None:
             break
         except (AttributeError, KeyError):
             continue
-    path.write_text(f"prefill of {n} tokens, wall {wall:.4f} s\n{table}\n")
-    print(table[-6000:], flush=True)
+    host = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90)
+    stacks = prof.key_averages(group_by_stack_n=6).table(
+        sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60,
+        max_src_column_width=110)
+    path.write_text(f"prefill of {n} tokens, wall {plain:.4f} s unprofiled, {wall:.4f} s "
+                    f"profiled\n\n## by device time\n{table}\n\n## by host time\n{host}\n\n"
+                    f"## host time by call site (6 frames)\n{stacks}\n")
+    print(table[-4000:], flush=True)
 
 
 def env_info() -> dict[str, Any]:
@@ -201,12 +213,17 @@ def env_info() -> dict[str, Any]:
 
 def parent(args: argparse.Namespace) -> None:
     spec = MODELS[args.model]
+    # the engine flags both children get (a profile measures the engines a run would time)
+    flags = ["--enforce-eager"] if args.enforce_eager else []
+    for flag in ("head_config", "sparse_ffn"):
+        if getattr(args, flag):
+            flags += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
     if args.profile_len:  # engines in process, so the profiler sees their kernels
         for engine in ("dense", "redknot"):
             out = Path(args.out).with_name(f"profile-{args.model}-{engine}.json")
             subprocess.run([sys.executable, __file__, "--child", "--engine", engine, "--model",
                             args.model, "--json-out", str(out), "--profile-len",
-                            str(args.profile_len)], check=True,
+                            str(args.profile_len), *flags], check=True,
                            env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
         return
     runs = {}
@@ -215,14 +232,9 @@ def parent(args: argparse.Namespace) -> None:
             js = Path(work) / f"{engine}.json"
             cmd = [sys.executable, __file__, "--child", "--engine", engine, "--model",
                    args.model, "--json-out", str(js), "--workdir", work, "--prompts",
-                   str(args.prompts)]
+                   str(args.prompts), *flags]
             if args.lengths:
                 cmd += ["--lengths", *map(str, args.lengths)]
-            if args.enforce_eager:
-                cmd.append("--enforce-eager")
-            for flag in ("head_config", "sparse_ffn"):
-                if getattr(args, flag):
-                    cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
             subprocess.run(cmd, check=True)
             runs[engine] = json.loads(js.read_text())
     dense, rk = runs["dense"], runs["redknot"]

@@ -161,7 +161,10 @@ def test_shipped_qwen05_config_loads():
     root = importlib.resources.files("redknot_vllm.head_class")
     hc = HeadConfig.from_json(str(root / "qwen2.5-coder-0.5b-instruct.json"))
     hc.validate_for_model(24, 2, 1)
-    assert hc.counts()["global"] == 7 and hc.tail_full_tokens == 128
+    assert hc.counts() == {"global": 12, "retrieval": 36, "local": 0, "dense": 0}
+    assert hc.tail_full_tokens == 128
+    rb = hc.retrieval_blocks
+    assert rb is not None and (rb.top_k, rb.block, rb.window) == (8, 128, 1024)
     assert hc.info["provenance"]["parameters"]["device"] == "cuda"
 
 
