@@ -22,7 +22,9 @@ K key blocks ``j`` in ``[1, max(0, b·R - W) / R)`` scoring highest for block b;
 are no more than K such blocks it sees its whole causal prefix. A key block's score for a
 query block is ``Σ_d max(q̄_d · kmax_jd, q̄_d · kmin_jd)``, q̄ the mean query of the block's
 queries in this call over the KV head's query heads, kmax/kmin the key block's per-channel
-extremes (Quest's bound, with the block's mean query).
+extremes (Quest's bound, with the block's mean query). It is computed as two matrix
+products, ``q̄⁺ · kmax + q̄⁻ · kmin`` (:func:`block_scores`): for each channel the larger of the
+two products is the one with kmax where ``q̄_d ≥ 0`` and with kmin where ``q̄_d < 0``.
 """
 
 from __future__ import annotations
@@ -150,6 +152,15 @@ def _retrieval_mask_ref(query: torch.Tensor, key: torch.Tensor, q_positions: tor
     return mask
 
 
+def block_scores(qbar: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> torch.Tensor:
+    """Quest's bound of every (query block, key block) pair: ``[..., n, D]`` mean queries,
+    ``[..., m, D]`` key-block extremes -> ``[..., n, m]`` fp32 scores,
+    ``Σ_d max(q̄_d · kmax_d, q̄_d · kmin_d)``, as two matrix products (no ``[n, m, D]``
+    intermediate; shared by the torch and CUDA paths so both rank blocks alike)."""
+    qbar, kmax, kmin = qbar.float(), kmax.float(), kmin.float()
+    return qbar.clamp(min=0) @ kmax.mT + qbar.clamp(max=0) @ kmin.mT
+
+
 def _retrieval_group(q: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, first_pos: int,
                      g: HeadGroup, scale: float, out: torch.Tensor, kv_idx: torch.Tensor,
                      per_kv: int) -> None:
@@ -182,8 +193,8 @@ def _retrieval_group(q: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, first_
                                                             head_size).to(out.dtype)
             continue
         qbar = qt.float().mean(dim=(0, 2))  # [Hg, D]
-        score = torch.maximum(qbar[:, None] * kmax[:, 1:ncand + 1],
-                              qbar[:, None] * kmin[:, 1:ncand + 1]).sum(-1)  # [Hg, ncand]
+        score = block_scores(qbar[:, None], kmax[:, 1:ncand + 1],
+                             kmin[:, 1:ncand + 1])[:, 0]  # [Hg, ncand]
         sel = score.topk(g.topk, dim=-1).indices + 1  # key blocks, per KV head
         offs = torch.arange(r, device=dev)
         for hi in range(len(kv_idx)):

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from vllm.triton_utils import tl, triton
 
-from redknot_vllm.kernels.headclass_attention import FULL, HeadGroup
+from redknot_vllm.kernels.headclass_attention import FULL, HeadGroup, block_scores
 
 
 # The per-step sizes (token count, the LSE row stride it sets, the block-table row stride) are
@@ -280,7 +281,7 @@ class RetrievalLayout:
         tails = md.full_tail_cpu or [0] * md.num_reqs
         token_idx: list[torch.Tensor] = []
         blk_row, blk_len, seqused, ncand, sparse = [], [], [], [], []
-        logical: list[list[int]] = []
+        logical: list[np.ndarray] = []
         for r in range(md.num_reqs):
             if not md.is_prefill_cpu[r]:
                 continue
@@ -301,19 +302,20 @@ class RetrievalLayout:
                 if nc <= top_k:  # the whole causal prefix
                     sparse.append(False)
                     seqused.append(e)
-                    logical.append(list(range(-(-e // page))))
+                    logical.append(np.arange(-(-e // page)))
                 else:
                     sparse.append(True)
                     seqused.append(block + top_k * block + e - ws)
-                    logical.append(list(range(bp)) + [0] * (top_k * bp)
-                                   + list(range(ws // page, -(-e // page))))
+                    logical.append(np.concatenate([np.arange(bp), np.zeros(top_k * bp, np.int64),
+                                                   np.arange(ws // page, -(-e // page))]))
         self.num_blocks = len(blk_row)
         if not self.num_blocks:
             return
         width = max(len(x) for x in logical)
-        table = torch.zeros(self.num_blocks, width, dtype=torch.long)
+        table = np.zeros((self.num_blocks, width), dtype=np.int64)
         for i, x in enumerate(logical):
-            table[i, :len(x)] = torch.tensor(x)
+            table[i, :len(x)] = x
+        table = torch.from_numpy(table)
         lens = torch.tensor(blk_len)
         self.token_index = torch.cat(token_idx).to(device, non_blocking=True)
         self.token_block = torch.arange(self.num_blocks).repeat_interleave(lens).to(
@@ -342,8 +344,10 @@ def _retrieval_group_cuda(fa: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.
                           o: torch.Tensor, md: Any, g: HeadGroup, per: int,
                           common: dict[str, Any]) -> None:
     """A block-sparse retrieval group's prefill tokens (decode rows and tails are written
-    by the full pass after it). One FA3 varlen call per KV head of the group (each head
-    selects its own blocks); the selection stays on the device."""
+    by the full pass after it). The selection runs for all the group's KV heads at once, on
+    the device and without a sync (block means, key-block extremes, :func:`block_scores`,
+    top-k); then one FA3 varlen call per KV head (each head has its own block table) into
+    one output buffer, scattered back once."""
     page = kc.shape[1]
     key = (g.block, g.window, g.topk, page)
     lay = md.retrieval_layouts.get(key)
@@ -352,31 +356,32 @@ def _retrieval_group_cuda(fa: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.
                                                           page, q.device)
     if not lay.num_blocks:
         return
-    q_sub = q[lay.token_index]  # [T', Hq_g, D]
+    hg, d = kc.shape[2], q.shape[-1]
+    q_sub = q[lay.token_index]  # [T', Hg * per, D]
     phys = md.block_table[lay.block_row[:, None], lay.logical].to(torch.int32)
-    offs = torch.arange(lay.bp, device=q.device)
-    for h in range(kc.shape[2]):
-        qh = q_sub[:, h * per:(h + 1) * per]
-        table = phys.clone()
-        if lay.sparse_rows:
-            # block means of the queries, over the tokens and the head's query heads
-            qbar = torch.zeros(lay.num_blocks, q.shape[-1], device=q.device,
-                               dtype=torch.float32)
-            qbar.index_add_(0, lay.token_block, qh.float().mean(1))
-            qbar /= lay.block_len[:, None]
-            for r, ids, nkb in lay.sparse_rows:
-                pages = md.block_table[r, :nkb * lay.bp].long()
-                kr = kc[pages, :, h].float().reshape(nkb, lay.block, -1)  # [nkb, R, D]
-                kmax, kmin = kr.amax(1), kr.amin(1)
-                qb = qbar[ids][:, None]  # [n, 1, D]
-                score = torch.maximum(qb * kmax, qb * kmin).sum(-1)  # [n, nkb]
-                j = torch.arange(nkb, device=q.device)
-                cand = (j >= 1) & (j <= lay.block_ncand[ids][:, None])
-                sel = score.masked_fill(~cand, float("-inf")).topk(lay.top_k, dim=-1).indices
-                logical = (sel[:, :, None] * lay.bp + offs).reshape(len(ids), -1)
-                table[ids, lay.bp:lay.bp + lay.top_k * lay.bp] = md.block_table[
-                    r, logical].to(torch.int32)
-        out = fa(q=qh, k=kc[:, :, h:h + 1], v=vc[:, :, h:h + 1], cu_seqlens_q=lay.cu_seqlens_q,
-                 max_seqlen_q=lay.max_block_len, seqused_k=lay.seqused_k,
-                 max_seqlen_k=lay.max_seqused, block_table=table, **common)
-        o[lay.token_index, h * per:(h + 1) * per] = out
+    tables = phys.unsqueeze(0).repeat(hg, 1, 1)  # [Hg, blocks, width]
+    if lay.sparse_rows:
+        # block means of the queries, over the block's tokens and each KV head's query heads
+        qm = q_sub.view(-1, hg, per, d).float().mean(2)  # [T', Hg, D]
+        qbar = torch.zeros(lay.num_blocks, hg, d, device=q.device, dtype=torch.float32)
+        qbar.index_add_(0, lay.token_block, qm)
+        qbar /= lay.block_len[:, None, None]
+        offs = torch.arange(lay.bp, device=q.device)
+        for r, ids, nkb in lay.sparse_rows:
+            pages = md.block_table[r, :nkb * lay.bp].long()
+            kr = kc[pages].float().reshape(nkb, lay.block, hg, d)
+            kmax, kmin = kr.amax(1).transpose(0, 1), kr.amin(1).transpose(0, 1)  # [Hg, nkb, D]
+            score = block_scores(qbar[ids].transpose(0, 1), kmax, kmin)  # [Hg, n, nkb]
+            j = torch.arange(nkb, device=q.device)
+            cand = (j >= 1) & (j <= lay.block_ncand[ids][:, None])  # [n, nkb]
+            sel = score.masked_fill(~cand, float("-inf")).topk(lay.top_k, dim=-1).indices
+            logical = (sel[..., None] * lay.bp + offs).reshape(hg, len(ids), -1)
+            tables[:, ids, lay.bp:lay.bp + lay.top_k * lay.bp] = md.block_table[
+                r, logical].to(torch.int32)
+    res = torch.empty_like(q_sub)
+    for h in range(hg):
+        fa(q=q_sub[:, h * per:(h + 1) * per], k=kc[:, :, h:h + 1], v=vc[:, :, h:h + 1],
+           out=res[:, h * per:(h + 1) * per], cu_seqlens_q=lay.cu_seqlens_q,
+           max_seqlen_q=lay.max_block_len, seqused_k=lay.seqused_k,
+           max_seqlen_k=lay.max_seqused, block_table=tables[h], **common)
+    o[lay.token_index] = res
