@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from ttft import LLAMA8B, env_info, model_dir  # noqa: E402
+from ttft import LLAMA8B, QWEN05, env_info, model_dir  # noqa: E402
 
 DOCS = 8
 HEADER, QUESTION = 16, 32
@@ -57,10 +57,14 @@ ENGINE: dict[str, dict[str, Any]] = {
     "llama8b": {"load_format": "dummy", "max_model_len": 65536 + 512,
                 "max_num_batched_tokens": 65536 + 512, "gpu_memory_utilization": 0.6},
     "smollm2": {"max_model_len": 8192, "max_num_batched_tokens": 8192},
+    # Qwen2.5-Coder-0.5B's shape, random weights (speed only; quality runs the real model)
+    "qwen05shape": {"load_format": "dummy", "max_model_len": 32768,
+                    "max_num_batched_tokens": 32768, "gpu_memory_utilization": 0.5},
 }
 TIERS = {"gpu": (24 << 30, 32 << 30), "host": (0, 64 << 30), "disk": (0, 0)}
 SMOLLM2 = {"num_hidden_layers": 30, "num_key_value_heads": 3, "head_dim": 64}
-SHAPES = {"llama8b": LLAMA8B, "smollm2": SMOLLM2}
+SHAPES = {"llama8b": LLAMA8B, "smollm2": SMOLLM2, "qwen05shape": QWEN05}
+VOCAB = {"llama8b": LLAMA8B["vocab_size"], "qwen05shape": QWEN05["vocab_size"]}
 
 
 def all_global(model: str | dict[str, Any]) -> Any:
@@ -83,7 +87,7 @@ def engine_kwargs(model: str) -> dict[str, Any]:
     import torch
 
     kw = dict(ENGINE[model], seed=0, enforce_eager=False, disable_log_stats=True)
-    if model == "llama8b":
+    if ENGINE[model].get("load_format") == "dummy":
         kw["skip_tokenizer_init"] = True
     if not torch.cuda.is_available():
         kw.update(dtype="float32", kv_cache_memory_bytes=1536 << 20, enforce_eager=True,
@@ -97,7 +101,7 @@ def child(a: argparse.Namespace) -> None:
     from redknot_vllm import engine_args, request_stats
 
     model = model_dir(a.model, Path(a.workdir))
-    vocab = LLAMA8B["vocab_size"] if a.model == "llama8b" else 49000
+    vocab = VOCAB.get(a.model, 49000)
     kw = engine_kwargs(a.model)
     rng = random.Random(99)
 
@@ -163,6 +167,11 @@ def child(a: argparse.Namespace) -> None:
                         times.append(s)
                         stats.append(request_stats(llm, [rid]).get(rid, {}))
                     row[f"{tier}@{frac}"] = {"ttft_s": times, "request_stats": stats}
+                    if (a.profile and tier == "gpu" and frac == a.fractions[0]
+                            and n == max(a.lengths)):
+                        prompt = rand(HEADER) + shuffled(docs) + rand(QUESTION)
+                        profile_request(llm, lambda p=prompt, f=frac: ttft(p, f),
+                                        Path(a.json_out).with_suffix(".profile.txt"), n)
                     print(f"[reuse] {n} {tier} fraction {frac}: median TTFT "
                           f"{statistics.median(times):.4f} s, reused "
                           f"{stats[-1].get('reused_tokens')} of {n}", flush=True)
@@ -170,6 +179,25 @@ def child(a: argparse.Namespace) -> None:
         if a.engine == "stock":
             print(f"[stock] {n}: {json.dumps(row)}", flush=True)
     Path(a.json_out).write_text(json.dumps(res))
+
+
+def profile_request(llm: Any, request: Any, path: Path, n: int) -> None:
+    """One reuse request under torch.profiler: ops by device time and by host time (the
+    fixed per-request cost is host work: catalog match, splice, bookkeeping)."""
+    import torch
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        wall, _ = request()
+    ev = prof.key_averages()
+    dev = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path.write_text(f"one reuse request of {n} tokens, wall {wall:.4f} s (profiled)\n\n"
+                    f"## by device time\n{ev.table(sort_by=dev, row_limit=40)}\n\n"
+                    f"## by host time\n{ev.table(sort_by='self_cpu_time_total', row_limit=40)}"
+                    "\n")
+    print(f"[reuse] profile of one request -> {path}", flush=True)
 
 
 def documents(case: Any, size: int, min_tokens: int) -> list[list[int]]:
@@ -305,10 +333,15 @@ def parent(a: argparse.Namespace) -> None:
             store = work / f"store-{key}"
             subprocess.run([sys.executable, __file__, "--child", "--workdir", str(work),
                             "--store", str(store), *shared, "--engine", engine,
-                            "--json-out", str(js)], check=True, env=env)
+                            "--json-out", str(js), *(["--profile"] if a.profile else [])],
+                           check=True, env=env)
             shutil.rmtree(store, ignore_errors=True)
         if js.is_file():
             runs[engine] = json.loads(js.read_text())
+    prof = work / f"redknot-{key}.profile.txt"
+    if prof.is_file():  # the profile lands beside the results
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(prof, Path(a.out).with_suffix(".profile.txt"))
     missing = [e for e in wanted if e not in runs]
     if missing:
         print(f"[reuse] not assembled yet: run --engines {' '.join(missing)} --workdir {work}",
@@ -378,7 +411,10 @@ def parent(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llama8b", choices=["llama8b", "smollm2"])
+    p.add_argument("--model", default="llama8b", choices=sorted(ENGINE))
+    p.add_argument("--profile", action="store_true", help="also profile one reuse request "
+                   "(GPU tier, first fraction, longest length) under torch.profiler, beside "
+                   "--out as .profile.txt")
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536])
     p.add_argument("--prompts", type=int, default=5)
     p.add_argument("--tiers", nargs="+", default=["gpu", "host", "disk"])
