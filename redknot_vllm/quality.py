@@ -18,6 +18,13 @@ from ``(seed, task, tokens, index)``):
   on another object ("the Amber locker" vs "the Amber vault") and two with the same
   object under another name.
 
+Not in the default set :data:`TASKS` (the shipped results were measured on it), by name:
+
+* ``code_lookup``: a repository-style context, source files one after another (a path
+  header, then Python functions); six files define a ``<name>_limit()`` that returns a
+  number, and the question asks what one of them returns. Its documents are code files
+  (the reuse benchmark stores them as segments).
+
 Every prompt is built as token ids with the model's tokenizer, so dense and RedKnot see the
 same ids and a cell's prompts have a known length. Metrics per cell: accuracy with a Wilson
 95% interval, the RedKnot/dense ratio, the agreement of RedKnot's answer with dense's, and
@@ -39,6 +46,8 @@ from redknot_vllm.errors import RedKnotError
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking",
          "multidoc_qa", "aggregation", "multidoc_qa_many", "retrieval_distractors")
+EXTRA_TASKS = ("code_lookup",)
+"""Tasks available by name, outside the default set."""
 PROMPT_MARGIN = 40
 """Prompt tokens = nominal length - this, so the answer fits in ``max_model_len``."""
 MAX_NEW_TOKENS = 16
@@ -101,6 +110,30 @@ _MORE_CITIES = _CITIES + ["Antwerp", "Bergen", "Coimbra", "Dresden", "Gdansk", "
                           "Malmo", "Seville", "Tampere", "Turin", "Utrecht", "Vilnius", "Riga",
                           "Bilbao"]
 _OBJECTS = ["vault", "locker", "safe", "cabinet", "archive"]
+# code filler: small generic functions (none returns a bare number), so that a context of
+# source files reads like a repository
+_CODE = [
+    "def normalize(values):\n    total = sum(values)\n    return [v / total for v in values]\n",
+    "def read_lines(path):\n    with open(path) as f:\n        return f.read().splitlines()\n",
+    "class Cache:\n    def __init__(self):\n        self.items = {}\n\n"
+    "    def get(self, key, default=None):\n        return self.items.get(key, default)\n",
+    "def merge(a, b):\n    out = dict(a)\n    out.update(b)\n    return out\n",
+    "def chunks(seq, size):\n    for i in range(0, len(seq), size):\n"
+    "        yield seq[i:i + size]\n",
+    "def is_valid(name):\n    return bool(name) and name.isidentifier()\n",
+    "def flatten(rows):\n    return [x for row in rows for x in row]\n",
+    "def parse_flag(text):\n    return text.strip().lower() in ('1', 'true', 'yes')\n",
+    "class Timer:\n    def __enter__(self):\n        self.start = time.monotonic()\n"
+    "        return self\n\n    def __exit__(self, *exc):\n"
+    "        self.elapsed = time.monotonic() - self.start\n",
+    "def unique(items):\n    seen = set()\n    return [x for x in items if not "
+    "(x in seen or seen.add(x))]\n",
+    "def clamp(x, lo, hi):\n    return max(lo, min(hi, x))\n",
+    "def join_path(*parts):\n    return '/'.join(p.strip('/') for p in parts if p)\n",
+]
+_MODULES = ["config", "storage", "network", "scheduler", "parser", "metrics", "auth",
+            "cache", "worker", "export", "render", "index"]
+_PACKAGES = ["core", "service", "utils", "client", "server", "tools"]
 _VARS = ["QKZ", "MPL", "RTX", "BNV", "HJW", "YDF", "LQE", "ZSA", "WUC", "PGO", "KVM", "TFR"]
 
 
@@ -142,6 +175,7 @@ class _Builder:
     def __init__(self, tokenizer: Any) -> None:
         self.tok = tokenizer
         self._filler_ids = [self._ids(" " + s) for s in _FILLER]
+        self._code_ids = [self._ids("\n" + s) for s in _CODE]
         self.question_tokens = 0
         """Length of the question of the last prompt built."""
 
@@ -149,23 +183,26 @@ class _Builder:
         return list(self.tok.encode(text, add_special_tokens=False))
 
     def build(self, rng: random.Random, budget: int, inserts: Sequence[tuple[float, str]],
-              question: str, header: str = "") -> tuple[int, ...]:
+              question: str, header: str = "", code: bool = False) -> tuple[int, ...]:
         """``header`` + filler with ``inserts`` at relative depths + ``question``.
 
         Each insert is (depth in [0, 1], sentence); the filler is cut so that the prompt
-        has at most ``budget`` tokens (and at least ``budget - 40``).
+        has at most ``budget`` tokens (and at least ``budget - 40``). ``code``: the filler
+        is source code (functions separated by blank lines) and inserts go in as written.
         """
         head = self._ids(header) if header else []
         tail = self._ids(question)
-        ins = [(d, self._ids(" " + s)) for d, s in inserts]
+        sep = "\n" if code else " "
+        ins = [(d, self._ids(sep + s)) for d, s in inserts]
         room = budget - len(head) - len(tail) - sum(len(i) for _, i in ins)
         if room < 0:
             raise QualityError(f"tokens={budget} is too short for this task's facts and "
                                "question; use a longer length")
         filler: list[list[int]] = []
         used = 0
+        pool = self._code_ids if code else self._filler_ids
         while True:
-            s = self._filler_ids[rng.randrange(len(self._filler_ids))]
+            s = pool[rng.randrange(len(pool))]
             if used + len(s) > room:
                 break
             filler.append(s)
@@ -283,11 +320,30 @@ def _aggregation(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ..
     return b.build(rng, n, inserts, q), (top,)
 
 
+def _code_lookup(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ...], tuple]:
+    """Six source files, each defining one ``<name>_limit()`` returning a number, among
+    generic functions; the question asks one of them (its name and its file)."""
+    k = 6
+    names = rng.sample(_MODULES, k)
+    pkgs = [rng.choice(_PACKAGES) for _ in names]
+    values = rng.sample(range(1000, 10000), k)
+    inserts = []
+    for i, (nm, pk, v) in enumerate(zip(names, pkgs, values, strict=True)):
+        d = (i + 0.5) / k
+        inserts.append((d, f"\n# file: src/{pk}/{nm}.py\nimport time\n\n\n"
+                           f"def {nm}_limit():\n    return {v}\n"))
+    t = rng.randrange(1, k)  # never only the first file
+    q = (f"\n\n# Question: what does {names[t]}_limit() in src/{pkgs[t]}/{names[t]}.py "
+         f"return?\n# Answer: {names[t]}_limit() returns")
+    return b.build(rng, n, inserts, q, code=True), (str(values[t]),)
+
+
 _GENERATORS: dict[str, Callable[[_Builder, random.Random, int], tuple[tuple[int, ...], tuple]]] = {
     "niah_single": _niah_single, "niah_multikey": _niah_multikey,
     "niah_multivalue": _niah_multivalue, "variable_tracking": _variable_tracking,
     "multidoc_qa": _multidoc_qa, "aggregation": _aggregation,
     "multidoc_qa_many": _multidoc_qa_many, "retrieval_distractors": _retrieval_distractors,
+    "code_lookup": _code_lookup,
 }
 
 
@@ -296,7 +352,8 @@ def make_cases(tokenizer: Any, tasks: Sequence[str], lengths: Sequence[int], n: 
     """``n`` cases per (task, length); prompt tokens = length - :data:`PROMPT_MARGIN`."""
     unknown = [t for t in tasks if t not in _GENERATORS]
     if unknown:
-        raise QualityError(f"tasks: unknown {unknown}; choose from {list(TASKS)}")
+        raise QualityError(f"tasks: unknown {unknown}; choose from "
+                           f"{list(TASKS + EXTRA_TASKS)}")
     if n < 1:
         raise QualityError(f"n must be >= 1, got {n}")
     b = _Builder(tokenizer)

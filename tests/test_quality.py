@@ -49,6 +49,27 @@ def test_multidoc_evidence_is_never_only_in_the_first_document(tokenizer):
     assert firsts == 0
 
 
+def test_code_lookup_is_a_repository_with_one_asked_function(tokenizer):
+    """The code task (by name, outside the default set): source files with path headers,
+    six ``<name>_limit()`` definitions, the asked one's value exactly once, never only in
+    the first file."""
+    assert "code_lookup" in quality.EXTRA_TASKS and "code_lookup" not in quality.TASKS
+    cases = quality.make_cases(tokenizer, ["code_lookup"], [1024, 2048], 6, seed=0)
+    assert cases == quality.make_cases(tokenizer, ["code_lookup"], [1024, 2048], 6, seed=0)
+    for c in cases:
+        budget = c.tokens - quality.PROMPT_MARGIN
+        assert budget - 40 <= len(c.prompt_ids) <= budget
+        text = tokenizer.decode(c.prompt_ids)
+        ctx = tokenizer.decode(c.context_ids)
+        assert ctx.count("# file: src/") == 6 and ctx.count("_limit():") == 6
+        assert ctx.count(f"return {c.answers[0]}\n") == 1
+        asked = text.rsplit("what does ", 1)[1].split("()", 1)[0]
+        first = ctx.split("# file: src/", 2)[1]
+        assert f"def {asked}():" in ctx and f"def {asked}():" not in first
+        assert ctx.split(f"def {asked}():", 1)[1].split("\n")[1].strip() == \
+            f"return {c.answers[0]}"
+
+
 def test_bad_arguments_name_the_field(tokenizer):
     with pytest.raises(quality.QualityError, match="tasks: unknown"):
         quality.make_cases(tokenizer, ["nope"], [1024], 1, seed=0)
