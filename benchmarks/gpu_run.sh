@@ -63,7 +63,7 @@ for step in "$@"; do
       # REUSE_ARGS="--engines quality stock" in one call and "--engines redknot" in the next:
       # finished engines wait in /tmp/rkr while the machine stays warm
       df -h /tmp /dev/shm | tail -2
-      timeout ${REUSE_TIMEOUT:-560} python3 benchmarks/reuse.py --workdir /tmp/rkr --out "$OUT/reuse-h100.json" ${REUSE_ARGS:-} 2>&1 \
+      timeout "$(cap ${REUSE_TIMEOUT:-560})" python3 benchmarks/reuse.py --workdir /tmp/rkr --out "$OUT/${REUSE_OUT:-reuse-h200.json}" ${REUSE_ARGS:-} 2>&1 \
         | tee "$OUT/reuse.raw.log" | grep --line-buffered -E "^\[(reuse|stock|redknot|quality)\]|x dense|Error|error|Traceback" | tail -40
       mkdir -p "$OUT/reuse-parts" && cp /tmp/rkr/*.json "$OUT/reuse-parts/" 2>/dev/null ;;
     qwen05)
