@@ -328,8 +328,9 @@ def parent(a: argparse.Namespace) -> None:
         js = work / f"{engine}-{key}.json"
         if engine in a.engines and not js.is_file():
             # SmolLM2 engines with a separate engine-core process hung at start on the H100
-            env = {**os.environ, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-                                    if engine == "quality" else {})}
+            # (and a profiled engine runs in this child, where the profiler sees it)
+            in_proc = engine == "quality" or (engine == "redknot" and a.profile)
+            env = {**os.environ, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_proc else {})}
             store = work / f"store-{key}"
             subprocess.run([sys.executable, __file__, "--child", "--workdir", str(work),
                             "--store", str(store), *shared, "--engine", engine,
