@@ -1,0 +1,101 @@
+"""Which KV heads of each layer go to the global and to the local KV-cache group.
+
+SegPaged splits every decoder layer's attention into two vLLM attention layers, and vLLM's
+hybrid KV-cache manager groups layers by *equal* KV-cache spec (``num_kv_heads``, window and
+sinks are spec fields). Per-layer splits would give one KV-cache group per distinct split,
+so the split is fixed model-wide (``docs/segpaged-design.md`` 2.3):
+
+* ``kv_global`` = the most full + retrieval heads any layer has on this rank: the global
+  layer of every decoder layer holds that many KV heads (all of the layer's full and
+  retrieval heads, then its local heads with the largest windows, which stay masked by
+  the kernel: correct, only not trimmed);
+* the local layer holds the other ``num_kv_heads - kv_global`` heads, all local, and its
+  pages follow one ``(window, sink)``: the largest window and sink among them (each head
+  keeps its own mask in the kernels; the pages retained cover the widest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redknot_vllm.attention.plan import LayerPlan
+from redknot_vllm.errors import RedKnotError
+from redknot_vllm.head_config import HeadClass, HeadConfig
+from redknot_vllm.kernels.headclass_attention import FULL, HeadGroup
+
+
+class SegPagedError(RedKnotError, ValueError):
+    """A head config SegPaged cannot split (nothing local to trim)."""
+
+
+@dataclass(frozen=True)
+class SegSplit:
+    """The model-wide split of one TP rank's KV heads."""
+
+    kv_global: int
+    """KV heads in every layer's global group, ``[0, kv_global)`` after the permutation."""
+    kv_local: int
+    """KV heads in every layer's local group, ``[kv_global, kv_global + kv_local)``."""
+    window: int
+    """The local group's sliding window (its pages: sinks + the last ``window - 1`` tokens)."""
+    sink: int
+    """The local group's sink tokens."""
+
+
+def _key(head_config: HeadConfig, layer: int, h: int) -> tuple[int, int, int, int, int]:
+    """Sort key of one head: full, then retrieval, then local by *descending* window and
+    sink (so the locals that go into the global range are the widest)."""
+    cls = head_config.effective_class(layer, h)
+    rb = head_config.retrieval_blocks
+    if cls is HeadClass.LOCAL:
+        w, s = head_config.windows[layer][h], head_config.sinks[layer][h]
+        return (2, -w, -s, 0, 0)
+    if cls is HeadClass.RETRIEVAL and rb is not None:
+        return (1, -rb.window, 0, rb.top_k, rb.block)
+    return (0, 0, 0, 0, 0)
+
+
+def split_kv_heads(head_config: HeadConfig, tp_rank: int = 0, tp_size: int = 1) -> SegSplit:
+    """The split of this rank's KV heads; a config with no local head left to trim on
+    some layer (every head there full or retrieval) is refused, naming the layer."""
+    heads = head_config.rank_kv_heads(tp_rank, tp_size)
+    kg, window, sink = 0, 0, 0
+    for layer in range(head_config.num_layers):
+        keys = sorted(_key(head_config, layer, h) for h in heads)
+        nonlocal_ = sum(k[0] < 2 for k in keys)
+        if nonlocal_ == len(heads):
+            raise SegPagedError(
+                f"head config {head_config.source}: layer {layer} has no local KV head on TP "
+                f"rank {tp_rank}, so SegPaged has nothing to trim (every layer's local group "
+                "must hold the same number of heads); turn SegPaged off for this config")
+        kg = max(kg, nonlocal_)
+    for layer in range(head_config.num_layers):
+        keys = sorted(_key(head_config, layer, h) for h in heads)
+        for _, w, s, _, _ in keys[kg:]:  # all local (kg >= every layer's non-local count)
+            window, sink = max(window, -w), max(sink, -s)
+    return SegSplit(kv_global=kg, kv_local=len(heads) - kg, window=window, sink=sink)
+
+
+def split_layer_plan(head_config: HeadConfig, layer: int, split: SegSplit, tp_rank: int = 0,
+                     tp_size: int = 1) -> tuple[LayerPlan, tuple[HeadGroup, ...]]:
+    """One layer under ``split``: the permutation and head groups of the whole layer (as
+    :func:`redknot_vllm.attention.plan.build_layer_plan` gives them, but with locals by
+    descending window), and the local layer's groups re-indexed from 0. The plan's groups
+    never straddle ``kv_global``: a run of equal heads crossing it is cut in two."""
+    heads = head_config.rank_kv_heads(tp_rank, tp_size)
+    keys = [_key(head_config, layer, h) for h in heads]
+    perm = sorted(range(len(heads)), key=lambda i: keys[i])  # stable: keeps order
+    groups: list[HeadGroup] = []
+    start = 0
+    for i in range(1, len(perm) + 1):
+        if i == len(perm) or keys[perm[i]] != keys[perm[start]] or i == split.kv_global:
+            cls, w, s, k, b = keys[perm[start]]
+            window = FULL if cls == 0 else -w
+            groups.append(HeadGroup(tuple(range(start, i)), window, -s if cls == 2 else 0,
+                                    topk=k, block=b))
+            start = i
+    plan = LayerPlan(layer=layer, groups=tuple(groups), kv_perm=tuple(perm))
+    local = tuple(HeadGroup(tuple(h - split.kv_global for h in g.kv_heads), g.window, g.sink,
+                            topk=g.topk, block=g.block)
+                  for g in groups if g.kv_heads[0] >= split.kv_global)
+    return plan, local
