@@ -280,63 +280,56 @@ class RetrievalLayout:
         bp = block // page
         tails = md.full_tail_cpu or [0] * md.num_reqs
         token_idx: list[torch.Tensor] = []
-        blk_row, blk_len, seqused, ncand, sparse = [], [], [], [], []
-        logical: list[np.ndarray] = []
+        cols: list[tuple[np.ndarray, ...]] = []  # per row: row, first, end, window start
         for r in range(md.num_reqs):
             if not md.is_prefill_cpu[r]:
                 continue
             qs, qe = md.query_start_loc_cpu[r], md.query_start_loc_cpu[r + 1]
-            seq = md.seq_lens_cpu[r]
             m = qe - qs - tails[r]
             if m <= 0:
                 continue
-            first = seq - (qe - qs)
+            first = md.seq_lens_cpu[r] - (qe - qs)
             token_idx.append(torch.arange(qs, qs + m))
-            for b in range(first // block, (first + m - 1) // block + 1):
-                lo, e = max(first, b * block), min(first + m, (b + 1) * block)
-                ws = max(0, b * block - window)
-                nc = max(0, ws // block - 1)
-                blk_row.append(r)
-                blk_len.append(e - lo)
-                ncand.append(nc)
-                if nc <= top_k:  # the whole causal prefix
-                    sparse.append(False)
-                    seqused.append(e)
-                    logical.append(np.arange(-(-e // page)))
-                else:
-                    sparse.append(True)
-                    seqused.append(block + top_k * block + e - ws)
-                    logical.append(np.concatenate([np.arange(bp), np.zeros(top_k * bp, np.int64),
-                                                   np.arange(ws // page, -(-e // page))]))
-        self.num_blocks = len(blk_row)
+            blocks = np.arange(first // block, (first + m - 1) // block + 1, dtype=np.int64)
+            cols.append((np.full(len(blocks), r, dtype=np.int64),
+                         np.maximum(first, blocks * block),
+                         np.minimum(first + m, (blocks + 1) * block),
+                         np.maximum(0, blocks * block - window)))
+        self.num_blocks = sum(len(c[0]) for c in cols)
         if not self.num_blocks:
             return
-        width = max(len(x) for x in logical)
-        table = np.zeros((self.num_blocks, width), dtype=np.int64)
-        for i, x in enumerate(logical):
-            table[i, :len(x)] = x
-        table = torch.from_numpy(table)
-        lens = torch.tensor(blk_len)
+        row, lo, end, ws = (np.concatenate(x) for x in zip(*cols, strict=True))
+        ncand = np.maximum(0, ws // block - 1)
+        sparse = ncand > top_k  # else the block sees its whole causal prefix
+        seqused = np.where(sparse, block + top_k * block + end - ws, end)
+        # virtual block-table rows: a dense block lists pages [0, ceil(end / page)); a sparse
+        # one key block 0's pages, top_k * bp slots the selection fills, then its window's
+        end_pages = -(-end // page)
+        lengths = np.where(sparse, bp + top_k * bp + end_pages - ws // page, end_pages)
+        j = np.arange(lengths.max(), dtype=np.int64)[None, :]
+        win = (ws // page)[:, None] + j - bp - top_k * bp
+        table = np.where(sparse[:, None],
+                         np.where(j < bp, j, np.where(j < bp + top_k * bp, 0, win)), j)
+        table = torch.from_numpy(np.where(j < lengths[:, None], table, 0))
+        lens = torch.from_numpy(end - lo)
         self.token_index = torch.cat(token_idx).to(device, non_blocking=True)
         self.token_block = torch.arange(self.num_blocks).repeat_interleave(lens).to(
             device, non_blocking=True)
         self.block_len = lens.to(device, non_blocking=True)
         self.cu_seqlens_q = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(
             torch.int32).to(device, non_blocking=True)
-        self.seqused_k = torch.tensor(seqused, dtype=torch.int32).to(device, non_blocking=True)
-        self.max_seqused = max(seqused)
-        self.max_block_len = max(blk_len)
+        self.seqused_k = torch.from_numpy(seqused.astype(np.int32)).to(device, non_blocking=True)
+        self.max_seqused = int(seqused.max())
+        self.max_block_len = int(lens.max())
         self.logical = table.to(device, non_blocking=True)
-        self.block_row = torch.tensor(blk_row).to(device, non_blocking=True)
-        self.block_ncand = torch.tensor(ncand).to(device, non_blocking=True)
+        self.block_row = torch.from_numpy(row).to(device, non_blocking=True)
+        self.block_ncand = torch.from_numpy(ncand).to(device, non_blocking=True)
         # the rows that have sparse blocks: their blocks, and how many key blocks to score
         self.sparse_rows: list[tuple[int, torch.Tensor, int]] = []
-        for r in sorted(set(blk_row)):
-            ids = [i for i, (rr, sp) in enumerate(zip(blk_row, sparse, strict=True))
-                   if rr == r and sp]
-            if ids:
-                self.sparse_rows.append((r, torch.tensor(ids).to(device, non_blocking=True),
-                                         max(ncand[i] for i in ids) + 1))
+        for r in np.unique(row[sparse]).tolist():
+            ids = np.nonzero(sparse & (row == r))[0]
+            self.sparse_rows.append((r, torch.from_numpy(ids).to(device, non_blocking=True),
+                                     int(ncand[ids].max()) + 1))
         self.bp, self.top_k, self.block = bp, top_k, block
 
 
