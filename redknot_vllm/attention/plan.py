@@ -9,7 +9,9 @@ of a RedKnot layer stores KV heads in ``kv_perm`` order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,30 +40,44 @@ class LayerPlan:
         return self.kv_perm == tuple(range(len(self.kv_perm)))
 
 
-def build_layer_plan(head_config: HeadConfig, layer: int, tp_rank: int, tp_size: int) -> LayerPlan:
-    """Group this rank's KV heads of ``layer``: full heads, then block-sparse retrieval
-    heads (when the config has ``retrieval_blocks``; otherwise they are full), then local
-    heads by (window, sink)."""
-    rank_heads = head_config.rank_kv_heads(tp_rank, tp_size)
+HeadKey = tuple[int, int, int, int, int]
+"""A head's attention rule: (class rank: 0 full, 1 block-sparse retrieval, 2 local; window;
+sink; top_k; block). Heads with equal keys can share a head group."""
+
+
+def head_key(head_config: HeadConfig, layer: int, head: int) -> HeadKey:
+    """The rule of one KV head (retrieval heads without ``retrieval_blocks`` are full)."""
+    cls = head_config.effective_class(layer, head)
     rb = head_config.retrieval_blocks
-    keys = []
-    for h in rank_heads:
-        cls = head_config.effective_class(layer, h)
-        if cls is HeadClass.LOCAL:
-            keys.append((2, head_config.windows[layer][h], head_config.sinks[layer][h], 0, 0))
-        elif cls is HeadClass.RETRIEVAL and rb is not None:
-            keys.append((1, rb.window, 0, rb.top_k, rb.block))
-        else:
-            keys.append((0, FULL, 0, 0, 0))
-    perm = sorted(range(len(rank_heads)), key=lambda i: keys[i])  # stable: keeps order
+    if cls is HeadClass.LOCAL:
+        return (2, head_config.windows[layer][head], head_config.sinks[layer][head], 0, 0)
+    if cls is HeadClass.RETRIEVAL and rb is not None:
+        return (1, rb.window, 0, rb.top_k, rb.block)
+    return (0, FULL, 0, 0, 0)
+
+
+def plan_layer(layer: int, keys: list[HeadKey], order: Callable[[HeadKey], Any] = lambda k: k,
+               cut: int | None = None) -> LayerPlan:
+    """The plan of a layer whose (rank-local) heads have ``keys``: heads sorted by
+    ``order(key)`` (stable), each run of equal keys one group, a run crossing position
+    ``cut`` split there."""
+    perm = sorted(range(len(keys)), key=lambda i: order(keys[i]))
     groups: list[HeadGroup] = []
     start = 0
     for i in range(1, len(perm) + 1):
-        if i == len(perm) or keys[perm[i]] != keys[perm[start]]:
+        if i == len(perm) or keys[perm[i]] != keys[perm[start]] or i == cut:
             _, w, s, k, b = keys[perm[start]]
             groups.append(HeadGroup(tuple(range(start, i)), w, s, topk=k, block=b))
             start = i
     return LayerPlan(layer=layer, groups=tuple(groups), kv_perm=tuple(perm))
+
+
+def build_layer_plan(head_config: HeadConfig, layer: int, tp_rank: int, tp_size: int) -> LayerPlan:
+    """Group this rank's KV heads of ``layer``: full heads, then block-sparse retrieval
+    heads (when the config has ``retrieval_blocks``; otherwise they are full), then local
+    heads by (window, sink)."""
+    return plan_layer(layer, [head_key(head_config, layer, h)
+                              for h in head_config.rank_kv_heads(tp_rank, tp_size)])
 
 
 def permute_attention_heads(self_attn: torch.nn.Module, plan: LayerPlan) -> None:

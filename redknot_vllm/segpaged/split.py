@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from redknot_vllm.attention.plan import LayerPlan
+from redknot_vllm.attention.plan import HeadKey, LayerPlan, head_key, plan_layer
 from redknot_vllm.errors import RedKnotError
-from redknot_vllm.head_config import HeadClass, HeadConfig
-from redknot_vllm.kernels.headclass_attention import FULL, HeadGroup
+from redknot_vllm.head_config import HeadConfig
+from redknot_vllm.kernels.headclass_attention import HeadGroup
 
 
 class SegPagedError(RedKnotError, ValueError):
@@ -42,26 +42,23 @@ class SegSplit:
     """The local group's sink tokens."""
 
 
-def _key(head_config: HeadConfig, layer: int, h: int) -> tuple[int, int, int, int, int]:
-    """Sort key of one head: full, then retrieval, then local by *descending* window and
-    sink (so the locals that go into the global range are the widest)."""
-    cls = head_config.effective_class(layer, h)
-    rb = head_config.retrieval_blocks
-    if cls is HeadClass.LOCAL:
-        w, s = head_config.windows[layer][h], head_config.sinks[layer][h]
-        return (2, -w, -s, 0, 0)
-    if cls is HeadClass.RETRIEVAL and rb is not None:
-        return (1, -rb.window, 0, rb.top_k, rb.block)
-    return (0, 0, 0, 0, 0)
+def _order(k: HeadKey) -> HeadKey:
+    """Full, then retrieval, then local heads by *descending* window and sink (so the
+    locals that go into the global range are the widest)."""
+    return (k[0], -k[1], -k[2], k[3], k[4])
+
+
+def _layer_keys(head_config: HeadConfig, layer: int, heads: list[int]) -> list[HeadKey]:
+    return [head_key(head_config, layer, h) for h in heads]
 
 
 def split_kv_heads(head_config: HeadConfig, tp_rank: int = 0, tp_size: int = 1) -> SegSplit:
     """The split of this rank's KV heads; a config with no local head left to trim on
     some layer (every head there full or retrieval) is refused, naming the layer."""
     heads = head_config.rank_kv_heads(tp_rank, tp_size)
-    kg, window, sink = 0, 0, 0
-    for layer in range(head_config.num_layers):
-        keys = sorted(_key(head_config, layer, h) for h in heads)
+    layers = [_layer_keys(head_config, layer, heads) for layer in range(head_config.num_layers)]
+    kg = 0
+    for layer, keys in enumerate(layers):
         nonlocal_ = sum(k[0] < 2 for k in keys)
         if nonlocal_ == len(heads):
             raise SegPagedError(
@@ -69,11 +66,10 @@ def split_kv_heads(head_config: HeadConfig, tp_rank: int = 0, tp_size: int = 1) 
                 f"rank {tp_rank}, so SegPaged has nothing to trim (every layer's local group "
                 "must hold the same number of heads); turn SegPaged off for this config")
         kg = max(kg, nonlocal_)
-    for layer in range(head_config.num_layers):
-        keys = sorted(_key(head_config, layer, h) for h in heads)
-        for _, w, s, _, _ in keys[kg:]:  # all local (kg >= every layer's non-local count)
-            window, sink = max(window, -w), max(sink, -s)
-    return SegSplit(kv_global=kg, kv_local=len(heads) - kg, window=window, sink=sink)
+    # the local ranges hold only local heads (kg >= every layer's non-local count)
+    local = [k for keys in layers for k in sorted(keys, key=_order)[kg:]]
+    return SegSplit(kv_global=kg, kv_local=len(heads) - kg,
+                    window=max(k[1] for k in local), sink=max(k[2] for k in local))
 
 
 def split_layer_plan(head_config: HeadConfig, layer: int, split: SegSplit, tp_rank: int = 0,
@@ -82,20 +78,9 @@ def split_layer_plan(head_config: HeadConfig, layer: int, split: SegSplit, tp_ra
     :func:`redknot_vllm.attention.plan.build_layer_plan` gives them, but with locals by
     descending window), and the local layer's groups re-indexed from 0. The plan's groups
     never straddle ``kv_global``: a run of equal heads crossing it is cut in two."""
-    heads = head_config.rank_kv_heads(tp_rank, tp_size)
-    keys = [_key(head_config, layer, h) for h in heads]
-    perm = sorted(range(len(heads)), key=lambda i: keys[i])  # stable: keeps order
-    groups: list[HeadGroup] = []
-    start = 0
-    for i in range(1, len(perm) + 1):
-        if i == len(perm) or keys[perm[i]] != keys[perm[start]] or i == split.kv_global:
-            cls, w, s, k, b = keys[perm[start]]
-            window = FULL if cls == 0 else -w
-            groups.append(HeadGroup(tuple(range(start, i)), window, -s if cls == 2 else 0,
-                                    topk=k, block=b))
-            start = i
-    plan = LayerPlan(layer=layer, groups=tuple(groups), kv_perm=tuple(perm))
+    keys = _layer_keys(head_config, layer, head_config.rank_kv_heads(tp_rank, tp_size))
+    plan = plan_layer(layer, keys, order=_order, cut=split.kv_global)
     local = tuple(HeadGroup(tuple(h - split.kv_global for h in g.kv_heads), g.window, g.sink,
                             topk=g.topk, block=g.block)
-                  for g in groups if g.kv_heads[0] >= split.kv_global)
+                  for g in plan.groups if g.kv_heads[0] >= split.kv_global)
     return plan, local
