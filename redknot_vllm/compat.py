@@ -286,3 +286,25 @@ def salt_block_hashes(request: Any, from_block: int, salt: str) -> None:
     hashes = request.block_hashes
     for i in range(from_block, len(hashes)):
         hashes[i] = type(hashes[i])(hashlib.sha256(salt.encode() + bytes(hashes[i])).digest())
+
+
+def block_hashes_at_size(block_hashes: Any, block_pool: Any, block_size: int,
+                         alignment_tokens: int, fine_grained: bool) -> Any:
+    """A request's block hashes viewed at a KV-cache group's block size, as vLLM's
+    sliding-window cache-hit scan sees them (SegPaged's sink check reads the same view).
+
+    0.32: ``resolve_block_hashes``. 0.26 (unverified, no 0.26 run yet): the
+    ``BlockHashListWithBlockSize`` view, which that helper wraps in 0.32.
+    """
+    if VLLM_VERSION >= (0, 32):
+        from vllm.v1.core.kv_cache_utils import resolve_block_hashes
+
+        return resolve_block_hashes(block_hashes, block_pool.hash_block_size, block_size,
+                                    supports_fine_grained_hash_lookup=fine_grained,
+                                    alignment_tokens=alignment_tokens)
+    from vllm.v1.core.kv_cache_utils import BlockHashListWithBlockSize
+
+    if block_pool.hash_block_size == block_size or isinstance(block_hashes,
+                                                              BlockHashListWithBlockSize):
+        return block_hashes
+    return BlockHashListWithBlockSize(block_hashes, block_pool.hash_block_size, block_size)

