@@ -454,8 +454,8 @@ def sweep(a: argparse.Namespace) -> None:
 
     not_run: list[str] = []
     failed: list[dict[str, str]] = []  # points whose engine failed (error tail)
-    # torch: RedKnot's torch attention for every RedKnot point (block-sparse retrieval heads
-    # have no CUDA kernel yet); part of each run's cache key
+    # torch: RedKnot's torch attention for every RedKnot point (a diagnostic: does a loss
+    # come from the CUDA kernels?); part of each run's cache key
     att = a.attention if a.attention != "auto" else None
     # runs whose spec hash cannot be recomputed (it covered the provenance date), by the
     # name -> key lines of the run's own log

@@ -64,7 +64,6 @@ ENGINE: dict[str, dict[str, Any]] = {
 TIERS = {"gpu": (24 << 30, 32 << 30), "host": (0, 64 << 30), "disk": (0, 0)}
 SMOLLM2 = {"num_hidden_layers": 30, "num_key_value_heads": 3, "head_dim": 64}
 SHAPES = {"llama8b": LLAMA8B, "smollm2": SMOLLM2, "qwen05shape": QWEN05}
-VOCAB = {"llama8b": LLAMA8B["vocab_size"], "qwen05shape": QWEN05["vocab_size"]}
 
 
 def all_global(model: str | dict[str, Any]) -> Any:
@@ -101,7 +100,7 @@ def child(a: argparse.Namespace) -> None:
     from redknot_vllm import engine_args, request_stats
 
     model = model_dir(a.model, Path(a.workdir))
-    vocab = VOCAB.get(a.model, 49000)
+    vocab = SHAPES[a.model].get("vocab_size", 49000)  # random ids below SmolLM2's vocab
     kw = engine_kwargs(a.model)
     rng = random.Random(99)
 

@@ -114,15 +114,15 @@ def child(args: argparse.Namespace) -> None:
 
     spec = MODELS[args.model]
     model = model_dir(args.model, Path(args.workdir))
+    # random weights (the shape models): no tokenizer, and no quality to gate
+    dummy = spec["engine"].get("load_format") == "dummy"
     kw = dict(spec["engine"], seed=0, enforce_eager=args.enforce_eager,
-              skip_tokenizer_init=args.model in ("llama8b", "qwen05shape"), disable_log_stats=False)
+              skip_tokenizer_init=dummy, disable_log_stats=False)
     redknot = args.engine == "redknot"
     if redknot:
         ffn = args.sparse_ffn or (str(ROOT / spec["sparse_ffn"]) if spec["sparse_ffn"] else None)
         kw = engine_args(model, head_config=args.head_config or str(ROOT / spec["head_config"]),
-                         sparse_ffn=ffn,
-                         # random weights have no quality to gate: a speed measurement
-                         require_gate=False if kw.get("load_format") == "dummy" else None,
+                         sparse_ffn=ffn, require_gate=False if dummy else None,
                          request_stats=False, **kw)
     else:
         kw = dict(kw, model=model)
@@ -175,8 +175,7 @@ def child(args: argparse.Namespace) -> None:
 
 def profile(llm: Any, prompt: Any, n: int, path: Path) -> None:
     """One prefill of ``n`` tokens under torch.profiler (engine in this process): the ops by
-    device time, by host time, and the host time by Python call site (where a host-bound
-    step spends its time), beside the wall clock of the same prefill unprofiled."""
+    device time and by host time, beside the wall clock of the same prefill unprofiled."""
     import torch
     from vllm import SamplingParams
 
@@ -186,8 +185,7 @@ def profile(llm: Any, prompt: Any, n: int, path: Path) -> None:
     llm.generate([prompt(n)], sp, use_tqdm=False)
     plain = time.perf_counter() - t
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA],
-                                with_stack=True) as prof:
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
         llm.generate([prompt(n)], sp, use_tqdm=False)
         wall = time.perf_counter() - t
@@ -199,12 +197,8 @@ def profile(llm: Any, prompt: Any, n: int, path: Path) -> None:
         except (AttributeError, KeyError):
             continue
     host = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90)
-    stacks = prof.key_averages(group_by_stack_n=6).table(
-        sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60,
-        max_src_column_width=110)
     path.write_text(f"prefill of {n} tokens, wall {plain:.4f} s unprofiled, {wall:.4f} s "
-                    f"profiled\n\n## by device time\n{table}\n\n## by host time\n{host}\n\n"
-                    f"## host time by call site (6 frames)\n{stacks}\n")
+                    f"profiled\n\n## by device time\n{table}\n\n## by host time\n{host}\n")
     print(table[-4000:], flush=True)
 
 
