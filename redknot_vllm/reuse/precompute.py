@@ -54,7 +54,7 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
             "precompute stores KV through the engine's requests, which needs "
             "reuse.client_store=true: engine_args(..., reuse={'client_store': True, ...}) "
             "(`redknot precompute` does this)")
-    ids = encode_docs(llm.get_tokenizer(), docs)
+    ids = encode_docs(_tokenizer_for(llm, docs), docs)
     check_docs(ids, setup.cfg, llm.llm_engine.model_config.get_vocab_size())
     digests = [setup.key(x).digest() for x in ids]
     # one request per distinct segment: a repeated document would write its file again
@@ -73,7 +73,7 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
     llm.generate([{"prompt_token_ids": ids[i]} for i in todo], params({"store": True}),
                  use_tqdm=progress)
     if probe is not None:
-        pre = encode_docs(llm.get_tokenizer(), [probe])[0]
+        pre = encode_docs(_tokenizer_for(llm, [probe]), [probe])[0]
         llm.generate([{"prompt_token_ids": pre + ids[i]} for i in todo],
                      [params({"probe": {"digest": digests[i], "offset": len(pre)}})
                       for i in todo], use_tqdm=progress)
@@ -84,6 +84,20 @@ def _on_disk(store_dir: Path, digest: str, with_deviation: bool) -> bool:
     """The segment's file (and its deviation sidecar, when one is wanted) exist."""
     return segment_file(store_dir, digest).is_file() and (
         not with_deviation or deviation_file(store_dir, digest).is_file())
+
+
+def _tokenizer_for(llm: Any, docs: Sequence[str | Sequence[int]]) -> Any:
+    """The engine's tokenizer when a document is text; None for token ids only, so an
+    engine started with ``skip_tokenizer_init=True`` can store token-id documents."""
+    if not any(isinstance(d, str) for d in docs):
+        return None
+    try:
+        return llm.get_tokenizer()
+    except ValueError as e:  # vLLM: "Tokenizer not available when skip_tokenizer_init=True"
+        raise RedKnotConfigError(
+            f"precompute was given text documents (or a text probe), but the engine has no "
+            f"tokenizer ({e}); pass token id lists (and probe=<token ids> or probe=None), or "
+            f"start the engine without skip_tokenizer_init") from None
 
 
 def encode_docs(tokenizer: Any, docs: Sequence[str | Sequence[int]]) -> list[list[int]]:
