@@ -197,9 +197,37 @@ def profile(llm: Any, prompt: Any, n: int, path: Path) -> None:
         except (AttributeError, KeyError):
             continue
     host = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90)
+    # where the host time goes, by Python function (engine in process: scheduler, runner
+    # and RedKnot alike): one prefill, then 64 decode steps of one 1K-token request
+    dsp = SamplingParams(max_tokens=65, min_tokens=65, temperature=0, ignore_eos=True)
+    llm.generate([prompt(1024)], dsp, use_tqdm=False)  # warm-up
+    t = time.perf_counter()
+    llm.generate([prompt(1024)], dsp, use_tqdm=False)
+    decode_plain = time.perf_counter() - t
+    py = {"prefill": python_profile(lambda: llm.generate([prompt(n)], sp, use_tqdm=False)),
+          "decode": python_profile(lambda: llm.generate([prompt(1024)], dsp, use_tqdm=False))}
     path.write_text(f"prefill of {n} tokens, wall {plain:.4f} s unprofiled, {wall:.4f} s "
-                    f"profiled\n\n## by device time\n{table}\n\n## by host time\n{host}\n")
+                    f"profiled\n\n## by device time\n{table}\n\n## by host time\n{host}\n"
+                    f"\n## Python functions, one prefill of {n} tokens (cProfile, cumulative)\n"
+                    f"{py['prefill']}\n\n## Python functions, one 1K-token request with 64 "
+                    f"decode steps ({decode_plain:.4f} s unprofiled; cProfile, cumulative)\n"
+                    f"{py['decode']}\n")
     print(table[-4000:], flush=True)
+
+
+def python_profile(fn: Any, top: int = 45) -> str:
+    """cProfile of ``fn()``: the ``top`` functions by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(top)
+    return buf.getvalue()
 
 
 def env_info() -> dict[str, Any]:
