@@ -273,8 +273,10 @@ def paged_headclass_attention(
     scale: float,
     out: torch.Tensor,
     full_tail: list[int] | None = None,
+    decode_groups: tuple[HeadGroup, ...] | None = None,
 ) -> None:
-    """Attention for a mixed batch; prefill rows use head classes, other rows full causal.
+    """Attention for a mixed batch; prefill rows use head classes, other rows full causal
+    (or ``decode_groups``).
 
     Args:
         query: ``[num_tokens, num_heads, head_size]``.
@@ -287,10 +289,13 @@ def paged_headclass_attention(
         prefill_groups: the layer's head groups for prefill rows.
         out: ``[num_tokens, num_heads, head_size]``, written in place.
         full_tail: per row, how many of a prefill row's last tokens attend fully.
+        decode_groups: the head groups of decode rows (SegPaged's local layer: its heads
+            decode by class, because the pages outside their sinks and window are freed;
+            a prefill row's full tail would take them too); None: every head full.
     """
     head_size = query.shape[-1]
     num_kv_heads = kv_cache.shape[1]
-    full = (HeadGroup(tuple(range(num_kv_heads)), FULL, 0),)
+    full = decode_groups or (HeadGroup(tuple(range(num_kv_heads)), FULL, 0),)
     for r, seq_len in enumerate(seq_lens):
         a, b = query_start_loc[r], query_start_loc[r + 1]
         if b == a:

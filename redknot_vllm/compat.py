@@ -72,12 +72,15 @@ class KVCacheShapeMixin:
         return None
 
 
-def rebuild_attention(attn: torch.nn.Module, **overrides: Any) -> torch.nn.Module:
-    """Re-create a model's ``Attention`` layer with some constructor arguments changed.
+def rebuild_attention(attn: torch.nn.Module, cls: type | None = None,
+                      **overrides: Any) -> torch.nn.Module:
+    """Re-create a model's ``Attention`` layer with some constructor arguments changed
+    (``cls``: an ``Attention`` subclass to build instead, e.g. SegPaged's local layer).
 
     The stock model classes build ``Attention`` without an ``attn_backend`` argument, and
     ``Attention.__init__`` registers itself by prefix in ``static_forward_context``; the old
-    registration is dropped first. Must run inside model construction (it reads the current
+    registration is dropped first (kept when ``prefix`` names a new layer). Must run inside
+    model construction (it reads the current
     vLLM config). Same in v0.26 and v0.32.
     """
     from vllm.config import get_current_vllm_config
@@ -89,7 +92,6 @@ def rebuild_attention(attn: torch.nn.Module, **overrides: Any) -> torch.nn.Modul
             f"{type(attn).__name__} at {attn.layer_name}"
         )
     ctx = get_current_vllm_config().compilation_config.static_forward_context
-    ctx.pop(attn.layer_name, None)
     impl = attn.impl
     kwargs: dict[str, Any] = dict(
         num_heads=attn.num_heads,
@@ -103,7 +105,9 @@ def rebuild_attention(attn: torch.nn.Module, **overrides: Any) -> torch.nn.Modul
         attn_type=attn.attn_type,
     )
     kwargs.update(overrides)
-    return Attention(**kwargs)
+    if kwargs["prefix"] == attn.layer_name:  # replacing it (a new prefix adds a layer)
+        ctx.pop(attn.layer_name, None)
+    return (cls or Attention)(**kwargs)
 
 
 def seq_lens_cpu(common: CommonAttentionMetadata) -> torch.Tensor:

@@ -274,8 +274,32 @@ class RedKnotConfig:
     """Refuse to start unless ``redknot gate`` passed for this model, dtype and config."""
     reuse: ReuseConfig | None = None
     """Offline KV reuse; None: off (needs the RedKnot connector when on)."""
+    segpaged: bool = False
+    """SegPagedAttention (experimental, CPU only so far): each decoder layer's local heads
+    become an attention layer of their own whose KV-cache group keeps only its sink and
+    window pages, and they decode by head class too (``redknot_vllm.segpaged``)."""
 
-    _KEYS = ("head_config", "sparse_ffn", "require_gate", "reuse")
+    _KEYS = ("head_config", "sparse_ffn", "require_gate", "reuse", "segpaged")
+
+    def __post_init__(self) -> None:
+        if not self.segpaged:
+            return
+        if self.head_config is None:
+            raise RedKnotConfigError("segpaged needs a head_config with local heads")
+        # each refusal names what SegPaged does not carry yet, so the result is never wrong
+        if self.sparse_ffn is not None:
+            raise RedKnotConfigError("segpaged does not support sparse_ffn yet (the FFN's "
+                                     "token importance would see one of the two attention "
+                                     "layers only); drop sparse_ffn or segpaged")
+        if self.reuse is not None:
+            raise RedKnotConfigError("segpaged does not support reuse yet (spliced KV would "
+                                     "land in the global group only); drop reuse or segpaged")
+        if self.head_config.tail_full_tokens:
+            raise RedKnotConfigError(
+                f"segpaged: head config {self.head_config.source} has tail_full_tokens="
+                f"{self.head_config.tail_full_tokens}, but a prompt's last tokens cannot "
+                "attend fully on local heads whose middle pages are freed; set "
+                "tail_full_tokens to 0 or drop segpaged")
 
     @classmethod
     def from_additional_config(cls, additional: dict[str, Any] | None) -> RedKnotConfig | None:
@@ -293,15 +317,17 @@ class RedKnotConfig:
         head = raw.get("head_config")
         sparse = raw.get("sparse_ffn")
         gate = raw.get("require_gate")
-        if gate is not None and not isinstance(gate, bool):
-            raise RedKnotConfigError(f'additional_config["{REDKNOT_KEY}"]["require_gate"] must '
-                                     f"be true or false, got {gate!r}")
+        for key, v in (("require_gate", gate), ("segpaged", raw.get("segpaged"))):
+            if v is not None and not isinstance(v, bool):
+                raise RedKnotConfigError(f'additional_config["{REDKNOT_KEY}"]["{key}"] must '
+                                         f"be true or false, got {v!r}")
         hc = None if head is None else _load(head, HeadConfig, "head_config")
         return cls(
             head_config=hc,
             sparse_ffn=None if sparse is None else _load(sparse, SparseFFNConfig, "sparse_ffn"),
             require_gate=resolve_require_gate(hc, gate),
             reuse=None if raw.get("reuse") is None else ReuseConfig.from_dict(raw["reuse"]),
+            segpaged=bool(raw.get("segpaged", False)),
         )
 
     def to_additional_config(self) -> dict[str, Any]:
@@ -312,7 +338,8 @@ class RedKnotConfig:
         return {REDKNOT_KEY: {"head_config": inline(self.head_config),
                               "sparse_ffn": inline(self.sparse_ffn),
                               "require_gate": self.require_gate,
-                              "reuse": None if self.reuse is None else self.reuse.to_dict()}}
+                              "reuse": None if self.reuse is None else self.reuse.to_dict(),
+                              "segpaged": self.segpaged}}
 
 
 def _load(value: Any, cls: Any, name: str) -> Any:
@@ -427,6 +454,7 @@ def engine_args(
     require_gate: bool | None = None,
     reuse: ReuseConfig | dict[str, Any] | bool | None = None,
     architecture: str | None = None,
+    segpaged: bool = False,
     **vllm_kwargs: Any,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM(**engine_args(...))`` with RedKnot switched on.
@@ -446,6 +474,8 @@ def engine_args(
         reuse: offline KV reuse (:class:`ReuseConfig`, its dict, or True for the defaults);
             needs a head config and ``request_stats`` (the connector carries it).
         architecture: the model's stock architecture, if ``model`` has no local config.json.
+        segpaged: SegPagedAttention (experimental, CPU only so far): local heads keep only
+            their sink and window pages and decode by head class.
         **vllm_kwargs: any other ``LLM`` / ``EngineArgs`` argument, passed through.
 
     Example:
@@ -461,6 +491,7 @@ def engine_args(
         require_gate=resolve_require_gate(hc, require_gate),
         reuse=(None if reuse is None or reuse is False else ReuseConfig() if reuse is True
                else reuse if isinstance(reuse, ReuseConfig) else ReuseConfig.from_dict(reuse)),
+        segpaged=segpaged,
     )
     if cfg.reuse is not None and (cfg.head_config is None or not request_stats):
         raise RedKnotConfigError(

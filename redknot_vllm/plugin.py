@@ -1,8 +1,9 @@
 """The ``vllm.general_plugins`` entry point: runs in every vLLM process.
 
 Registers, by lazy ``module:Class`` strings, the RedKnot model classes (opt-in via
-``hf_overrides``) and the static ``CUSTOM`` attention-backend slot. Idempotent and cheap:
-nothing here imports torch-heavy modules or touches devices.
+``hf_overrides``), the static ``CUSTOM`` attention-backend slot and SegPaged's KV-cache
+spec. Idempotent; touches no device (the spec's module imports vLLM's KV-cache manager,
+which the engine imports anyway).
 """
 
 from __future__ import annotations
@@ -45,3 +46,8 @@ def register() -> None:
     # only has to resolve, because Attention looks its name up in AttentionBackendEnum.
     if not AttentionBackendEnum.CUSTOM.is_overridden():
         register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    # SegPaged's KV-cache spec and manager: the scheduler looks them up in this registry,
+    # in whichever process it runs
+    from redknot_vllm.segpaged.spec import register as register_segpaged_spec
+
+    register_segpaged_spec()

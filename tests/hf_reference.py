@@ -16,7 +16,9 @@ from redknot_vllm.kernels.headclass_attention import FULL, headclass_attention_r
 
 
 def greedy_reference(model_dir: str, hc: HeadConfig, prompt_ids: list[int],
-                     max_tokens: int) -> list[int]:
+                     max_tokens: int, classed_decode: bool = False) -> list[int]:
+    """Greedy tokens under the head classes' masks; ``classed_decode``: generated tokens
+    attend by head class as well (SegPaged's local heads), not fully."""
     from transformers import AttentionInterface, AutoModelForCausalLM
 
     prompt_len = len(prompt_ids)
@@ -35,7 +37,7 @@ def greedy_reference(model_dir: str, hc: HeadConfig, prompt_ids: list[int],
             if rb is not None and hc.effective_class(li, h) is HeadClass.RETRIEVAL:
                 retrieval[h] = (rb.top_k, rb.block, rb.window)
         out = torch.empty(q_len, query.shape[1], query.shape[3])
-        pre = q_pos < prompt_len
+        pre = q_pos < (kv_len + 1 if classed_decode else prompt_len)
         for sel, w, retr in ((pre, torch.tensor(windows), retrieval),
                              (~pre, torch.full((len(windows),), FULL), None)):
             if sel.any():

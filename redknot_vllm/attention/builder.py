@@ -47,6 +47,11 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.runtime = find_runtime(vllm_config)
+        from redknot_vllm.segpaged.spec import SinkSlidingWindowSpec
+
+        # SegPaged: the local heads' KV-cache group has a builder of its own; the step is
+        # opened once, by the global group's (both see the same rows and tokens)
+        self._opens_step = not isinstance(kv_cache_spec, SinkSlidingWindowSpec)
         hc = None if self.runtime is None else self.runtime.config.head_config
         self._tail_full_tokens = 0 if hc is None else hc.tail_full_tokens
         self._fa_builder = None
@@ -112,7 +117,7 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
             max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
             num_actual_tokens=cm.num_actual_tokens,
             full_tail_cpu=[tail] * num_reqs if tail else None)
-        if self.runtime is not None and not force_decode:
+        if self.runtime is not None and not force_decode and self._opens_step:
             self.runtime.begin_step(md)
         if not md.has_prefill and self._fa_builder is not None and not force_decode:
             md.fa = self._fa_builder.build(common_prefix_len, cm, fast_build)

@@ -38,6 +38,7 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
         kv_sharing_target_layer_name: str | None = None,
         redknot_plan: LayerPlan | None = None,
         redknot_runtime: RedKnotRuntime | None = None,
+        redknot_local: bool = False,
     ) -> None:
         unsupported = [name for name, v in (
             ("alibi_slopes", alibi_slopes), ("sliding_window", sliding_window),
@@ -63,6 +64,8 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
         self.kv_sharing_target_layer_name = None
         self.plan = redknot_plan
         self.runtime = redknot_runtime
+        self.local = redknot_local
+        """SegPaged's local layer: its decode rows attend by head class (sinks + window)."""
         self._fa_impl = None
         self._torch_on_cuda = envs.attention_impl() == "torch"
         if self._torch_on_cuda:
@@ -70,6 +73,11 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
                                 "the torch implementation (a diagnostic; slow on a GPU)")
         from vllm.platforms import current_platform
 
+        if redknot_local and current_platform.is_cuda():
+            raise NotImplementedError(
+                "segpaged: the local heads' CUDA decode (FA window + sink merge over their "
+                "own pages) is not built yet; SegPaged runs on CPU only, so start this engine "
+                "without segpaged")
         if current_platform.is_cuda():
             self._fa_impl = compat.flash_attn_impl(num_heads, head_size, scale,
                                                    self.num_kv_heads, kv_cache_dtype, attn_type)
@@ -135,7 +143,8 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
         else:
             paged_headclass_attention(q, kv_cache, md.block_table, md.query_start_loc_cpu,
                                       md.seq_lens_cpu, md.is_prefill_cpu, self.plan.groups,
-                                      self.scale, o, md.full_tail_cpu)
+                                      self.scale, o, md.full_tail_cpu,
+                                      decode_groups=self.plan.groups if self.local else None)
         if step is not None and step.want_importance and md.has_prefill:
             # one fused fp32 reduction; no fp32 copy of the output is materialised
             step.token_importance_sq[self.plan.layer] = torch.linalg.vector_norm(

@@ -22,7 +22,7 @@ from vllm.logger import init_logger
 
 from redknot_vllm import compat
 from redknot_vllm.attention.backend import RedKnotAttentionBackend
-from redknot_vllm.attention.plan import build_layer_plan, permute_attention_heads
+from redknot_vllm.attention.plan import LayerPlan, build_layer_plan, permute_attention_heads
 from redknot_vllm.config import RedKnotConfig
 from redknot_vllm.dims import ModelDims
 from redknot_vllm.runtime import RUNTIME_KEY, RedKnotRuntime
@@ -63,15 +63,24 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedKnotRuntim
 
     model = causal_lm.model
     layers: list[tuple[int, str]] = []
+    split = None
+    if cfg.segpaged:
+        from redknot_vllm.segpaged.split import split_kv_heads
+
+        split = split_kv_heads(hc, tp_rank, tp_size)
     for li in range(model.start_layer, model.end_layer):
         layer = model.layers[li]
         old = layer.self_attn.attn
-        plan = build_layer_plan(hc, li, tp_rank, tp_size)
-        runtime.plans[li] = plan
         layers.append((li, old.layer_name))
-        layer.self_attn.attn = compat.rebuild_attention(
-            old, attn_backend=RedKnotAttentionBackend, redknot_plan=plan,
-            redknot_runtime=runtime)
+        if split is not None:
+            runtime.plans[li], layer.self_attn.attn = _segpaged_layer(old, hc, li, split,
+                                                                     runtime, tp_rank, tp_size)
+        else:
+            plan = build_layer_plan(hc, li, tp_rank, tp_size)
+            runtime.plans[li] = plan
+            layer.self_attn.attn = compat.rebuild_attention(
+                old, attn_backend=RedKnotAttentionBackend, redknot_plan=plan,
+                redknot_runtime=runtime)
         sparse = cfg.sparse_ffn
         if sparse is not None and sparse.threshold(li) < 1.0:
             make_sparse(
@@ -84,6 +93,31 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedKnotRuntim
         runtime.reuse = _reuse_worker(vllm_config, model, layers)
     _log_startup(arch, cfg, tp_rank)
     return runtime
+
+
+def _segpaged_layer(old: Any, hc: Any, li: int, split: Any, runtime: RedKnotRuntime,
+                    tp_rank: int, tp_size: int) -> tuple[LayerPlan, torch.nn.Module]:
+    """One decoder layer as SegPaged's two attention layers; returns the whole layer's plan
+    (its permutation regroups the weights) and the module standing in for ``attn``."""
+    from redknot_vllm.segpaged.layers import RedKnotLocalAttention, SegPagedAttention
+    from redknot_vllm.segpaged.split import split_layer_plan
+
+    plan, local_groups = split_layer_plan(hc, li, split, tp_rank, tp_size)
+    kg, kl = split.kv_global, split.kv_local
+    per = old.num_heads // old.num_kv_heads
+    global_plan = LayerPlan(layer=li, groups=tuple(g for g in plan.groups
+                                                   if g.kv_heads[0] < kg),
+                            kv_perm=tuple(range(kg)))
+    local_plan = LayerPlan(layer=li, groups=local_groups, kv_perm=tuple(range(kl)))
+    global_attn = compat.rebuild_attention(
+        old, attn_backend=RedKnotAttentionBackend, redknot_plan=global_plan,
+        redknot_runtime=runtime, num_heads=kg * per, num_kv_heads=kg)
+    local_attn = compat.rebuild_attention(
+        old, cls=RedKnotLocalAttention, attn_backend=RedKnotAttentionBackend,
+        redknot_plan=local_plan, redknot_runtime=runtime, redknot_local=True,
+        num_heads=kl * per, num_kv_heads=kl, prefix=old.layer_name + "_local",
+        redknot_window=split.window, redknot_sink=split.sink)
+    return plan, SegPagedAttention(global_attn, local_attn, kg, per, old.head_size)
 
 
 def _reuse_worker(vllm_config: Any, model: torch.nn.Module, layers: list[tuple[int, str]]
