@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -199,14 +200,27 @@ def profile_request(llm: Any, request: Any, path: Path, n: int) -> None:
     print(f"[reuse] profile of one request -> {path}", flush=True)
 
 
-def documents(case: Any, size: int, min_tokens: int) -> list[list[int]]:
-    """A harness case's context cut into documents of ``size`` tokens (a tail shorter than
-    ``min_tokens`` joins the previous one); the question stays computed."""
+def documents(case: Any, size: int, min_tokens: int, split: str = "fixed") -> list[list[int]]:
+    """A harness case's context cut into documents; the question stays computed.
+
+    ``fixed``: every ``size`` tokens. ``records``: at the case's document boundaries
+    (``Case.doc_starts``: each record or source file with the filler after it; the header
+    before the first goes with it), for the tasks that have them, else as ``fixed``. A
+    piece shorter than ``min_tokens`` joins the previous one."""
     ctx = list(case.context_ids)
-    docs = [ctx[i:i + size] for i in range(0, len(ctx), size)]
-    if len(docs) > 1 and len(docs[-1]) < min_tokens:
-        docs[-2] += docs.pop()
-    return docs
+    cuts = [c for c in case.doc_starts if 0 < c < len(ctx)] if split == "records" else []
+    if cuts:
+        bounds = [0, *cuts, len(ctx)]
+        docs = [ctx[a:b] for a, b in itertools.pairwise(bounds)]
+    else:
+        docs = [ctx[i:i + size] for i in range(0, len(ctx), size)]
+    out: list[list[int]] = []
+    for d in docs:
+        if out and len(d) < min_tokens:
+            out[-1] += d
+        else:
+            out.append(d)
+    return out
 
 
 def quality_store(work: Path, need_bytes: int) -> Path:
@@ -291,7 +305,10 @@ def quality_child(a: argparse.Namespace) -> None:
             **env_info(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "harness": "redknot_vllm.quality: its tasks, each case's context cut into documents "
-                       f"of {a.quality_doc_tokens} tokens, precomputed alone and reused in place "
+                       + (f"of {a.quality_doc_tokens} tokens" if a.quality_doc_split == "fixed"
+                          else "at its records / source files (other tasks: "
+                               f"{a.quality_doc_tokens}-token pieces)")
+                       + ", precomputed alone and reused in place "
                        "(relocated from position 0); dense = reuse off in the same engine "
                        "(every head global), run after the reuse modes",
             "model": qm, "selects": a.selects,
@@ -303,7 +320,8 @@ def quality_child(a: argparse.Namespace) -> None:
 
     for i in range(done, len(cases), a.quality_batch):
         batch = cases[i:i + a.quality_batch]
-        docs = [d for c in batch for d in documents(c, a.quality_doc_tokens, min_tokens)]
+        docs = [d for c in batch for d in documents(c, a.quality_doc_tokens, min_tokens,
+                                                    a.quality_doc_split)]
         n_docs += len(docs)
         precompute(llm, docs, progress=False)
         for name, (f, sel) in modes.items():  # before dense: it would fill the prefix cache
@@ -337,7 +355,8 @@ def parent(a: argparse.Namespace) -> None:
               str(a.disk_prompts), "--quality-n", str(a.quality_n), "--chunk", str(a.chunk),
               "--fractions", *map(str, a.fractions), "--quality-lengths",
               *map(str, a.quality_lengths), "--quality-seed", str(a.quality_seed),
-              "--quality-doc-tokens", str(a.quality_doc_tokens), "--quality-batch",
+              "--quality-doc-tokens", str(a.quality_doc_tokens), "--quality-doc-split",
+              a.quality_doc_split, "--quality-batch",
               str(a.quality_batch), "--quality-model", a.quality_model,
               "--quality-tasks", *a.quality_tasks, "--selects", *a.selects]
     key = hashlib.sha256(json.dumps(shared).encode()).hexdigest()[:12]
@@ -458,6 +477,9 @@ def main() -> None:
     p.add_argument("--quality-lengths", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--quality-seed", type=int, default=1)
     p.add_argument("--quality-doc-tokens", type=int, default=1024)
+    p.add_argument("--quality-doc-split", choices=["records", "fixed"], default="records",
+                   help="segments = the task's documents (records, source files) where it "
+                        "has them, or every --quality-doc-tokens tokens")
     p.add_argument("--quality-batch", type=int, default=40,
                    help="cases whose documents are stored at a time")
     p.add_argument("--chunk", type=int, default=16, help="reuse.chunk (recompute granularity)")

@@ -153,6 +153,10 @@ class Case:
     """All of these must appear in the generated text for the case to count as correct."""
     question_tokens: int = 0
     """The prompt's last tokens that are the question (the rest is context)."""
+    doc_starts: tuple[int, ...] = ()
+    """Tasks made of documents (records, source files): where each document after the first
+    begins in ``prompt_ids`` (its inserted fact, then the filler up to the next one), so
+    reuse can store whole documents as segments; empty for the other tasks."""
 
     @property
     def context_ids(self) -> tuple[int, ...]:
@@ -178,6 +182,8 @@ class _Builder:
         self._code_ids = [self._ids("\n" + s) for s in _CODE]
         self.question_tokens = 0
         """Length of the question of the last prompt built."""
+        self.insert_starts: tuple[int, ...] = ()
+        """Where each insert of the last prompt built begins, in prompt order."""
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
@@ -210,16 +216,19 @@ class _Builder:
         slots = sorted((min(len(filler), round(d * len(filler))), k)
                        for k, (d, _) in enumerate(ins))
         body: list[int] = list(head)
+        starts = []
         j = 0
         for pos, k in slots:
             while j < pos:
                 body += filler[j]
                 j += 1
+            starts.append(len(body))
             body += ins[k][1]
         while j < len(filler):
             body += filler[j]
             j += 1
         self.question_tokens = len(tail)
+        self.insert_starts = tuple(starts)
         return tuple(body + tail)
 
 
@@ -338,6 +347,10 @@ def _code_lookup(b: _Builder, rng: random.Random, n: int) -> tuple[tuple[int, ..
     return b.build(rng, n, inserts, q, code=True), (str(values[t]),)
 
 
+DOCUMENT_TASKS = frozenset({"multidoc_qa", "multidoc_qa_many", "code_lookup"})
+"""Tasks whose inserts are documents (one record or source file each, the filler after it
+belonging to it): their cases carry ``doc_starts``."""
+
 _GENERATORS: dict[str, Callable[[_Builder, random.Random, int], tuple[tuple[int, ...], tuple]]] = {
     "niah_single": _niah_single, "niah_multikey": _niah_multikey,
     "niah_multivalue": _niah_multivalue, "variable_tracking": _variable_tracking,
@@ -365,7 +378,8 @@ def make_cases(tokenizer: Any, tasks: Sequence[str], lengths: Sequence[int], n: 
             for i in range(n):
                 ids, ans = _GENERATORS[task](b, _rng(seed, task, tokens, i), tokens
                                              - PROMPT_MARGIN)
-                out.append(Case(task, tokens, i, ids, ans, b.question_tokens))
+                docs = b.insert_starts[1:] if task in DOCUMENT_TASKS else ()
+                out.append(Case(task, tokens, i, ids, ans, b.question_tokens, docs))
     return out
 
 
