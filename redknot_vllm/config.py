@@ -275,7 +275,8 @@ class RedKnotConfig:
     reuse: ReuseConfig | None = None
     """Offline KV reuse; None: off (needs the RedKnot connector when on)."""
     segpaged: bool = False
-    """SegPagedAttention (experimental, CPU only so far): each decoder layer's local heads
+    """SegPagedAttention (experimental, CPU only so far; not with reuse or a full tail):
+    each decoder layer's local heads
     become an attention layer of their own whose KV-cache group keeps only its sink and
     window pages, and they decode by head class too (``redknot_vllm.segpaged``)."""
 
@@ -287,10 +288,6 @@ class RedKnotConfig:
         if self.head_config is None:
             raise RedKnotConfigError("segpaged needs a head_config with local heads")
         # each refusal names what SegPaged does not carry yet, so the result is never wrong
-        if self.sparse_ffn is not None:
-            raise RedKnotConfigError("segpaged does not support sparse_ffn yet (the FFN's "
-                                     "token importance would see one of the two attention "
-                                     "layers only); drop sparse_ffn or segpaged")
         if self.reuse is not None:
             raise RedKnotConfigError("segpaged does not support reuse yet (spliced KV would "
                                      "land in the global group only); drop reuse or segpaged")

@@ -68,12 +68,18 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: Any, role: KVConnectorRole,
                  kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        self._tracker = RequestTracker(vllm_config.cache_config.block_size)
+        # slots are counted in the first KV-cache group's blocks (the one whose metadata
+        # opens a step); with SegPaged's two groups vLLM may have scaled that group's block
+        # size away from cache_config.block_size to unify page sizes
+        groups = getattr(kv_cache_config, "kv_cache_groups", None)
+        block_size = (groups[0].kv_cache_spec.block_size if groups
+                      else vllm_config.cache_config.block_size)
+        self._tracker = RequestTracker(block_size)
         self._reuse: ReuseScheduler | None = None
         if role == KVConnectorRole.SCHEDULER:
             setup = reuse_setup(vllm_config)
             if setup is not None:
-                self._reuse = ReuseScheduler(setup, vllm_config.cache_config.block_size)
+                self._reuse = ReuseScheduler(setup, block_size)
         self._runtime: RedKnotRuntime | None = None
 
     # ------------------------------------------------------------ Scheduler-side

@@ -147,6 +147,11 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
                                       decode_groups=self.plan.groups if self.local else None)
         if step is not None and step.want_importance and md.has_prefill:
             # one fused fp32 reduction; no fp32 copy of the output is materialised
-            step.token_importance_sq[self.plan.layer] = torch.linalg.vector_norm(
-                o.reshape(n, -1), dim=-1, dtype=torch.float32).square()
+            sq = torch.linalg.vector_norm(o.reshape(n, -1), dim=-1,
+                                          dtype=torch.float32).square()
+            if self.local:  # SegPaged: the decoder layer's global half ran first; the
+                # squared norm of the whole output is the sum of the halves'
+                step.token_importance_sq[self.plan.layer] += sq
+            else:
+                step.token_importance_sq[self.plan.layer] = sq
         return output
