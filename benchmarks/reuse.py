@@ -223,6 +223,11 @@ def documents(case: Any, size: int, min_tokens: int, split: str = "fixed") -> li
     return out
 
 
+def partial_file(result: Path) -> Path:
+    """Where a quality run keeps its cases so far, beside its final ``result``."""
+    return result.with_suffix(".partial.json")
+
+
 def quality_store(work: Path, need_bytes: int) -> Path:
     """A RAM-backed folder for the quality run's many segments when there is room (the disk
     tier is only the catalog's index here; its speed is measured by the 8B run)."""
@@ -281,7 +286,7 @@ def quality_child(a: argparse.Namespace) -> None:
              for f in a.fractions for sel in a.selects}
     outs: dict[str, list[quality.Outcome]] = {k: [] for k in (*modes, "dense")}
     n_docs = 0
-    partial = Path(a.json_out).with_suffix(".partial.json")
+    partial = partial_file(Path(a.json_out))
     done = 0
     if partial.is_file():  # an earlier call of the same run was cut off: go on from it
         prev = json.loads(partial.read_text())
@@ -292,7 +297,7 @@ def quality_child(a: argparse.Namespace) -> None:
         print(f"[quality] resuming after {done}/{len(cases)} cases", flush=True)
     t0 = time.perf_counter()
 
-    def write(path: Path, cases_done: int) -> None:
+    def write(path: Path, cases_done: int) -> dict[str, Any]:
         by_fraction = {}
         pooled_d = sum(o.correct for o in outs["dense"])
         for name in modes:
@@ -317,6 +322,7 @@ def quality_child(a: argparse.Namespace) -> None:
             "seed": a.quality_seed, "documents": n_docs, "store": str(store),
             "by_fraction": by_fraction,
             "outcomes": {k: [asdict(o) for o in v] for k, v in outs.items()}}))
+        return by_fraction
 
     for i in range(done, len(cases), a.quality_batch):
         batch = cases[i:i + a.quality_batch]
@@ -333,10 +339,9 @@ def quality_child(a: argparse.Namespace) -> None:
               flush=True)
         write(partial, i + len(batch))
     shutil.rmtree(store, ignore_errors=True)
-    write(Path(a.json_out), len(cases))
+    by_fraction = write(Path(a.json_out), len(cases))
     partial.unlink(missing_ok=True)
-    data = json.loads(Path(a.json_out).read_text())
-    for name, f in data["by_fraction"].items():
+    for name, f in by_fraction.items():
         print(f"[quality] {name}: avg ratio {f['avg_ratio']}, min cell {f['min_ratio']}, "
               f"pooled {f['pooled_ratio']}, FLOPs saved {f['flops_saved']}", flush=True)
 
@@ -377,8 +382,8 @@ def parent(a: argparse.Namespace) -> None:
             shutil.rmtree(store, ignore_errors=True)
         if js.is_file():
             runs[engine] = json.loads(js.read_text())
-        elif engine == "quality" and a.allow_partial and js.with_suffix(".partial.json").is_file():
-            runs[engine] = json.loads(js.with_suffix(".partial.json").read_text())
+        elif engine == "quality" and a.allow_partial and partial_file(js).is_file():
+            runs[engine] = json.loads(partial_file(js).read_text())
             print(f"[reuse] quality: partial, {runs[engine]['cases_done']} of "
                   f"{runs[engine]['cases']} cases", flush=True)
     prof = work / f"redknot-{key}.profile.txt"

@@ -80,8 +80,7 @@ def rebuild_attention(attn: torch.nn.Module, cls: type | None = None,
     The stock model classes build ``Attention`` without an ``attn_backend`` argument, and
     ``Attention.__init__`` registers itself by prefix in ``static_forward_context``; the old
     registration is dropped first (kept when ``prefix`` names a new layer). Must run inside
-    model construction (it reads the current
-    vLLM config). Same in v0.26 and v0.32.
+    model construction (it reads the current vLLM config). Same in v0.26 and v0.32.
     """
     from vllm.config import get_current_vllm_config
     from vllm.model_executor.layers.attention import Attention

@@ -276,9 +276,9 @@ class RedKnotConfig:
     """Offline KV reuse; None: off (needs the RedKnot connector when on)."""
     segpaged: bool = False
     """SegPagedAttention (experimental, CPU only so far; not with reuse or a full tail):
-    each decoder layer's local heads
-    become an attention layer of their own whose KV-cache group keeps only its sink and
-    window pages, and they decode by head class too (``redknot_vllm.segpaged``)."""
+    each decoder layer's local heads become an attention layer of their own whose KV-cache
+    group keeps only its sink and window pages, and they decode by head class too
+    (``redknot_vllm.segpaged``)."""
 
     _KEYS = ("head_config", "sparse_ffn", "require_gate", "reuse", "segpaged")
 

@@ -29,7 +29,10 @@ def test_split_is_uniform_and_every_layers_global_heads_lead():
     sp = split_kv_heads(hc)
     assert (sp.kv_global, sp.kv_local) == (2, 2)
     for layer in range(3):
-        plan, local = split_layer_plan(hc, layer, sp)
+        plan, global_plan, local_plan = split_layer_plan(hc, layer, sp)
+        local = local_plan.groups
+        assert global_plan.groups + tuple(
+            g for g in plan.groups if g.kv_heads[0] >= sp.kv_global) == plan.groups
         assert sorted(plan.kv_perm) == [0, 1, 2, 3]
         covered = [h for g in plan.groups for h in g.kv_heads]
         assert covered == [0, 1, 2, 3]  # contiguous, in order, each head once
@@ -45,7 +48,7 @@ def test_split_is_uniform_and_every_layers_global_heads_lead():
             assert g.window != FULL and not g.topk
             assert g.window <= sp.window and g.sink <= sp.sink
     # layer 2 (all local): the widest locals fill the global range
-    plan, _ = split_layer_plan(hc, 2, sp)
+    plan, _, _ = split_layer_plan(hc, 2, sp)
     assert [hc.windows[2][h] for h in plan.kv_perm] == [4096, 512, 512, 128]
     # the local group's pages cover the widest local head left in any local range: layer
     # 1's locals (2048/16, 256/4) both stay local behind its global and retrieval heads

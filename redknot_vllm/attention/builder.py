@@ -15,6 +15,7 @@ from vllm.v1.attention.backend import (
 from redknot_vllm import compat
 from redknot_vllm.attention.metadata import RedKnotAttentionMetadata, build_metadata
 from redknot_vllm.runtime import find_runtime
+from redknot_vllm.segpaged.spec import SinkSlidingWindowSpec
 
 logger = init_logger(__name__)
 
@@ -47,8 +48,6 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.runtime = find_runtime(vllm_config)
-        from redknot_vllm.segpaged.spec import SinkSlidingWindowSpec
-
         # SegPaged: the local heads' KV-cache group has a builder of its own; the step is
         # opened once, by the global group's (both see the same rows and tokens)
         self._opens_step = not isinstance(kv_cache_spec, SinkSlidingWindowSpec)

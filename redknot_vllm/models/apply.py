@@ -102,13 +102,9 @@ def _segpaged_layer(old: Any, hc: Any, li: int, split: Any, runtime: RedKnotRunt
     from redknot_vllm.segpaged.layers import RedKnotLocalAttention, SegPagedAttention
     from redknot_vllm.segpaged.split import split_layer_plan
 
-    plan, local_groups = split_layer_plan(hc, li, split, tp_rank, tp_size)
+    plan, global_plan, local_plan = split_layer_plan(hc, li, split, tp_rank, tp_size)
     kg, kl = split.kv_global, split.kv_local
     per = old.num_heads // old.num_kv_heads
-    global_plan = LayerPlan(layer=li, groups=tuple(g for g in plan.groups
-                                                   if g.kv_heads[0] < kg),
-                            kv_perm=tuple(range(kg)))
-    local_plan = LayerPlan(layer=li, groups=local_groups, kv_perm=tuple(range(kl)))
     global_attn = compat.rebuild_attention(
         old, attn_backend=RedKnotAttentionBackend, redknot_plan=global_plan,
         redknot_runtime=runtime, num_heads=kg * per, num_kv_heads=kg)

@@ -73,14 +73,21 @@ def split_kv_heads(head_config: HeadConfig, tp_rank: int = 0, tp_size: int = 1) 
 
 
 def split_layer_plan(head_config: HeadConfig, layer: int, split: SegSplit, tp_rank: int = 0,
-                     tp_size: int = 1) -> tuple[LayerPlan, tuple[HeadGroup, ...]]:
-    """One layer under ``split``: the permutation and head groups of the whole layer (as
-    :func:`redknot_vllm.attention.plan.build_layer_plan` gives them, but with locals by
-    descending window), and the local layer's groups re-indexed from 0. The plan's groups
-    never straddle ``kv_global``: a run of equal heads crossing it is cut in two."""
+                     tp_size: int = 1) -> tuple[LayerPlan, LayerPlan, LayerPlan]:
+    """One layer under ``split``: the whole layer's plan (its permutation regroups the
+    weights; as :func:`redknot_vllm.attention.plan.build_layer_plan` gives it, but with locals
+    by descending window), then the plans of its global layer (KV heads
+    ``[0, kv_global)``) and of its local layer (the rest, re-indexed from 0; both identity
+    permutations). The whole plan's groups never straddle ``kv_global``: a run of equal heads
+    crossing it is cut in two."""
     keys = _layer_keys(head_config, layer, head_config.rank_kv_heads(tp_rank, tp_size))
     plan = plan_layer(layer, keys, order=_order, cut=split.kv_global)
-    local = tuple(HeadGroup(tuple(h - split.kv_global for h in g.kv_heads), g.window, g.sink,
+    kg = split.kv_global
+    global_plan = LayerPlan(layer=layer, groups=tuple(g for g in plan.groups
+                                                      if g.kv_heads[0] < kg),
+                            kv_perm=tuple(range(kg)))
+    local = tuple(HeadGroup(tuple(h - kg for h in g.kv_heads), g.window, g.sink,
                             topk=g.topk, block=g.block)
-                  for g in plan.groups if g.kv_heads[0] >= split.kv_global)
-    return plan, local
+                  for g in plan.groups if g.kv_heads[0] >= kg)
+    local_plan = LayerPlan(layer=layer, groups=local, kv_perm=tuple(range(split.kv_local)))
+    return plan, global_plan, local_plan
