@@ -125,6 +125,13 @@ for step in "$@"; do
       timeout "$(cap 400)" python3 benchmarks/ttft.py --model qwen05 ${QTTFT_ARGS:-} \
         --out /tmp/rkq/ttft-qwen05.json \
         2>&1 | tee /tmp/rkq/ttft-qwen05.raw.log | grep --line-buffered -v -E "^\(EngineCore|INFO|WARNING|it/s" | tail -12 ;;
+    qprofile)
+      # where the compiled engines' time goes (QPROFILE_MODEL qwen05 or qwen05shape): torch
+      # profile of one prefill, cProfile of that prefill and of 64 decode steps, per engine
+      timeout "$(cap 500)" python3 benchmarks/ttft.py --model ${QPROFILE_MODEL:-qwen05} \
+        --profile-len ${QPROFILE_LEN:-16384} --engines ${QPROFILE_ENGINES:-redknot dense} \
+        ${QPROFILE_ARGS:-} --out /tmp/rkq/x.json 2>&1 | tee /tmp/rkq/qprofile.raw.log \
+        | grep --line-buffered -E "^\[|Error|error|Traceback|Self CUDA time" | tail -12 ;;
     load)
       # the OpenAI server under load: dense vs RedKnot `vllm serve`, same run
       timeout ${LOAD_TIMEOUT:-570} python3 benchmarks/load.py --out "$OUT/load-h200.json" \
@@ -147,6 +154,7 @@ for step in "$@"; do
     qsweep|qreport) [ -f /tmp/rkq/quality-${step#q}.json ] && touch /tmp/rkq/done-$step ;;
     qttft) [ -f /tmp/rkq/ttft-qwen05.json ] && touch /tmp/rkq/done-$step ;;
     qdiag) [ -f /tmp/rkq/quality-diag-torch.json ] && touch /tmp/rkq/done-$step ;;
+    qprofile) ls /tmp/rkq/profile-*.profile.txt >/dev/null 2>&1 && touch /tmp/rkq/done-$step ;;
     qwen05|ktail|qrestore|kscale) touch /tmp/rkq/done-$step ;;
   esac
   [ -f "/tmp/rkq/done-$step" ] || { echo "[gpu_run] $step did not finish (rc $rc)"; break; }
