@@ -312,25 +312,40 @@ class RetrievalLayout:
                          np.where(j < bp, j, np.where(j < bp + top_k * bp, 0, win)), j)
         table = torch.from_numpy(np.where(j < lengths[:, None], table, 0))
         lens = torch.from_numpy(end - lo)
-        self.token_index = torch.cat(token_idx).to(device, non_blocking=True)
+        index = torch.cat(token_idx)
+        # one prefill row (decode rows before it, its tail after it): its head-class tokens
+        # are one contiguous range, so every layer reads and writes slices, not gathers
+        first, last = int(index[0]), int(index[-1]) + 1
+        self.token_range = (first, last) if last - first == len(index) else None
+        self.token_index = index.to(device, non_blocking=True)
         self.token_block = torch.arange(self.num_blocks).repeat_interleave(lens).to(
             device, non_blocking=True)
-        self.block_len = lens.to(device, non_blocking=True)
+        self.inv_block_len = (1.0 / lens.float())[:, None, None].to(device, non_blocking=True)
         self.cu_seqlens_q = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(
             torch.int32).to(device, non_blocking=True)
         self.seqused_k = torch.from_numpy(seqused.astype(np.int32)).to(device, non_blocking=True)
         self.max_seqused = int(seqused.max())
         self.max_block_len = int(lens.max())
-        self.logical = table.to(device, non_blocking=True)
-        self.block_row = torch.from_numpy(row).to(device, non_blocking=True)
-        self.block_ncand = torch.from_numpy(ncand).to(device, non_blocking=True)
-        # the rows that have sparse blocks: their blocks, and how many key blocks to score
-        self.sparse_rows: list[tuple[int, torch.Tensor, int]] = []
+        self.bp, self.top_k, self.block = bp, top_k, block
+        # the step's physical block tables (every layer of the KV-cache group shares the
+        # block table): key block 0 and the windows filled in, selection slots to be filled
+        block_row = torch.from_numpy(row).to(device, non_blocking=True)
+        self.tables = md.block_table[block_row[:, None], table.to(device, non_blocking=True)
+                                     ].to(torch.int32)
+        self.page_offsets = torch.arange(bp, device=device)
+        # per row with sparse blocks: its blocks, its key pages to score, and which key
+        # blocks each of its query blocks may not select (block 0, its window, the future)
+        self.sparse_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor]] = []
         for r in np.unique(row[sparse]).tolist():
             ids = np.nonzero(sparse & (row == r))[0]
-            self.sparse_rows.append((r, torch.from_numpy(ids).to(device, non_blocking=True),
-                                     int(ncand[ids].max()) + 1))
-        self.bp, self.top_k, self.block = bp, top_k, block
+            nkb = int(ncand[ids].max()) + 1
+            kb = np.arange(nkb)[None, :]
+            excluded = torch.from_numpy((kb < 1) | (kb > ncand[ids][:, None]))
+            bt = md.block_table[r]
+            self.sparse_rows.append((torch.from_numpy(ids).to(device, non_blocking=True),
+                                     bt[:nkb * bp].long(), bt.to(torch.int32),
+                                     excluded.to(device, non_blocking=True)))
 
 
 def _retrieval_group_cuda(fa: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
@@ -350,31 +365,33 @@ def _retrieval_group_cuda(fa: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     if not lay.num_blocks:
         return
     hg, d = kc.shape[2], q.shape[-1]
-    q_sub = q[lay.token_index]  # [T', Hg * per, D]
-    phys = md.block_table[lay.block_row[:, None], lay.logical].to(torch.int32)
-    tables = phys.unsqueeze(0).repeat(hg, 1, 1)  # [Hg, blocks, width]
+    # NOTE: this runs for every retrieval layer of a prefill step, eagerly; whatever does
+    # not depend on the layer's K/Q lives in the layout (built once per step)
+    if lay.token_range is not None:
+        a, b = lay.token_range
+        q_sub, res = q[a:b], o[a:b]  # views: FA reads and writes the batch in place
+    else:
+        q_sub = q[lay.token_index]  # [T', Hg * per, D]
+        res = torch.empty_like(q_sub)
+    tables = lay.tables.expand(hg, -1, -1).clone()  # [Hg, blocks, width]
     if lay.sparse_rows:
         # block means of the queries, over the block's tokens and each KV head's query heads
         qm = q_sub.view(-1, hg, per, d).float().mean(2)  # [T', Hg, D]
         qbar = torch.zeros(lay.num_blocks, hg, d, device=q.device, dtype=torch.float32)
-        qbar.index_add_(0, lay.token_block, qm)
-        qbar /= lay.block_len[:, None, None]
-        offs = torch.arange(lay.bp, device=q.device)
-        for r, ids, nkb in lay.sparse_rows:
-            pages = md.block_table[r, :nkb * lay.bp].long()
-            kr = kc[pages].float().reshape(nkb, lay.block, hg, d)
+        qbar.index_add_(0, lay.token_block, qm).mul_(lay.inv_block_len)
+        for ids, pages, row_table, excluded in lay.sparse_rows:
+            nkb = len(pages) // lay.bp
+            # key-block extremes in the cache dtype (exact), scored in fp32
+            kr = kc[pages].reshape(nkb, lay.block, hg, d)
             kmax, kmin = kr.amax(1).transpose(0, 1), kr.amin(1).transpose(0, 1)  # [Hg, nkb, D]
             score = block_scores(qbar[ids].transpose(0, 1), kmax, kmin)  # [Hg, n, nkb]
-            j = torch.arange(nkb, device=q.device)
-            cand = (j >= 1) & (j <= lay.block_ncand[ids][:, None])  # [n, nkb]
-            sel = score.masked_fill(~cand, float("-inf")).topk(lay.top_k, dim=-1).indices
-            logical = (sel[..., None] * lay.bp + offs).reshape(hg, len(ids), -1)
-            tables[:, ids, lay.bp:lay.bp + lay.top_k * lay.bp] = md.block_table[
-                r, logical].to(torch.int32)
-    res = torch.empty_like(q_sub)
+            sel = score.masked_fill_(excluded, float("-inf")).topk(lay.top_k, dim=-1).indices
+            logical = (sel[..., None] * lay.bp + lay.page_offsets).reshape(hg, len(ids), -1)
+            tables[:, ids, lay.bp:lay.bp + lay.top_k * lay.bp] = row_table[logical]
     for h in range(hg):
         fa(q=q_sub[:, h * per:(h + 1) * per], k=kc[:, :, h:h + 1], v=vc[:, :, h:h + 1],
            out=res[:, h * per:(h + 1) * per], cu_seqlens_q=lay.cu_seqlens_q,
            max_seqlen_q=lay.max_block_len, seqused_k=lay.seqused_k,
            max_seqlen_k=lay.max_seqused, block_table=tables[h], **common)
-    o[lay.token_index] = res
+    if lay.token_range is None:
+        o[lay.token_index] = res

@@ -175,6 +175,7 @@ def test_headclass_attention_cuda_at_qwen05_scale(rows):
 
 @pytest.mark.parametrize("rows,tail", [
     ([(0, 1200, True)], 0),
+    ([(40, 1, False), (0, 1500, True)], 48),  # one prefill row after a decode: slices
     ([(40, 1, False), (500, 700, True), (0, 900, True)], 48),  # decode first, chunked row
     ([(0, 300, True), (90, 1, False), (700, 1, True)], 0),  # interleaved, one-token chunk
 ])
