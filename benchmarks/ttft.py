@@ -227,6 +227,8 @@ def python_profile(fn: Any, top: int = 45) -> str:
     pr.disable()
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(top)
+    # and by own time: the many small per-step costs that no cumulative entry shows
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
     return buf.getvalue()
 
 
@@ -279,7 +281,11 @@ def parent(args: argparse.Namespace) -> None:
                    str(args.prompts), *flags]
             if args.lengths:
                 cmd += ["--lengths", *map(str, args.lengths)]
-            subprocess.run(cmd, check=True)
+            # --in-process: the engine core in the child's own process (no engine-core
+            # process and no IPC), to tell the engine's step apart from its serving loop
+            env = {**os.environ, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+                                    if args.in_process else {})}
+            subprocess.run(cmd, check=True, env=env)
             runs[engine] = json.loads(js.read_text())
     dense, rk = runs["dense"], runs["redknot"]
     results = []
@@ -303,6 +309,9 @@ def parent(args: argparse.Namespace) -> None:
         "config": {"head_config": args.head_config or spec["head_config"],
                    "sparse_ffn": args.sparse_ffn or spec["sparse_ffn"],
                    "engine": spec["engine"], "enforce_eager": args.enforce_eager,
+                   "engine_core": "in the benchmark's process (VLLM_ENABLE_V1_MULTIPROCESSING"
+                                  "=0)" if args.in_process else "its own process (vLLM's "
+                                  "default)",
                    "prompts_per_length": args.prompts, "ttft": "wall clock of generate(), "
                    "max_tokens=1, one request at a time, after a same-length warm-up",
                    "ffn_kept_fraction_note": (
@@ -334,6 +343,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--lengths", type=int, nargs="*", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run each engine core in its benchmark process (no IPC)")
     ap.add_argument("--head-config", default=None, help="override the model's head config")
     ap.add_argument("--sparse-ffn", default=None, help="override the sparse-FFN schedule")
     ap.add_argument("--profile-len", type=int, default=0,

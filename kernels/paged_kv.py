@@ -27,17 +27,21 @@ def slots_of(block_ids: Sequence[int] | torch.Tensor, positions: torch.Tensor,
 
 
 def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
-             value: torch.Tensor, heads: torch.Tensor | None = None) -> None:
+             value: torch.Tensor, heads: torch.Tensor | None = None, *,
+             slots_checked: bool = False) -> None:
     """Store K/V ``[n, num_kv_heads, head_size]`` at ``slots`` ``[>= n]`` int64.
 
     Negative slots (vLLM's padding) are skipped. With ``heads`` (int64 indices) only those
     KV heads are written, from the same head positions of ``key``/``value``.
+    ``slots_checked``: the caller has verified every slot is >= 0 (the check reads a device
+    value, a host sync: a caller writing many layers checks once).
     """
     n = key.shape[0]
     slots = slots[:n].long()
-    valid = slots >= 0
-    if not bool(valid.all()):
-        slots, key, value = slots[valid], key[valid], value[valid]
+    if not slots_checked:
+        valid = slots >= 0
+        if not bool(valid.all()):
+            slots, key, value = slots[valid], key[valid], value[valid]
     bs = kv_cache.shape[2]
     blocks, offs = slots // bs, slots % bs
     kv = torch.cat([key, value], dim=-1).to(kv_cache.dtype)

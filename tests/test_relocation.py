@@ -225,3 +225,46 @@ def test_smollm2_layer0(smollm2_dir: Any) -> None:
     for p in (1, 37, 1000, max_pos - n):
         fresh = apply_rope(rope, k0, p)
         assert err(relocate_keys(stored, 0, p, rope), fresh) < 1e-5, p
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 30])  # one layer at a time; all at once
+def test_splice_writes_every_layer_as_the_layer_by_layer_path(budget: int) -> None:
+    """SplicedKV.write_all_heads batches layers within its byte budget: the caches it
+    writes equal one layer's relocation and write at a time (and the slots outside stay)."""
+    from redknot_vllm.kernels.paged_kv import write_kv
+    from redknot_vllm.kv_store import Segment, SegmentKey
+    from redknot_vllm.reuse.splice import SplicedKV
+
+    rope = make_rope(**CASES["default-neox"])
+    g = torch.Generator().manual_seed(3)
+    layers, heads, page = 3, 2, 16
+
+    def segment(n: int) -> Segment:
+        key = SegmentKey("m", "h", "t", False, tuple(range(n)), "l")
+        return Segment(key, torch.randn(layers, n, heads, 128, generator=g),
+                       torch.randn(layers, n, heads, 128, generator=g))
+
+    a, b = segment(40), segment(30)
+    parts = [(a, torch.tensor([0, 3, 4, 5, 39]), 100), (b, torch.arange(2, 30), 500)]
+    slots = torch.randperm(64 * page, generator=g)[:5 + 28]
+    caches = [torch.zeros(64, heads, page, 256) for _ in range(layers)]
+    SplicedKV(slots, parts, rope).write_all_heads(caches, budget_bytes=budget)
+    want = [torch.zeros_like(c) for c in caches]
+    for i, c in enumerate(want):
+        ks = [relocate_keys(s.k[i, o], o, o + start, rope) for s, o, start in parts]
+        write_kv(c, slots, torch.cat(ks), torch.cat([s.v[i, o] for s, o, _ in parts]))
+    for got, ref in zip(caches, want, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        assert got.abs().sum() > 0
+
+
+def test_splice_refuses_a_negative_slot() -> None:
+    from redknot_vllm.kv_store import Segment, SegmentKey
+    from redknot_vllm.reuse.splice import SplicedKV
+
+    rope = make_rope(**CASES["default-neox"])
+    key = SegmentKey("m", "h", "t", False, tuple(range(4)), "l")
+    seg = Segment(key, torch.zeros(1, 4, 1, 128), torch.zeros(1, 4, 1, 128))
+    spliced = SplicedKV(torch.tensor([3, -1]), [(seg, torch.tensor([0, 1]), 10)], rope)
+    with pytest.raises(ValueError, match="negative slot"):
+        spliced.write_all_heads([torch.zeros(4, 1, 16, 256)])

@@ -15,14 +15,17 @@ from redknot_vllm.relocation import relocate_keys, relocation_rows
 if TYPE_CHECKING:
     from redknot_vllm.attention.plan import LayerPlan
 
+SPLICE_BUDGET_BYTES = 512 << 20
+"""Temporaries one splice may hold at a time (several layers' relocated KV)."""
+
 
 @dataclass
 class SplicedKV:
     """The reused tokens of one step: where they go and where their stored KV is.
 
-    K is relocated one layer at a time (:meth:`layer`), so a 64K-token splice never holds
-    more than one layer's relocated keys; the token indices and the rotation rows are
-    built once per step, on the first layer."""
+    K is relocated a few layers at a time (:meth:`write_all_heads`, within
+    :data:`SPLICE_BUDGET_BYTES`; one layer at a time under the seed policy); the token
+    indices, the rotation rows and the slots' check are built once per step."""
 
     slots: torch.Tensor
     """[n] destination slots."""
@@ -36,6 +39,10 @@ class SplicedKV:
 
     def _prepare(self) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         if self._step is None:
+            # the step's one check of its destination slots (a host sync), so the per-layer
+            # writes need none; a negative slot means the plan is wrong: the step computes
+            if not bool((self.slots >= 0).all()):
+                raise ValueError("a reused token has no KV slot (negative slot mapping)")
             dev = self.slots.device
             offs = [o.to(dev, non_blocking=True) for _, o, _ in self.parts]
             src = torch.cat(offs)
@@ -44,21 +51,40 @@ class SplicedKV:
             self._step = offs, relocation_rows(self.rotary, src, dst)
         return self._step
 
+    def layers(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Relocated K and V ``[layers, n, H, D]`` of the segments' layers ``rows``, on the
+        slots' device (a host-tier segment crosses PCIe those layers at a time)."""
+        dev = self.slots.device
+        offs, rot = self._prepare()
+        ks = [seg.k[rows].to(dev, non_blocking=True)[:, o] for (seg, _, _), o in zip(
+            self.parts, offs, strict=True)]
+        vs = [seg.v[rows].to(dev, non_blocking=True)[:, o] for (seg, _, _), o in zip(
+            self.parts, offs, strict=True)]
+        k = relocate_keys(torch.cat(ks, dim=1), 0, 0, self.rotary, rows=rot)
+        return k, torch.cat(vs, dim=1)
+
     def layer(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Relocated K and V ``[n, H, D]`` of one layer, on the slots' device."""
-        dev = self.slots.device
-        offs, rows = self._prepare()
-        # a host-tier segment crosses PCIe one whole layer at a time, then is gathered
-        ks = [seg.k[row].to(dev, non_blocking=True)[o] for (seg, _, _), o in zip(
-            self.parts, offs, strict=True)]
-        vs = [seg.v[row].to(dev, non_blocking=True)[o] for (seg, _, _), o in zip(
-            self.parts, offs, strict=True)]
-        k = relocate_keys(torch.cat(ks), 0, 0, self.rotary, rows=rows)
-        return k, torch.cat(vs)
+        k, v = self.layers(slice(row, row + 1))
+        return k[0], v[0]
 
-    def write_all_heads(self, row: int, kv_cache: torch.Tensor) -> None:
-        """Write one layer's relocated KV into its cache (selective policy)."""
-        write_kv(kv_cache, self.slots, *self.layer(row))
+    def write_all_heads(self, kv_caches: list[torch.Tensor],
+                        budget_bytes: int = SPLICE_BUDGET_BYTES) -> None:
+        """Write every layer's relocated KV into its cache (selective policy), as many
+        layers at a time as ``budget_bytes`` of temporaries allow: on a small model the
+        launches of a layer-by-layer splice, not its bytes, are the cost; on a large one
+        a layer's relocated keys alone are hundreds of MB."""
+        if not kv_caches:
+            return
+        seg = self.parts[0][0]
+        heads, d = seg.k.shape[-2:]
+        # bf16 K and V gathered, fp32 rotation temporaries and the packed K|V write
+        per_layer = max(1, len(self.slots) * heads * d * 16)
+        step = max(1, min(len(kv_caches), budget_bytes // per_layer))
+        for a in range(0, len(kv_caches), step):
+            k, v = self.layers(slice(a, a + step))
+            for j, cache in enumerate(kv_caches[a:a + step]):
+                write_kv(cache, self.slots, k[j], v[j], slots_checked=True)
 
     def write_local_heads(self, plan: LayerPlan, kv_cache: torch.Tensor) -> None:
         """Seed policy: called by the attention layer after its cache write, before
@@ -67,4 +93,5 @@ class SplicedKV:
         row = self.layer_row.get(plan.layer)
         if heads and row is not None:
             k, v = self.layer(row)
-            write_kv(kv_cache, self.slots, k, v, torch.tensor(heads, device=kv_cache.device))
+            write_kv(kv_cache, self.slots, k, v, torch.tensor(heads, device=kv_cache.device),
+                     slots_checked=True)

@@ -138,8 +138,7 @@ class ReuseWorker:
         if self.cfg.policy == "seed":
             step.kv_overwrite = spliced
             return
-        for i, cache in enumerate(self._caches):
-            spliced.write_all_heads(i, cache)
+        spliced.write_all_heads(self._caches)
         keep = torch.ones(md.num_actual_tokens, dtype=torch.bool)
         keep[t_all] = False
         if not bool(keep.any()):
