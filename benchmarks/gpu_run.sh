@@ -121,8 +121,9 @@ for step in "$@"; do
         $args 2>&1 | grep --line-buffered -E "^\[(quality|sweep)\]|Error|error" | tail -40 ;;
     qttft)
       # TTFT of the shipped Qwen default against dense, same run, compiled + CUDA graphs
+      # (QTTFT_MODEL qwen05shape: the same shape with random weights, a 3-part bundle)
       # (QTTFT_ARGS: e.g. --enforce-eager --head-config /tmp/rkq/default/head_config.json)
-      timeout "$(cap 400)" python3 benchmarks/ttft.py --model qwen05 ${QTTFT_ARGS:-} \
+      timeout "$(cap 400)" python3 benchmarks/ttft.py --model ${QTTFT_MODEL:-qwen05} ${QTTFT_ARGS:-} \
         --out /tmp/rkq/ttft-qwen05.json \
         2>&1 | tee /tmp/rkq/ttft-qwen05.raw.log | grep --line-buffered -v -E "^\(EngineCore|INFO|WARNING|it/s" | tail -12 ;;
     qprofile)
