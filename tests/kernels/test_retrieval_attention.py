@@ -127,7 +127,8 @@ def _fake_flash_attn_varlen(q, k, v, cu_seqlens_q, max_seqlen_q, seqused_k, max_
 
 
 @pytest.mark.parametrize("rows,tail", [
-    ([(0, 700, True)], 0),
+    ([(0, 700, True)], 0),  # one prefill row: slices, no gather
+    ([(40, 1, False), (0, 900, True)], 48),  # one row after a decode, with a tail: slices
     ([(40, 1, False), (300, 400, True), (0, 500, True)], 48),  # decode first, chunked row
     ([(0, 300, True), (90, 1, False), (650, 1, True)], 0),  # interleaved, one-token chunk
 ])
@@ -165,3 +166,6 @@ def test_cuda_retrieval_orchestration_matches_the_torch_path(rows, tail, monkeyp
                               md.full_tail_cpu)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # one prefill row's head-class tokens are one range: read and written as slices
+    lay = next(iter(md.retrieval_layouts.values()))
+    assert (lay.token_range is not None) == (sum(p for *_, p in rows) == 1)
