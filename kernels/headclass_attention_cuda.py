@@ -50,7 +50,7 @@ def _sink_merge_kernel(
     token_row_ptr, token_pos_ptr, token_prefill_ptr,
     num_tokens, scale, window, sink,
     PER: tl.constexpr, PER_PAD: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr,
-    PAGE: tl.constexpr, TB: tl.constexpr,
+    PAGE: tl.constexpr, TB: tl.constexpr, ALL_TOKENS: tl.constexpr,
 ):
     # One program per (block of TB tokens, KV head of the group): each token's PER query
     # heads. out/ow/q: [T, Hq_g, D] (strided; out may alias ow); lse: [Hq_g, T] fp32;
@@ -66,7 +66,7 @@ def _sink_merge_kernel(
         if t < num_tokens:
             pos = tl.load(token_pos_ptr + t)
             prefill = tl.load(token_prefill_ptr + t)
-            if (prefill != 0) & (pos - window + 1 > 0):
+            if ((prefill != 0) | ALL_TOKENS) & (pos - window + 1 > 0):
                 row = tl.load(token_row_ptr + t).to(tl.int64)
                 jmask = (j < sink) & (j < pos - window + 1)
                 blk = tl.load(block_table_ptr + row * stride_br + j // PAGE, mask=jmask,
@@ -98,10 +98,13 @@ _SINK_TB = 16
 def sink_merge(out: torch.Tensor, o_window: torch.Tensor, lse_window: torch.Tensor,
                query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                block_table: torch.Tensor, token_row: torch.Tensor, token_pos: torch.Tensor,
-               token_is_prefill: torch.Tensor, window: int, sink: int, scale: float) -> None:
-    """Merge the sink keys into a local group's sliding-window output (prefill tokens).
+               token_is_prefill: torch.Tensor, window: int, sink: int, scale: float,
+               all_tokens: bool = False) -> None:
+    """Merge the sink keys into a local group's sliding-window output (prefill tokens, or
+    every token with ``all_tokens``: SegPaged's local layer, whose decode rows attend by
+    head class too).
 
-    Only prefill tokens at positions ``p >= W`` (the ones whose window misses a sink) are
+    Only those tokens at positions ``p >= W`` (the ones whose window misses a sink) are
     written; ``out`` may be ``o_window`` itself (in-place merge).
 
     Args:
@@ -131,7 +134,7 @@ def sink_merge(out: torch.Tensor, o_window: torch.Tensor, lse_window: torch.Tens
         token_row, token_pos, token_is_prefill,
         num_tokens, scale, window, sink,
         PER=per, PER_PAD=triton.next_power_of_2(per), S_PAD=triton.next_power_of_2(max(sink, 1)),
-        D=d, PAGE=key_cache.shape[1], TB=_SINK_TB,
+        D=d, PAGE=key_cache.shape[1], TB=_SINK_TB, ALL_TOKENS=all_tokens,
     )
 
 
@@ -147,26 +150,28 @@ def warm_up_sink_merge(num_q_per_kv: int, head_size: int, page: int,
         kc = torch.randn(1, page, 1, head_size, device=device, dtype=dtype, generator=g)
         lse = torch.zeros(num_q_per_kv, 2, device=device, dtype=torch.float32)
         out = torch.zeros_like(q)
-        sink_merge(out, out, lse, q, kc, kc.clone(), torch.zeros(1, 1, dtype=torch.int32,
-                                                                  device=device),
-                   torch.zeros(2, dtype=torch.long, device=device),
-                   torch.tensor([page - 1, page - 1], device=device),
-                   torch.ones(2, dtype=torch.bool, device=device), window, sink, 1.0)
+        for all_tokens in (False, True):
+            sink_merge(out, out, lse, q, kc, kc.clone(),
+                       torch.zeros(1, 1, dtype=torch.int32, device=device),
+                       torch.zeros(2, dtype=torch.long, device=device),
+                       torch.tensor([page - 1, page - 1], device=device),
+                       torch.ones(2, dtype=torch.bool, device=device), window, sink, 1.0,
+                       all_tokens=all_tokens)
 
 
 def sink_merge_ref(o_window: torch.Tensor, lse_window: torch.Tensor, query: torch.Tensor,
                    key_cache: torch.Tensor, value_cache: torch.Tensor,
                    block_table: torch.Tensor, token_row: torch.Tensor, token_pos: torch.Tensor,
                    token_is_prefill: torch.Tensor, window: int, sink: int, scale: float,
-                   out: torch.Tensor) -> torch.Tensor:
+                   out: torch.Tensor, all_tokens: bool = False) -> torch.Tensor:
     """Torch reference of :func:`sink_merge` (fp32 math): returns ``out`` with the prefill
-    tokens that see a sink replaced by the merge."""
+    tokens (every token with ``all_tokens``) that see a sink replaced by the merge."""
     num_tokens, hq = query.shape[:2]
     hkv, page = key_cache.shape[2], key_cache.shape[1]
     per = hq // hkv
     res = out.clone()
     for t in range(num_tokens):
-        if not bool(token_is_prefill[t]):
+        if not (all_tokens or bool(token_is_prefill[t])):
             continue
         row, pos = int(token_row[t]), int(token_pos[t])
         n = max(0, min(sink, pos - window + 1))
@@ -244,6 +249,40 @@ def paged_headclass_attention_cuda(query: torch.Tensor, kv_cache: torch.Tensor, 
                        md.token_is_prefill, g.window, g.sink, scale)
         if md.num_full_tokens:
             _full_tokens(flash_attn_varlen_func, q, kc, vc, o, md, common)
+
+
+def local_attention_cuda(query: torch.Tensor, kv_cache: torch.Tensor, md: Any,
+                         groups: tuple[HeadGroup, ...], scale: float,
+                         out: torch.Tensor) -> None:
+    """SegPaged's local layer on CUDA: every row, prefill and decode alike, attends by
+    head class (sinks + window), because the pages between its sinks and its window are
+    freed (their block-table entries are vLLM's null block, which the window pass never
+    lets count). Per group one sliding-window FA3 call over all rows, then the sink merge
+    of every token; no full pass (SegPaged refuses ``tail_full_tokens``).
+
+    ``md`` needs the token fields even in a decode-only step (the local group's builder
+    always builds them).
+    """
+    flash_attn_varlen_func, fa_version = _fa()
+    num_heads, d = query.shape[1:]
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(d, dim=-1)  # [B, page, H, D]
+    per = num_heads // kv_cache.shape[1]
+    for g in groups:
+        if g.window == FULL or g.topk:
+            raise NotImplementedError(f"SegPaged's local layer got a non-local head group "
+                                      f"{g}; it holds local heads only")
+        h0, h1 = g.kv_heads[0], g.kv_heads[-1] + 1
+        assert g.kv_heads == tuple(range(h0, h1)), f"head group {g.kv_heads} not contiguous"
+        q, o = query[:, h0 * per:h1 * per], out[:, h0 * per:h1 * per]
+        kc, vc = key_cache[:, :, h0:h1], value_cache[:, :, h0:h1]
+        _, lse_w = flash_attn_varlen_func(
+            q=q, k=kc, v=vc, out=o, cu_seqlens_q=md.query_start_loc,
+            max_seqlen_q=md.max_query_len, seqused_k=md.seq_lens, max_seqlen_k=md.max_seq_len,
+            block_table=md.block_table, window_size=[g.window - 1, 0],
+            return_softmax_lse=True, softmax_scale=scale, causal=True, fa_version=fa_version)
+        if g.sink > 0:
+            sink_merge(o, o, lse_w, q, kc, vc, md.block_table, md.token_row, md.token_pos,
+                       md.token_is_prefill, g.window, g.sink, scale, all_tokens=True)
 
 
 def _full_tokens(fa: Any, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,

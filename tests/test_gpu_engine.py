@@ -34,3 +34,32 @@ def test_all_global_is_token_identical_to_stock_on_gpu(smollm2):
         gc.collect()
         torch.cuda.empty_cache()
     assert results[1] == results[0]
+
+
+def test_segpaged_cuda_matches_its_torch_path_on_gpu(smollm2, monkeypatch):
+    """SegPaged on CUDA (local layer: FA3 window + sink merge of every token, prefill and
+    decode; piecewise graphs) against the same engine on RedKnot's torch attention
+    (``VLLM_REDKNOT_ATTENTION=torch``, the path the CPU tests check against HF with the
+    masks in decode), same GPU and dtype: the same greedy tokens."""
+    import gc
+
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from redknot_vllm import engine_args
+    from tests.test_segpaged_engine import _config
+
+    prompts = [long_prompt(24), long_prompt(8, key="31337"), "The capital of France is"]
+    sp = SamplingParams(max_tokens=12, temperature=0)
+    results = []
+    for impl in ("cuda", "torch"):
+        if impl == "torch":
+            monkeypatch.setenv("VLLM_REDKNOT_ATTENTION", "torch")
+        llm = LLM(**engine_args(smollm2, head_config=_config(), segpaged=True,
+                                request_stats=False, **GPU_COMMON))
+        results.append([list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp)])
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert results[0] == results[1]

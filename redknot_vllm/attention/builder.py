@@ -41,6 +41,11 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
         from vllm.platforms import current_platform
 
         if current_platform.is_cuda():
+            # SegPaged's local group attends by head class in decode too (an eager FA3
+            # window call plus the sink merge, over per-step token fields): vLLM then
+            # downgrades to piecewise graphs, attention between them
+            if isinstance(kv_cache_spec, SinkSlidingWindowSpec):
+                return AttentionCGSupport.NEVER
             return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
         return cls._cudagraph_support
 
@@ -50,11 +55,12 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
         self.runtime = find_runtime(vllm_config)
         # SegPaged: the local heads' KV-cache group has a builder of its own; the step is
         # opened once, by the global group's (both see the same rows and tokens)
-        self._opens_step = not isinstance(kv_cache_spec, SinkSlidingWindowSpec)
+        self._local = isinstance(kv_cache_spec, SinkSlidingWindowSpec)
+        self._opens_step = not self._local
         hc = None if self.runtime is None else self.runtime.config.head_config
         self._tail_full_tokens = 0 if hc is None else hc.tail_full_tokens
         self._fa_builder = None
-        if device.type == "cuda":
+        if device.type == "cuda" and not self._local:  # the local group never decodes dense
             from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
 
             self._fa_builder = FlashAttentionMetadataBuilder(kv_cache_spec, layer_names,
@@ -115,7 +121,8 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
             device=self.device, query_start_loc=cm.query_start_loc, seq_lens=cm.seq_lens,
             max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
             num_actual_tokens=cm.num_actual_tokens,
-            full_tail_cpu=[tail] * num_reqs if tail else None)
+            full_tail_cpu=[tail] * num_reqs if tail else None,
+            token_fields=self._local)
         if self.runtime is not None and not force_decode and self._opens_step:
             self.runtime.begin_step(md)
         if not md.has_prefill and self._fa_builder is not None and not force_decode:

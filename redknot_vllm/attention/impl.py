@@ -12,7 +12,10 @@ from redknot_vllm import compat, envs
 from redknot_vllm.attention.metadata import RedKnotAttentionMetadata
 from redknot_vllm.attention.plan import LayerPlan
 from redknot_vllm.kernels.headclass_attention import paged_headclass_attention
-from redknot_vllm.kernels.headclass_attention_cuda import paged_headclass_attention_cuda
+from redknot_vllm.kernels.headclass_attention_cuda import (
+    local_attention_cuda,
+    paged_headclass_attention_cuda,
+)
 from redknot_vllm.kernels.paged_kv import write_kv
 
 if TYPE_CHECKING:
@@ -73,12 +76,7 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
                                 "the torch implementation (a diagnostic; slow on a GPU)")
         from vllm.platforms import current_platform
 
-        if redknot_local and current_platform.is_cuda():
-            raise NotImplementedError(
-                "segpaged: the local heads' CUDA decode (FA window + sink merge over their "
-                "own pages) is not built yet; SegPaged runs on CPU only, so start this engine "
-                "without segpaged")
-        if current_platform.is_cuda():
+        if current_platform.is_cuda() and not redknot_local:
             self._fa_impl = compat.flash_attn_impl(num_heads, head_size, scale,
                                                    self.num_kv_heads, kv_cache_dtype, attn_type)
 
@@ -139,7 +137,11 @@ class RedKnotAttentionImpl(AttentionImpl[RedKnotAttentionMetadata]):
         q = query[:n].view(n, self.num_heads, self.head_size)
         o = output[:n].view(n, self.num_heads, self.head_size)
         if q.is_cuda and not self._torch_on_cuda:
-            paged_headclass_attention_cuda(q, kv_cache, md, self.plan.groups, self.scale, o)
+            if self.local:  # SegPaged: prefill and decode rows alike by head class
+                local_attention_cuda(q, kv_cache, md, self.plan.groups, self.scale, o)
+            else:
+                paged_headclass_attention_cuda(q, kv_cache, md, self.plan.groups, self.scale,
+                                               o)
         else:
             paged_headclass_attention(q, kv_cache, md.block_table, md.query_start_loc_cpu,
                                       md.seq_lens_cpu, md.is_prefill_cpu, self.plan.groups,

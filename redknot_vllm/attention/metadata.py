@@ -67,13 +67,15 @@ def build_metadata(*, query_start_loc_cpu: list[int], seq_lens_cpu: list[int],
                    query_start_loc: torch.Tensor | None = None,
                    seq_lens: torch.Tensor | None = None, max_query_len: int | None = None,
                    max_seq_len: int | None = None, num_actual_tokens: int | None = None,
-                   full_tail_cpu: list[int] | None = None) -> RedKnotAttentionMetadata:
+                   full_tail_cpu: list[int] | None = None,
+                   token_fields: bool = False) -> RedKnotAttentionMetadata:
     """The metadata of a batch given by its host layout.
 
     ``query_start_loc`` / ``seq_lens`` (their maxima, the token count) are vLLM's own when
     the builder has them; otherwise they are derived from the host lists (one non-blocking transfer
     each). ``full_tail_cpu``: per row, how many of its last tokens attend fully (prefill
-    rows; capped at the row's length; None: none).
+    rows; capped at the row's length; None: none). ``token_fields``: build the per-token
+    fields even without prefill rows (SegPaged's local layer decodes by head class).
     """
     num_reqs = len(seq_lens_cpu)
     q_lens = [query_start_loc_cpu[i + 1] - query_start_loc_cpu[i] for i in range(num_reqs)]
@@ -100,7 +102,7 @@ def build_metadata(*, query_start_loc_cpu: list[int], seq_lens_cpu: list[int],
             min(t, q) if p else 0 for t, q, p in zip(full_tail_cpu, q_lens, is_prefill_cpu,
                                                      strict=True)],
     )
-    if md.has_prefill:
+    if (md.has_prefill or token_fields) and md.num_actual_tokens:
         _add_token_fields(md, q_lens, device)
     return md
 

@@ -17,7 +17,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _batch(rows, hkv, d, num_blocks=512, seed=0, tail=0):
+def _batch(rows, hkv, d, num_blocks=512, seed=0, tail=0, token_fields=False):
     """rows: list of (context_len_before, new_tokens, is_prefill). Returns cache + metadata;
     ``tail``: each prefill row's last tokens attend fully."""
     g = torch.Generator(device=DEV).manual_seed(seed)
@@ -39,7 +39,8 @@ def _batch(rows, hkv, d, num_blocks=512, seed=0, tail=0):
     md = build_metadata(
         query_start_loc_cpu=qsl, seq_lens_cpu=seq, is_prefill_cpu=[p for _, _, p in rows],
         block_table=table, slot_mapping=torch.zeros(qsl[-1], device=DEV),
-        device=torch.device(DEV), full_tail_cpu=[tail] * len(rows) if tail else None)
+        device=torch.device(DEV), full_tail_cpu=[tail] * len(rows) if tail else None,
+        token_fields=token_fields)
     assert md.max_query_len == max(q_lens) and md.max_seq_len == max(seq)
     return cache, md
 
@@ -128,6 +129,27 @@ def test_sink_merge_matches_reference():
     inplace = o_w.clone()  # the production call merges into the window output itself
     sink_merge(inplace, inplace, lse, *args)
     assert _rel(inplace, sink_merge_ref(o_w, lse, *args, out=o_w.clone())) < 1e-2
+
+
+def test_sink_merge_of_every_token_matches_reference():
+    """``all_tokens`` (SegPaged's local layer): decode tokens past the window merge too."""
+    from redknot_vllm.kernels.headclass_attention_cuda import sink_merge, sink_merge_ref
+
+    d, hkv, per = 64, 2, 7
+    cache, md = _batch([(300, 1, False), (0, 200, True), (90, 1, False)], hkv, d, seed=2,
+                       token_fields=True)
+    key_cache, value_cache = cache.transpose(1, 2).split(d, dim=-1)
+    t, hq = md.num_actual_tokens, hkv * per
+    q = torch.randn(t, hq, d, device=DEV, dtype=torch.bfloat16)
+    o_w = torch.randn(t, hq, d, device=DEV, dtype=torch.bfloat16)
+    lse = torch.randn(hq, t, device=DEV) * 3
+    args = (q, key_cache, value_cache, md.block_table, md.token_row, md.token_pos,
+            md.token_is_prefill, 40, 4, d**-0.5)
+    out = torch.zeros_like(o_w)
+    sink_merge(out, o_w, lse, *args, all_tokens=True)
+    ref = sink_merge_ref(o_w, lse, *args, out=torch.zeros_like(o_w), all_tokens=True)
+    assert _rel(out, ref) < 1e-2
+    assert out[0].abs().sum() > 0 and out[-1].abs().sum() > 0  # both decode tokens merged
 
 
 @pytest.mark.parametrize("t,h,inter,frac", [(1000, 256, 512, 0.15), (4099, 576, 1536, 0.5),

@@ -157,3 +157,59 @@ def test_full_tail_attends_fully_in_a_mixed_batch():
     paged_headclass_attention(q, cache, table, qsl, seq, [p for _, _, p, _ in rows], groups,
                               0.25, alone)
     assert not torch.allclose(alone[qsl[3] - 1], out[qsl[3] - 1])
+
+
+@pytest.mark.parametrize("rows", [
+    [(40, 1, False), (300, 1, False), (0, 200, True), (100, 150, True)],  # mixed
+    [(40, 1, False), (300, 1, False), (700, 1, False)],  # decode only
+])
+def test_segpaged_local_cuda_orchestration_matches_the_torch_path(rows, monkeypatch):
+    """SegPaged's local layer on CUDA (``local_attention_cuda``: an FA3 window call per
+    group, then the sink merge of every token) with FA3 and the Triton merge replaced by
+    their torch references, on CPU: prefill and decode rows attend by head class, as the
+    torch path's ``decode_groups`` does, and the pages between sinks and window, freed
+    (the null block in the table), are never counted."""
+    from redknot_vllm.attention.metadata import build_metadata
+    from redknot_vllm.kernels import headclass_attention_cuda as cuda_mod
+    from tests.kernels.fa_reference import fake_flash_attn_varlen
+
+    def merge_ref(out, o_window, lse, q, kc, vc, table, row, pos, prefill, window, sink,
+                  scale, all_tokens=False):
+        out.copy_(cuda_mod.sink_merge_ref(o_window, lse, q, kc, vc, table, row, pos,
+                                          prefill, window, sink, scale, out, all_tokens))
+
+    monkeypatch.setattr(cuda_mod, "_fa", lambda: (fake_flash_attn_varlen, 3))
+    monkeypatch.setattr(cuda_mod, "sink_merge", merge_ref)
+    gen = torch.Generator().manual_seed(len(rows))
+    hkv, per, d = 2, 2, 16
+    groups = (HeadGroup((0,), 24, 4), HeadGroup((1,), 40, 16))
+    num_blocks = 1 + sum(-(-(c + n) // BLOCK) for c, n, _ in rows)
+    cache = torch.randn(num_blocks, hkv, BLOCK, 2 * d, generator=gen)
+    cache[0] = 0  # vLLM's null block: zeros, never written
+    perm = 1 + torch.randperm(num_blocks - 1, generator=gen)
+    full, held, used, qsl, seq = [], [], 0, [0], []
+    for c, n, _ in rows:
+        nb = -(-(c + n) // BLOCK)
+        t = perm[used:used + nb].clone()
+        used += nb
+        full.append(t.clone())
+        # free what no query of this step sees: after the sink page, before the window
+        t[1:max(1, (c - 40 + 1) // BLOCK)] = 0
+        held.append(t)
+        qsl.append(qsl[-1] + n)
+        seq.append(c + n)
+    pad = torch.nn.utils.rnn.pad_sequence
+    table, table_full = pad(held, batch_first=True).int(), pad(full, batch_first=True).int()
+    assert (table == 0).any() and not (table_full[:, 0] == 0).any()
+    md = build_metadata(query_start_loc_cpu=qsl, seq_lens_cpu=seq,
+                        is_prefill_cpu=[p for *_, p in rows], block_table=table,
+                        slot_mapping=torch.zeros(qsl[-1]), device=torch.device("cpu"),
+                        token_fields=True)
+    q = torch.randn(qsl[-1], hkv * per, d, generator=gen) * 3
+    out = torch.full_like(q, float("nan"))
+    cuda_mod.local_attention_cuda(q, cache, md, groups, 0.25, out)
+    ref = torch.zeros_like(q)
+    paged_headclass_attention(q, cache, table_full, qsl, seq, md.is_prefill_cpu, groups, 0.25,
+                              ref, decode_groups=groups)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

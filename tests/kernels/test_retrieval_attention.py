@@ -17,6 +17,7 @@ from redknot_vllm.kernels.headclass_attention import (
     paged_headclass_attention,
 )
 from redknot_vllm.kernels.paged_kv import write_kv
+from tests.kernels.fa_reference import fake_flash_attn_varlen
 
 PAGE = 16
 
@@ -100,32 +101,6 @@ def test_retrieval_flops_count_the_reference_keys(start, end, tail):
                          if max(0, (b * 16 - 64) // 16 - 1) > 3)
 
 
-def _fake_flash_attn_varlen(q, k, v, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k,
-                            block_table, softmax_scale, causal, fa_version, out=None,
-                            **unsupported):
-    """FA3's paged varlen call in torch (causal, bottom-right aligned, GQA), so that the
-    CUDA path's orchestration (virtual block tables, device-side selection) runs here."""
-    assert causal and not unsupported, unsupported
-    page, hkv = k.shape[1], k.shape[2]
-    res = torch.empty(q.shape, dtype=q.dtype)
-    for i in range(len(seqused_k)):
-        a, b = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
-        n = int(seqused_k[i])
-        pages = block_table[i, : -(-n // page)].long()
-        ks = k[pages].reshape(-1, hkv, k.shape[-1])[:n].transpose(0, 1)
-        vs = v[pages].reshape(-1, hkv, v.shape[-1])[:n].transpose(0, 1)
-        qi = q[a:b].transpose(0, 1)
-        kpos, qpos = torch.arange(n), torch.arange(n - (b - a), n)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qi.float(), ks.float(), vs.float(), attn_mask=kpos[None] <= qpos[:, None],
-            scale=softmax_scale, enable_gqa=True)
-        res[a:b] = o.transpose(0, 1).to(q.dtype)
-    if out is not None:
-        out.copy_(res)
-        return out
-    return res
-
-
 @pytest.mark.parametrize("rows,tail", [
     ([(0, 700, True)], 0),  # one prefill row: slices, no gather
     ([(40, 1, False), (0, 900, True)], 48),  # one row after a decode, with a tail: slices
@@ -139,7 +114,7 @@ def test_cuda_retrieval_orchestration_matches_the_torch_path(rows, tail, monkeyp
     from redknot_vllm.attention.metadata import build_metadata
     from redknot_vllm.kernels import headclass_attention_cuda as cuda_mod
 
-    monkeypatch.setattr(cuda_mod, "_fa", lambda: (_fake_flash_attn_varlen, 3))
+    monkeypatch.setattr(cuda_mod, "_fa", lambda: (fake_flash_attn_varlen, 3))
     torch.manual_seed(len(rows) + tail)
     hq, hkv, d = 6, 3, 16
     groups = (HeadGroup((0,), FULL, 0), HeadGroup((1, 2), 64, 0, topk=3, block=16))
