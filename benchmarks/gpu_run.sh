@@ -91,6 +91,21 @@ for step in "$@"; do
         --attention torch --workdir /tmp/rkq --out /tmp/rkq/quality-diag-torch.json \
         ${DIAG_ARGS:---tasks multidoc_qa,multidoc_qa_many --lengths 8192 --n 20 --seed 0 --head-config head_class/qwen2.5-coder-0.5b-instruct.json} \
         2>&1 | grep --line-buffered -E "^\[quality\]|Error|error" | tail -20 ;;
+    segtests)
+      # SegPaged's CUDA path (every-token sink merge, the engine against its torch path),
+      # then the rest of the GPU tests
+      timeout "$(cap 420)" python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
+        tests/test_gpu_engine.py > /tmp/rkq/gpu-tests.log 2>&1; rc=$?; tail -3 /tmp/rkq/gpu-tests.log
+      [ $rc = 0 ] && touch /tmp/rkq/done-$step || tail -60 /tmp/rkq/gpu-tests.log ;;
+    segpaged)
+      # dense / RedKnot / RedKnot + SegPaged on the 8B shape (SEGPAGED_ARGS); finished
+      # engines wait in /tmp/rks while the machine stays warm
+      timeout "$(cap 590)" python3 benchmarks/segpaged.py --allow-partial --workdir /tmp/rks \
+        --out /tmp/rkq/segpaged-h200.json ${SEGPAGED_ARGS:-} 2>&1 | tee /tmp/rkq/segpaged.raw.log \
+        | grep --line-buffered -E "^\[segpaged\]|^\{|Error|error|Traceback" | tail -30
+      cp /tmp/rks/segpaged-*.json /tmp/rkq/ 2>/dev/null
+      ls /tmp/rks/segpaged-dense.json /tmp/rks/segpaged-redknot.json \
+        /tmp/rks/segpaged-segpaged.json >/dev/null 2>&1 && touch /tmp/rkq/done-$step ;;
     ktail)
       # the CUDA kernel tests (the tail pass among them) before any quality run relies on them
       timeout "$(cap 240)" python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
@@ -162,7 +177,7 @@ for step in "$@"; do
 done
 # what comes back (8 files at most): the results and every run, packed
 if [ -d /tmp/rkq ] && [ -n "${OUT:-}" ]; then
-  for f in profile.json quality-sweep.json quality-report.json ttft-qwen05.json; do
+  for f in profile.json quality-sweep.json quality-report.json ttft-qwen05.json segpaged-h200.json; do
     [ -f /tmp/rkq/$f ] && cp /tmp/rkq/$f "$OUT/"
   done
   tar czf "$OUT/rkq.tar.gz" -C /tmp/rkq --exclude='*.tar.gz' . 2>/dev/null
