@@ -311,3 +311,12 @@ def block_hashes_at_size(block_hashes: Any, block_pool: Any, block_size: int,
                                                               BlockHashListWithBlockSize):
         return block_hashes
     return BlockHashListWithBlockSize(block_hashes, block_pool.hash_block_size, block_size)
+
+
+def admission_cap(manager: Any) -> int | None:
+    """A sliding-window manager's per-request admission cap in blocks: 0.32's public
+    ``max_admission_blocks_per_request``, 0.26's ``_max_admission_blocks_per_request``."""
+    for name in ("max_admission_blocks_per_request", "_max_admission_blocks_per_request"):
+        if hasattr(manager, name):
+            return getattr(manager, name)
+    return None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import KVCacheSpec, SlidingWindowSpec
 
+from redknot_vllm import compat
 from redknot_vllm.compat import block_hashes_at_size
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ class SinkSlidingWindowManager(SlidingWindowManager):
         num_local_computed_tokens: int,
         num_tokens_main_model: int,
         apply_admission_cap: bool = False,
-        prefill_end: int = 0,
+        **kwargs: Any,
     ) -> int:
         """The base count (:175) plus the sink positions it takes for null.
 
@@ -145,13 +146,14 @@ class SinkSlidingWindowManager(SlidingWindowManager):
             num_local_computed_tokens,
             num_tokens_main_model,
             apply_admission_cap=apply_admission_cap,
-            prefill_end=prefill_end,
+            **kwargs,
         )
         if request_id in self.num_cached_block:
             return num_blocks
         num_required = _cdiv(num_tokens, self.block_size)
-        if apply_admission_cap and self.max_admission_blocks_per_request is not None:
-            num_required = min(num_required, self.max_admission_blocks_per_request)
+        cap = compat.admission_cap(self)
+        if apply_admission_cap and cap is not None:
+            num_required = min(num_required, cap)
         num_req_blocks = len(self.req_to_blocks.get(request_id, ()))
         num_computed_blocks = len(new_computed_blocks) + num_req_blocks
         # Sink positions the base treats as skipped (null): [0, min(sinks, skipped)).
