@@ -94,8 +94,8 @@ for step in "$@"; do
     segtests)
       # SegPaged's CUDA path (every-token sink merge, the engine against its torch path),
       # then the rest of the GPU tests
-      timeout "$(cap 420)" python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
-        tests/test_gpu_engine.py > /tmp/rkq/gpu-tests.log 2>&1; rc=$?; tail -3 /tmp/rkq/gpu-tests.log
+      timeout "$(cap 420)" python3 -m pytest -q -x -rs ${SEGTESTS:-tests/kernels/test_cuda_kernels.py \
+        tests/test_gpu_engine.py} > /tmp/rkq/gpu-tests.log 2>&1; rc=$?; tail -3 /tmp/rkq/gpu-tests.log
       [ $rc = 0 ] && touch /tmp/rkq/done-$step || tail -60 /tmp/rkq/gpu-tests.log ;;
     segpaged)
       # dense / RedKnot / RedKnot + SegPaged on the 8B shape (SEGPAGED_ARGS); finished
