@@ -181,8 +181,12 @@ def child(args: argparse.Namespace) -> None:
                          request_stats=False, segpaged=args.engine == "segpaged", **kw)
     t0 = time.perf_counter()
     llm = LLM(**kw)
-    out: dict[str, Any] = {"engine": args.engine, "engine_start_s": time.perf_counter() - t0,
-                           "capacity": capacity(llm, args.context)}
+    # each engine's file carries its provenance: a parent cut off before assembling (the
+    # H200 run of 8ec75a7) leaves only these
+    out: dict[str, Any] = {
+        **env_info(), "engine": args.engine,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "engine_start_s": time.perf_counter() - t0, "capacity": capacity(llm, args.context)}
     print(f"[segpaged] {args.engine}: vLLM's concurrency at {args.context} tokens "
           f"{out['capacity']['max_concurrency']:.2f}", flush=True)
     rng = random.Random(1234)  # the same prompts for every engine

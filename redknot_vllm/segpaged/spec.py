@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import KVCacheSpec, SlidingWindowSpec
 
-from redknot_vllm import compat
-from redknot_vllm.compat import block_hashes_at_size
+from redknot_vllm.compat import admission_cap, block_hashes_at_size
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -137,6 +136,7 @@ class SinkSlidingWindowManager(SlidingWindowManager):
         ``max(skipped_blocks, computed_blocks)`` and evictable hits only past the skipped
         prefix; here the sink positions inside the skipped prefix are real too. Running
         requests take the base fast path unchanged (their sinks are already held).
+        ``kwargs``: what one vLLM passes beyond the other (0.32's ``prefill_end``).
         """
         num_blocks = super().get_num_blocks_to_allocate(
             request_id,
@@ -151,7 +151,7 @@ class SinkSlidingWindowManager(SlidingWindowManager):
         if request_id in self.num_cached_block:
             return num_blocks
         num_required = _cdiv(num_tokens, self.block_size)
-        cap = compat.admission_cap(self)
+        cap = admission_cap(self)
         if apply_admission_cap and cap is not None:
             num_required = min(num_required, cap)
         num_req_blocks = len(self.req_to_blocks.get(request_id, ()))
