@@ -111,7 +111,7 @@ def _one_engine(spec: dict[str, Any], model: str, cases: list[quality.Case]) -> 
     if redknot:
         # the harness measures the configuration, shipped default or not: no gate needed
         kw = engine_args(model, head_config=spec["head_config"], sparse_ffn=spec["sparse_ffn"],
-                         require_gate=False, **kw)
+                         require_gate=False, segpaged=bool(spec.get("segpaged")), **kw)
     else:
         kw = dict(kw, model=model)
     print(f"[child] {time.strftime('%X')} starting engine: {kw}", flush=True)
@@ -165,10 +165,13 @@ def _core(cfg: dict | None) -> dict | None:
 
 def _spec(model: str, head_config: dict | None, sparse_ffn: dict | None, tasks: list[str],
           lengths: list[int], n: int, seed: int, ttft_tokens: list[int] | None = None,
-          attention: str | None = None) -> tuple[dict[str, Any], str]:
+          attention: str | None = None, segpaged: bool = False
+          ) -> tuple[dict[str, Any], str]:
     """The run's definition and its cache key (informational config keys left out).
 
-    ``attention``: ``torch`` runs RedKnot's torch attention on a GPU (a diagnostic)."""
+    ``attention``: ``torch`` runs RedKnot's torch attention on a GPU (a diagnostic);
+    ``segpaged``: the RedKnot engine with SegPagedAttention (local heads keep only their
+    sink and window pages, and decode by head class)."""
     spec = {"model": model, "head_config": head_config, "sparse_ffn": sparse_ffn,
             "tasks": tasks, "lengths": lengths, "n": n, "seed": seed,
             "harness": quality.__name__ + "-v1"}
@@ -176,6 +179,8 @@ def _spec(model: str, head_config: dict | None, sparse_ffn: dict | None, tasks: 
         spec["ttft_tokens"] = ttft_tokens
     if attention:
         spec["attention"] = attention
+    if segpaged:  # absent otherwise: the keys of earlier runs stay what they were
+        spec["segpaged"] = True
     keyed = {**spec, "head_config": _core(head_config), "sparse_ffn": _core(sparse_ffn)}
     return spec, hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -188,7 +193,7 @@ def _from_superset(workdir: Path, spec: dict[str, Any], out: Path) -> str | None
     Runs that time TTFT are never served this way."""
     if spec.get("ttft_tokens"):
         return None
-    same = ("model", "seed", "harness", "attention")
+    same = ("model", "seed", "harness", "attention", "segpaged")
     for sp_path in sorted(workdir.glob("spec-*.json")):
         key = sp_path.stem[len("spec-"):]
         src = workdir / f"run-{key}.json"
@@ -224,11 +229,12 @@ def run_engine(workdir: Path, model: str, head_config: dict | None, sparse_ffn: 
                tasks: list[str], lengths: list[int], n: int, seed: int,
                label: str, key: str | None = None,
                ttft_tokens: list[int] | None = None,
-               attention: str | None = None) -> list[quality.Outcome]:
+               attention: str | None = None, segpaged: bool = False
+               ) -> list[quality.Outcome]:
     """Outcomes of one engine over all cases, from the cache (this run, or a cached run
     over more cases) or a fresh child process."""
     spec, own_key = _spec(model, head_config, sparse_ffn, tasks, lengths, n, seed,
-                          ttft_tokens, attention)
+                          ttft_tokens, attention, segpaged)
     key = key or own_key
     out = workdir / f"run-{key}.json"
     if not out.is_file() and (src := _from_superset(workdir, spec, out)):
@@ -322,6 +328,30 @@ def compare_block(dense: list[quality.Outcome], rk: list[quality.Outcome],
     return {"cells": [c.as_dict() for c in cells], **quality.summarize(cells, bar)}
 
 
+def segpaged_block(dense: list[quality.Outcome], rk: list[quality.Outcome],
+                   seg: list[quality.Outcome]) -> dict[str, Any]:
+    """SegPaged against dense and, cell by cell, against RedKnot without it (the same head
+    config; only what the local heads keep, and so see in decode, differs): accuracies,
+    paired discordance and McNemar's exact p, answer agreement."""
+    paired = quality.compare(rk, seg)  # "dense" there is RedKnot without SegPaged
+    cells = []
+    for c in paired:
+        pairs = [(r.correct, s.correct) for r, s in zip(rk, seg, strict=True)
+                 if (r.task, r.tokens) == (c.task, c.tokens)]
+        cells.append({"task": c.task, "tokens": c.tokens, "n": c.n,
+                      "redknot_acc": c.dense_acc, "segpaged_acc": c.redknot_acc,
+                      "diff": c.redknot_acc - c.dense_acc,
+                      "only_redknot_right": sum(a and not b for a, b in pairs),
+                      "only_segpaged_right": sum(b and not a for a, b in pairs),
+                      "mcnemar_p": quality.mcnemar_p([a for a, _ in pairs],
+                                                     [b for _, b in pairs]),
+                      "agreement": c.agreement, "first_token_kl": c.first_token_kl})
+    return {"vs_dense": compare_block(dense, seg, quality.Bar()),
+            "vs_redknot": cells,
+            "within_noise": all(c["mcnemar_p"] >= 0.05 for c in cells),
+            "noise_test": "McNemar's exact two-sided test on the paired cases, p >= 0.05"}
+
+
 # ---------------------------------------------------------------- report
 def report(a: argparse.Namespace) -> None:
     workdir = Path(a.workdir)
@@ -333,7 +363,9 @@ def report(a: argparse.Namespace) -> None:
     if not a.only_dense:
         run_together(workdir, [
             ("dense", (a.model, None, None, tasks, lengths, a.n, a.seed, tt), None),
-            ("redknot", (a.model, head, ffn, tasks, lengths, a.n, a.seed, tt, att), None)])
+            ("redknot", (a.model, head, ffn, tasks, lengths, a.n, a.seed, tt, att), None),
+            *([("segpaged", (a.model, head, ffn, tasks, lengths, a.n, a.seed, tt, att,
+                             True), None)] if a.segpaged else [])])
     dense = run_engine(workdir, a.model, None, None, tasks, lengths, a.n, a.seed, "dense",
                        ttft_tokens=tt)
     if a.only_dense:  # the RedKnot engine in a later call (the dense run is cached)
@@ -341,6 +373,10 @@ def report(a: argparse.Namespace) -> None:
     rk = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, "redknot",
                     ttft_tokens=tt, attention=att)
     block = compare_block(dense, rk, quality.Bar())
+    if a.segpaged:
+        seg = run_engine(workdir, a.model, head, ffn, tasks, lengths, a.n, a.seed, "segpaged",
+                         ttft_tokens=tt, attention=att, segpaged=True)
+        block["segpaged"] = segpaged_block(dense, rk, seg)
     if tt:
         import statistics
 
@@ -652,6 +688,9 @@ def main() -> None:
     r.add_argument("--attention", choices=("auto", "torch"), default="auto",
                    help="torch: RedKnot's torch attention on a GPU too (a diagnostic: "
                    "does a loss come from the CUDA kernels or from the method?)")
+    r.add_argument("--segpaged", action="store_true",
+                   help="also run the RedKnot engine with SegPagedAttention and compare it "
+                   "with RedKnot without it, cell by cell (paired McNemar test)")
     s = sub.choices["sweep"]
     s.add_argument("--scores", required=True, help="profiler output JSON (with scores)")
     s.add_argument("--random-baseline", type=float, nargs=2, default=(0.2, 1024),

@@ -16,14 +16,16 @@ Per engine:
   one chunk in flight per request, vLLM's own rule);
 * **TTFT** at 16K / 32K / 64K: wall clock of ``generate()`` with ``max_tokens=1`` after a
   same-length warm-up;
-* **decode at batch 32 x 32K** (dense and SegPaged): 32 prompts of ``--context - 256``
-  tokens, 256 new tokens each, the engine stepped by hand; a step counts as decode when no
-  running request still has prompt left; tok/s over those steps, with the batch they ran at
-  (dense may not hold 32 such sessions: then its decode runs at the batch it holds and the
-  rest wait);
-* **sessions actually held**: ``--sessions`` (default: vLLM's figure + 25%, at least +4)
-  prompts of the same length, 16 new tokens each, all submitted at once; the peak number of
-  requests running with their prompt complete, and the preemptions seen.
+* **decode at batch 32 x 32K** (dense and SegPaged): 32 prompts submitted at once, each
+  generating long enough to outlast the admission of all (``ceil(32K / chunk)`` steps per
+  prompt) with prompts shortened by as much, so no session passes 32K; the engine is
+  stepped by hand until ``--measure`` consecutive steps run the same requests, all past
+  their prompt; tok/s over those steps, with the batch and the requests still waiting
+  (dense cannot hold 32 such sessions: its decode runs at the batch it holds); then
+  ``--profile-steps`` steps under the torch profiler, and the rest is aborted;
+* **sessions actually held**: ``--sessions`` prompts (default: 10% over the pool's
+  estimate of decoding sessions, :func:`held_estimate`) the same way, 8 steady steps; the
+  number running once steady, those waiting, and the preemptions seen.
 
 Finished engines' results wait in ``--workdir`` (the same command continues where a cut call
 stopped).
@@ -54,7 +56,6 @@ HEAD_CONFIG = "head_class/llama-3.1-8b.shape-g1of8-w4096.json"
 LENGTHS = (16384, 32768, 65536)
 ENGINE = {"load_format": "dummy", "max_model_len": 65536 + 512, "max_num_seqs": 256,
           "gpu_memory_utilization": 0.9, "skip_tokenizer_init": True, "seed": 0}
-NEW_TOKENS = 256
 VOCAB = 49152
 
 
@@ -101,31 +102,38 @@ def capacity(llm: Any, context: int) -> dict[str, Any]:
             "groups": groups}
 
 
-def run_batch(llm: Any, prompts: list[list[int]], new_tokens: int,
-              tag: str) -> dict[str, Any]:
-    """Submit every prompt at once and step the engine by hand until all finish.
+def run_batch(llm: Any, prompts: list[list[int]], max_tokens: int, tag: str,
+              measure_steps: int, profile_steps: int = 0) -> dict[str, Any]:
+    """Submit every prompt at once and step the engine by hand until the batch is steady.
 
-    Decode speed: between two consecutive looks at the scheduler that both find the same
-    requests running, all past their prompt, the tokens they gained over the wall time
-    (exact with vLLM's asynchronous scheduling too, which overlaps two steps per call).
+    Steady: ``measure_steps`` consecutive looks at the scheduler find the same requests
+    running, every one past its prompt (all admitted, or as many as the KV pool admits
+    while the rest wait). Their tokens gained over that wall time is the decode speed
+    (exact with vLLM's asynchronous scheduling too, which overlaps two steps per call);
+    then, optionally, ``profile_steps`` more steps under the torch profiler, and every
+    request still unfinished is aborted. ``max_tokens`` must outlast admission (each
+    prompt takes ``ceil(len / chunk)`` steps), or early requests finish before the last
+    are admitted.
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     engine, sched = llm.llm_engine, _scheduler(llm)
-    sp = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0,
+    sp = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0,
                         ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=p), sp)
-    by_batch: dict[int, list[float]] = {}  # batch -> [tokens, seconds]
-    peak, preempted, last = 0, set(), None
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts, strict=True):
+        engine.add_request(rid, TokensPrompt(prompt_token_ids=p), sp)
+    peak, preempted, last, steady, steps = 0, set(), None, None, 0
+    acc = [0, 0.0, 0]  # tokens, seconds, looks of the current steady run
+    finished_early = 0
     t_start = time.perf_counter()
     while engine.has_unfinished_requests():
         now = time.perf_counter()
         running = list(sched.running)
         decoding = [r for r in running if r.num_computed_tokens >= r.num_prompt_tokens]
         peak = max(peak, len(decoding))
-        for r in sched.waiting:
+        for r in [*running, *sched.waiting]:
             if getattr(r, "num_preemptions", 0):
                 preempted.add(r.request_id)
         look = None
@@ -133,24 +141,61 @@ def run_batch(llm: Any, prompts: list[list[int]], new_tokens: int,
             look = (frozenset(r.request_id for r in running),
                     sum(r.num_output_tokens for r in running), now)
             if last is not None and last[0] == look[0]:
-                acc = by_batch.setdefault(len(running), [0.0, 0.0])
-                acc[0] += look[1] - last[1]
-                acc[1] += look[2] - last[2]
+                acc = [acc[0] + look[1] - last[1], acc[1] + look[2] - last[2], acc[2] + 1]
+            else:
+                acc = [0, 0.0, 0]
         last = look
+        if acc[2] >= measure_steps:
+            steady = {"batch": len(running), "waiting": len(sched.waiting),
+                      "tokens": acc[0], "seconds": acc[1], "looks": acc[2],
+                      "tok_s": acc[0] / acc[1] if acc[1] else None,
+                      "mean_context": statistics.mean(r.num_tokens for r in running)}
+            break
+        for out in engine.step():
+            finished_early += bool(getattr(out, "finished", False))
+        steps += 1
+    profile = None
+    if steady is not None and profile_steps:
+        import torch
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(profile_steps):
+                engine.step()
+            torch.cuda.synchronize()
+        ka = prof.key_averages()
+        profile = {"steps": profile_steps,
+                   "by_cuda_time": ka.table(sort_by="self_cuda_time_total", row_limit=25),
+                   "by_cpu_time": ka.table(sort_by="self_cpu_time_total", row_limit=25)}
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
         engine.step()
-    wall = time.perf_counter() - t_start
-    top = max(by_batch) if by_batch else 0
-    tokens = sum(v[0] for v in by_batch.values())
-    seconds = sum(v[1] for v in by_batch.values())
     return {"requests": len(prompts), "prompt_tokens": len(prompts[0]),
-            "new_tokens": new_tokens, "wall_s": wall, "peak_decoding": peak,
-            "preempted_requests": len(preempted),
-            "decode_tok_s_all_batches": tokens / seconds if seconds else None,
-            "decode_tok_s_at_peak_batch": (by_batch[top][0] / by_batch[top][1]
-                                           if top and by_batch[top][1] else None),
-            "peak_batch": top,
-            "decode_by_batch": {str(b): {"tokens": v[0], "seconds": v[1]}
-                                for b, v in sorted(by_batch.items())}}
+            "max_tokens": max_tokens, "steps": steps,
+            "wall_s": time.perf_counter() - t_start, "peak_decoding": peak,
+            "finished_before_steady": finished_early,
+            "preempted_requests": len(preempted), "steady": steady, "profile": profile}
+
+
+def _max_tokens(context: int, chunk: int, n: int, measure: int) -> int:
+    """New tokens that outlast the admission of ``n`` prompts of about ``context`` tokens
+    in chunks of ``chunk`` and a measurement after it (prompts are ``context`` minus this,
+    so no session grows past ``context``)."""
+    return math.ceil(context / chunk) * n + 2 * measure + 64
+
+
+def held_estimate(cap: dict[str, Any]) -> float:
+    """Sessions of ``context`` tokens the pool holds once decoding: per group a full
+    session (full attention), or a sink page + the window + the page being written."""
+    per = 0
+    for g in cap["groups"]:
+        b = g["block_size"]
+        if g["window"] is None:
+            per += math.ceil(cap["context"] / b)
+        else:
+            per += math.ceil(g["sink"] / b) + math.ceil(g["window"] / b) + 1
+    return cap["num_blocks"] / per
 
 
 def child(args: argparse.Namespace) -> None:
@@ -206,17 +251,26 @@ def child(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t)
         out["ttft_s"][str(n)] = times
         print(f"[segpaged] {args.engine} {n}: TTFT {statistics.median(times):.3f} s", flush=True)
-    plen = args.context - NEW_TOKENS
+    vc = llm.llm_engine.vllm_config
+    cc = vc.compilation_config
+    out["compilation"] = {"mode": str(getattr(cc, "mode", getattr(cc, "level", None))),
+                          "cudagraph_mode": str(cc.cudagraph_mode),
+                          "max_cudagraph_capture_size": max(cc.cudagraph_capture_sizes or [0])}
     if args.engine != "redknot":  # RedKnot without SegPaged decodes like dense
-        out["decode"] = run_batch(llm, [prompt(plen) for _ in range(args.batch)], NEW_TOKENS,
-                                  "decode")
-        print(f"[segpaged] {args.engine} decode: {out['decode']['decode_tok_s_at_peak_batch']}"
-              f" tok/s at batch {out['decode']['peak_batch']}", flush=True)
-        cap = out["capacity"]["max_concurrency"]
-        n = args.sessions or max(int(cap * 1.25), int(cap) + 4)
-        out["sessions"] = run_batch(llm, [prompt(plen) for _ in range(n)], 16, "sessions")
-        print(f"[segpaged] {args.engine} sessions: {out['sessions']['peak_decoding']} held of "
-              f"{n} ({out['sessions']['preempted_requests']} preempted)", flush=True)
+        m = _max_tokens(args.context, args.chunk, args.batch, args.measure)
+        out["decode"] = run_batch(llm, [prompt(args.context - m) for _ in range(args.batch)],
+                                  m, "decode", args.measure, args.profile_steps)
+        st = out["decode"]["steady"] or {}
+        print(f"[segpaged] {args.engine} decode: {st.get('tok_s')} tok/s at batch "
+              f"{st.get('batch')} ({st.get('waiting')} waiting)", flush=True)
+        out["capacity"]["held_estimate"] = held_estimate(out["capacity"])
+        n = args.sessions or math.ceil(out["capacity"]["held_estimate"] * 1.1) + 2
+        m = _max_tokens(args.context, args.chunk, n, 8)
+        out["sessions"] = run_batch(llm, [prompt(args.context - m) for _ in range(n)], m,
+                                    "sessions", 8)
+        st = out["sessions"]["steady"] or {}
+        print(f"[segpaged] {args.engine} sessions: {st.get('batch')} held of {n} "
+              f"({out['sessions']['preempted_requests']} preempted)", flush=True)
     Path(args.json_out).write_text(json.dumps(out))
 
 
@@ -230,7 +284,8 @@ def parent(args: argparse.Namespace) -> None:
             cmd = [sys.executable, __file__, "--child", "--engine", engine, "--json-out",
                    str(js), "--workdir", str(work), "--chunk", str(args.chunk), "--context",
                    str(args.context), "--batch", str(args.batch), "--prompts",
-                   str(args.prompts), "--sessions", str(args.sessions), "--lengths",
+                   str(args.prompts), "--sessions", str(args.sessions), "--measure",
+                   str(args.measure), "--profile-steps", str(args.profile_steps), "--lengths",
                    *map(str, args.lengths), *(["--enforce-eager"] if args.enforce_eager
                                              else []),
                    *(["--smoke"] if args.smoke else [])]
@@ -257,13 +312,21 @@ def assemble(args: argparse.Namespace, runs: dict[str, Any]) -> dict[str, Any]:
 
     med = {e: {n: statistics.median(t) for n, t in r["ttft_s"].items()}
            for e, r in runs.items()}
+    # provenance from the engines' own files (the parent may assemble elsewhere, later)
+    first = runs.get("segpaged") or next(iter(runs.values()))
+    prov = {k: first.get(k) for k in ("device", "driver", "vllm", "torch", "commit", "date")}
+    differ = sorted({k for r in runs.values() for k in ("device", "vllm", "commit")
+                     if r.get(k) != first.get(k)})
+    if differ:
+        raise SystemExit(f"[segpaged] engine files disagree on {differ}: not one run")
     return {
-        **env_info(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **prov,
+        "assembled": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
         "model": "random-weight Llama-3.1-8B shape (benchmarks/ttft.py, load_format dummy)",
         "config": {"head_config": HEAD_CONFIG, "sparse_ffn": None, "engine": ENGINE,
                    "max_num_batched_tokens": args.chunk, "context": args.context,
-                   "decode_batch": args.batch, "new_tokens": NEW_TOKENS,
+                   "decode_batch": args.batch, "decode_measure_steps": args.measure,
                    "enforce_eager": args.enforce_eager, "prompts_per_length": args.prompts,
                    "engines": {"dense": "stock vLLM", "redknot": "RedKnot head classes",
                                "segpaged": "RedKnot head classes + SegPaged"}},
@@ -271,17 +334,37 @@ def assemble(args: argparse.Namespace, runs: dict[str, Any]) -> dict[str, Any]:
             "dense": get("dense", "capacity", "max_concurrency"),
             "redknot": get("segpaged", "capacity", "max_concurrency"),
             "redknot_without_segpaged": get("redknot", "capacity", "max_concurrency"),
-            "held_dense": get("dense", "sessions", "peak_decoding"),
-            "held_redknot": get("segpaged", "sessions", "peak_decoding")},
+            "held_dense": get("dense", "sessions", "steady", "batch"),
+            "held_redknot": get("segpaged", "sessions", "steady", "batch"),
+            "held_estimate_dense": get("dense", "capacity", "held_estimate"),
+            "held_estimate_redknot": get("segpaged", "capacity", "held_estimate")},
         "decode_tok_s": {
-            "dense": get("dense", "decode", "decode_tok_s_at_peak_batch"),
-            "redknot": get("segpaged", "decode", "decode_tok_s_at_peak_batch"),
-            "batch_dense": get("dense", "decode", "peak_batch"),
-            "batch_redknot": get("segpaged", "decode", "peak_batch")},
+            "dense": get("dense", "decode", "steady", "tok_s"),
+            "redknot": get("segpaged", "decode", "steady", "tok_s"),
+            "batch_dense": get("dense", "decode", "steady", "batch"),
+            "batch_redknot": get("segpaged", "decode", "steady", "batch"),
+            "waiting_dense": get("dense", "decode", "steady", "waiting"),
+            "waiting_redknot": get("segpaged", "decode", "steady", "waiting")},
         "ttft_median_s": med,
-        "quality": None,  # the Qwen2.5-0.5B cells: not run with this script (docs/segpaged.md)
+        "quality": quality_cells(args.quality),
         "runs": runs,
     }
+
+
+def quality_cells(path: str | None) -> dict[str, Any] | None:
+    """The harness's SegPaged cells (``benchmarks/quality.py report --segpaged``): per
+    (task, length) RedKnot without and with SegPaged, dense beside them."""
+    if not path:
+        return None
+    q = json.loads(Path(path).read_text())
+    seg = q["segpaged"]
+    dense = {(c["task"], c["tokens"]): c for c in seg["vs_dense"]["cells"]}
+    return {"source": Path(path).name, "model": q["model"], "head_config":
+            q["config"]["head_config"], "seed": q["seed"], "device": q["device"],
+            "commit": q["commit"], "within_noise": seg["within_noise"],
+            "noise_test": seg["noise_test"],
+            "cells": [{**c, "dense_acc": dense[(c["task"], c["tokens"])]["dense_acc"]}
+                      for c in seg["vs_redknot"]]}
 
 
 def main() -> None:
@@ -292,11 +375,18 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--measure", type=int, default=64,
+                    help="steady decode steps measured at the full batch")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="decode steps under the torch profiler after the measurement")
     ap.add_argument("--sessions", type=int, default=0, help="0: vLLM's figure + 25%%")
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--allow-partial", action="store_true")
+    ap.add_argument("--quality", default=None,
+                    help="the harness's SegPaged report (quality.py report --segpaged) to "
+                         "include")
     ap.add_argument("--smoke", action="store_true",
                     help="a tiny model of the 8B layout (CPU check of the script)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -45,3 +45,10 @@ def attention_impl() -> str:
     if v not in ("auto", "torch"):
         raise ValueError(f"VLLM_REDKNOT_ATTENTION={v!r}: expected 'auto' or 'torch'")
     return v
+
+
+def segpaged_decode_graphs() -> bool:
+    """``VLLM_REDKNOT_SEGPAGED_DECODE_GRAPHS=0``: SegPaged's local heads decode eagerly
+    between piecewise graphs instead of inside vLLM's full decode graphs (a diagnostic, to
+    tell a graph fault from the kernels'). Default on."""
+    return os.environ.get("VLLM_REDKNOT_SEGPAGED_DECODE_GRAPHS", "1") not in ("0", "")

@@ -490,6 +490,20 @@ def _mean(xs: Sequence[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def mcnemar_p(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """McNemar's exact two-sided p for paired outcomes: how likely a split of the
+    discordant cases at least this uneven is when both engines are equally accurate."""
+    if len(a) != len(b):
+        raise QualityError(f"paired outcomes differ in length: {len(a)} vs {len(b)}")
+    only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_b = sum(y and not x for x, y in zip(a, b, strict=True))
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def compare(dense: Sequence[Outcome], redknot: Sequence[Outcome]) -> list[Cell]:
     """Per-cell metrics; ``dense`` and ``redknot`` are outcomes of the same cases."""
     if [(o.task, o.tokens, o.index) for o in dense] != [

@@ -120,6 +120,21 @@ def test_classify_picks_highest_combined(scores: ProfileScores):
     assert max(glob) == 1.0  # each score is max-normalised
 
 
+def test_classify_globals_per_layer_keeps_locals_in_every_layer(scores: ProfileScores):
+    """SegPaged's configs: each layer's top head by the combined score global, the others
+    local, whatever the model-wide ranking says."""
+    hc = classify(scores, 0.0, window=32, globals_per_layer=1)
+    comb = combined_scores(scores, 32)
+    for li in range(L):
+        glob = [h for h in range(H) if hc.classes[li][h] is HeadClass.GLOBAL]
+        assert glob == [max(range(H), key=lambda h: (comb[li][h], -h))]
+    assert hc.counts()["local"] == L * (H - 1)
+    with pytest.raises(ProfileError, match="not both"):
+        classify(scores, 0.2, window=32, globals_per_layer=1)
+    with pytest.raises(ProfileError, match="globals_per_layer"):
+        classify(scores, 0.0, window=32, globals_per_layer=H + 1)
+
+
 def test_json_round_trip(scores: ProfileScores, tmp_path: Path):
     a, b = classify(scores, 0.2, window=64), classify(scores, 0.2, window=64)
     assert a.content_hash() == b.content_hash()

@@ -161,3 +161,15 @@ def test_engine_with_require_gate_refuses_to_start_without_a_gate(smollm2, gate_
     captured = capfd.readouterr()
     assert "require_gate: no quality-gate result" in captured.out + captured.err
     assert "redknot gate" in captured.out + captured.err
+
+
+def test_mcnemar_p_of_paired_outcomes():
+    from redknot_vllm.quality import QualityError, mcnemar_p
+
+    assert mcnemar_p([True, False], [True, False]) == 1.0  # no discordant case
+    # 6 discordant cases all one way: 2 * 0.5**6
+    assert abs(mcnemar_p([True] * 6 + [False], [False] * 6 + [False]) - 2 / 64) < 1e-12
+    # a 3:3 split is no evidence either way
+    assert mcnemar_p([True] * 3 + [False] * 3, [False] * 3 + [True] * 3) == 1.0
+    with pytest.raises(QualityError):
+        mcnemar_p([True], [True, False])

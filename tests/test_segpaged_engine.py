@@ -135,6 +135,45 @@ def test_mixed_batch_and_prefix_hit_match_the_request_alone(seg_llm):
     assert again == alone and batched[1] == alone
 
 
+def test_preempted_request_recomputes_to_the_same_tokens(seg_llm):
+    """A pool that runs dry mid-decode (every free block taken once all requests decode):
+    vLLM's scheduler preempts, frees the request's pages in both groups and recomputes it
+    later; the greedy tokens equal the same batch run without preemption."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine, sched = seg_llm.llm_engine, _scheduler(seg_llm)
+    pool = sched.kv_cache_manager.block_pool
+    prompts = [list(range(3000 + 500 * i, 3000 + 500 * i + 300)) for i in range(3)]
+    sp = SamplingParams(max_tokens=160, temperature=0, ignore_eos=True)
+    reference = _greedy(seg_llm, [TokensPrompt(prompt_token_ids=p) for p in prompts], 160)
+
+    for i, p in enumerate(prompts):
+        engine.add_request(f"preempt-{i}", TokensPrompt(prompt_token_ids=p), sp)
+    got: dict[str, list[int]] = {}
+    hostage: list[Any] = []
+    preempted = set()
+    try:
+        while engine.has_unfinished_requests():
+            running = list(sched.running)
+            if not hostage and not preempted and len(running) == 3 and all(
+                    r.num_computed_tokens >= r.num_prompt_tokens for r in running):
+                hostage = pool.get_new_blocks(pool.get_num_free_blocks())  # the pool is dry
+            preempted |= {r.request_id for r in [*sched.running, *sched.waiting]
+                          if r.num_preemptions}
+            if preempted and hostage:
+                pool.free_blocks(hostage)
+                hostage = []
+            for out in engine.step():
+                if out.finished:
+                    got[out.request_id] = list(out.outputs[0].token_ids)
+    finally:
+        if hostage:
+            pool.free_blocks(hostage)
+    assert preempted, "the dry pool preempted nothing"
+    assert [got[f"preempt-{i}"] for i in range(3)] == reference
+
+
 @pytest.mark.parametrize("extra, match", [
     ({"reuse": True}, "segpaged does not support reuse"),
 ])

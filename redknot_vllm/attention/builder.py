@@ -12,7 +12,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from redknot_vllm import compat
+from redknot_vllm import compat, envs
 from redknot_vllm.attention.metadata import RedKnotAttentionMetadata, build_metadata
 from redknot_vllm.runtime import find_runtime
 from redknot_vllm.segpaged.spec import SinkSlidingWindowSpec
@@ -41,10 +41,12 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
         from vllm.platforms import current_platform
 
         if current_platform.is_cuda():
-            # SegPaged's local group attends by head class in decode too (an eager FA3
-            # window call plus the sink merge, over per-step token fields): vLLM then
-            # downgrades to piecewise graphs, attention between them
-            if isinstance(kv_cache_spec, SinkSlidingWindowSpec):
+            # SegPaged's local group attends by head class in decode too: in a batch of
+            # one-token rows its token fields are persistent buffers (a fixed arange and
+            # vLLM's own positions), so the FA3 window call and the sink merge are captured
+            # whole. Not on RedKnot's torch path, which plans from host lists each step.
+            if isinstance(kv_cache_spec, SinkSlidingWindowSpec) and (
+                    envs.attention_impl() == "torch" or not envs.segpaged_decode_graphs()):
                 return AttentionCGSupport.NEVER
             return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
         return cls._cudagraph_support
@@ -60,12 +62,20 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
         hc = None if self.runtime is None else self.runtime.config.head_config
         self._tail_full_tokens = 0 if hc is None else hc.tail_full_tokens
         self._fa_builder = None
+        self._row_ids: torch.Tensor | None = None
+        self._not_prefill: torch.Tensor | None = None
+        if device.type == "cuda" and self._local:
+            # a one-token-row batch's token fields, at fixed addresses for captured graphs
+            n = vllm_config.scheduler_config.max_num_batched_tokens
+            self._row_ids = torch.arange(n, dtype=torch.long, device=device)
+            self._not_prefill = torch.zeros(n, dtype=torch.bool, device=device)
+        if device.type == "cuda":
+            self._warm_up_kernels(kv_cache_spec, vllm_config)
         if device.type == "cuda" and not self._local:  # the local group never decodes dense
             from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
 
             self._fa_builder = FlashAttentionMetadataBuilder(kv_cache_spec, layer_names,
                                                              vllm_config, device)
-            self._warm_up_kernels(kv_cache_spec, vllm_config)
 
     def _warm_up_kernels(self, kv_cache_spec: Any, vllm_config: Any) -> None:
         """Compile RedKnot's Triton kernels now, not on the first request (a JIT compile
@@ -81,8 +91,10 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
             return
         mc = vllm_config.model_config
         try:
-            warm_up_sink_merge(mc.get_num_attention_heads(vllm_config.parallel_config)
-                               // kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
+            pc = vllm_config.parallel_config  # the model's ratio: a SegPaged group holds
+            # only some of the KV heads but the same query heads per KV head
+            warm_up_sink_merge(mc.get_num_attention_heads(pc) // mc.get_num_kv_heads(pc),
+                               kv_cache_spec.head_size,
                                kv_cache_spec.block_size, groups, mc.dtype, self.device)
         except Exception as e:  # a missed warm-up costs one compile later, nothing else
             logger.warning("RedKnot: warming up the sink-merge kernel failed (%s: %s); it "
@@ -115,6 +127,13 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
         else:
             is_prefill = [bool(x) for x in prefilling[:num_reqs].tolist()]
         tail = self._tail_full_tokens
+        # SegPaged's local group, every row one token (decode, or a prompt's last token):
+        # prefill or not changes nothing for local heads, so the token fields are the
+        # persistent ones (row t is token t, its position vLLM's) and the step can replay
+        # a captured graph; padded rows get the null block, whatever they compute is dropped
+        uniform = (self._row_ids is not None and cm.max_query_len == 1
+                   and cm.num_actual_tokens <= self._row_ids.numel()
+                   and cm.positions is not None)
         md = build_metadata(
             query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, is_prefill_cpu=is_prefill,
             block_table=cm.block_table_tensor, slot_mapping=cm.slot_mapping,
@@ -122,7 +141,11 @@ class RedKnotMetadataBuilder(AttentionMetadataBuilder[RedKnotAttentionMetadata])
             max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
             num_actual_tokens=cm.num_actual_tokens,
             full_tail_cpu=[tail] * num_reqs if tail else None,
-            token_fields=self._local)
+            token_fields=self._local and not uniform)
+        if uniform:
+            n = md.num_actual_tokens
+            md.token_row, md.token_pos = self._row_ids[:n], cm.positions[:n]
+            md.token_is_prefill = self._not_prefill[:n]
         if self.runtime is not None and not force_decode and self._opens_step:
             self.runtime.begin_step(md)
         if not md.has_prefill and self._fa_builder is not None and not force_decode:

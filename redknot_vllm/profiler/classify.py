@@ -83,8 +83,14 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
              tail_full_tokens: int = 0, dense_prefix_layers: int = 0,
              retrieval_fraction: float = 0.0,
              retrieval_blocks: dict[str, int] | None = None,
-             wide_fraction: float = 0.0, wide_window: int | None = None) -> HeadConfig:
+             wide_fraction: float = 0.0, wide_window: int | None = None,
+             globals_per_layer: int = 0) -> HeadConfig:
     """Top ``round(L * H * global_fraction)`` heads global, the rest local(``window``, ``sink``).
+
+    With ``globals_per_layer`` instead (``global_fraction`` 0), each layer's top heads
+    by the same score are global, so every layer keeps the same number of local heads:
+    what SegPaged needs (its split is model-wide, and a layer without local heads has
+    nothing to page).
 
     With ``retrieval_fraction``, the next ``round(L * H * retrieval_fraction)`` heads of the
     ranking are block-sparse retrieval heads (``retrieval_blocks``: top_k, block, window)
@@ -104,6 +110,18 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
     comb = combined_scores(scores, window, weights)
     ranked = _rank(comb)
     n_global = round(f * len(ranked))
+    g = globals_per_layer
+    if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g <= scores.num_kv_heads:
+        raise ProfileError(f"globals_per_layer is {g!r}; expected an integer in "
+                           f"[0, {scores.num_kv_heads}]")
+    if g and f:
+        raise ProfileError("give global_fraction or globals_per_layer, not both")
+    if g:  # each layer's top g lead the ranking; the rest keep their model-wide order
+        top = {(li, h) for li in range(scores.num_layers)
+               for _, h, _ in _rank([comb[li]])[:g]}
+        ranked = ([x for x in ranked if (x[0], x[1]) in top]
+                  + [x for x in ranked if (x[0], x[1]) not in top])
+        n_global, f = len(top), len(top) / len(ranked)
     rf = _check_fraction(retrieval_fraction)
     if rf and retrieval_blocks is None:
         raise ProfileError("retrieval_fraction needs retrieval_blocks (top_k, block, window)")
@@ -131,6 +149,7 @@ def classify(scores: ProfileScores, global_fraction: float, window: int,
         "method": METHOD,
         "parameters": {
             "global_fraction": f, "window": window, "sink": sink, "weights": weights,
+            **({"globals_per_layer": g} if g else {}),
             "tail_full_tokens": tail_full_tokens, "dense_prefix_layers": dense_prefix_layers,
             **({"retrieval_fraction": rf, "retrieval_blocks": retrieval_blocks} if n_retr
                else {}),

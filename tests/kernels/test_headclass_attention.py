@@ -213,3 +213,19 @@ def test_segpaged_local_cuda_orchestration_matches_the_torch_path(rows, monkeypa
                               ref, decode_groups=groups)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    if all(n == 1 for _, n, _ in rows):
+        # the builder's one-token-row form (captured decode graphs): token fields from a
+        # fixed arange and vLLM's positions, no host plan; a padded row (the null block's
+        # table, a stale position past the window) computes something that is dropped
+        pad_table = torch.cat([table, torch.zeros(1, table.shape[1], dtype=table.dtype)])
+        positions = torch.tensor([c for c, _, _ in rows] + [900])
+        umd = build_metadata(query_start_loc_cpu=qsl + [qsl[-1] + 1], seq_lens_cpu=seq + [0],
+                             is_prefill_cpu=[False] * (len(rows) + 1), block_table=pad_table,
+                             slot_mapping=torch.zeros(qsl[-1] + 1), device=torch.device("cpu"))
+        assert umd.token_row is None  # nothing planned on the host
+        umd.token_row, umd.token_pos = torch.arange(len(rows) + 1), positions
+        umd.token_is_prefill = torch.zeros(len(rows) + 1, dtype=torch.bool)
+        uq = torch.cat([q, torch.randn(1, *q.shape[1:], generator=gen)])
+        uout = torch.full_like(uq, float("nan"))
+        cuda_mod.local_attention_cuda(uq, cache, umd, groups, 0.25, uout)
+        torch.testing.assert_close(uout[:-1], ref, atol=1e-4, rtol=1e-4)
