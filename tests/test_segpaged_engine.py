@@ -136,7 +136,8 @@ def test_mixed_batch_and_prefix_hit_match_the_request_alone(seg_llm):
 
 
 def test_preempted_request_recomputes_to_the_same_tokens(seg_llm):
-    """A pool that runs dry mid-decode (every free block taken once all requests decode):
+    """A pool that runs dry mid-decode (every free block taken from when all requests
+    decode until one is preempted):
     vLLM's scheduler preempts, frees the request's pages in both groups and recomputes it
     later; the greedy tokens equal the same batch run without preemption."""
     from vllm import SamplingParams
@@ -146,7 +147,8 @@ def test_preempted_request_recomputes_to_the_same_tokens(seg_llm):
     pool = sched.kv_cache_manager.block_pool
     prompts = [list(range(3000 + 500 * i, 3000 + 500 * i + 300)) for i in range(3)]
     sp = SamplingParams(max_tokens=160, temperature=0, ignore_eos=True)
-    reference = _greedy(seg_llm, [TokensPrompt(prompt_token_ids=p) for p in prompts], 160)
+    reference = [list(o.outputs[0].token_ids) for o in seg_llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)]
 
     for i, p in enumerate(prompts):
         engine.add_request(f"preempt-{i}", TokensPrompt(prompt_token_ids=p), sp)
@@ -156,14 +158,16 @@ def test_preempted_request_recomputes_to_the_same_tokens(seg_llm):
     try:
         while engine.has_unfinished_requests():
             running = list(sched.running)
-            if not hostage and not preempted and len(running) == 3 and all(
-                    r.num_computed_tokens >= r.num_prompt_tokens for r in running):
-                hostage = pool.get_new_blocks(pool.get_num_free_blocks())  # the pool is dry
             preempted |= {r.request_id for r in [*sched.running, *sched.waiting]
                           if r.num_preemptions}
             if preempted and hostage:
                 pool.free_blocks(hostage)
                 hostage = []
+            elif not preempted and (hostage or len(running) == 3 and all(
+                    r.num_computed_tokens >= r.num_prompt_tokens for r in running)):
+                # keep the pool dry: pages the windows free go too, so the next page a
+                # request needs (its window entering a new page) is not there
+                hostage += pool.get_new_blocks(pool.get_num_free_blocks())
             for out in engine.step():
                 if out.finished:
                     got[out.request_id] = list(out.outputs[0].token_ids)
