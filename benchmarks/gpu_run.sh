@@ -108,7 +108,7 @@ for step in "$@"; do
       timeout "$(cap 590)" python3 benchmarks/segpaged.py --allow-partial --workdir /tmp/rks \
         --out /tmp/rkq/segpaged-h200.json ${SEGPAGED_ARGS:-} 2>&1 | tee /tmp/rkq/segpaged.raw.log \
         | grep --line-buffered -E "^\[segpaged\]|^\{|Error|error|Traceback" | tail -30
-      cp /tmp/rks/segpaged-*.json /tmp/rkq/ 2>/dev/null
+      cp /tmp/rks/segpaged-*.json /tmp/rks/segpaged-*.partial /tmp/rkq/ 2>/dev/null
       ls /tmp/rks/segpaged-dense.json /tmp/rks/segpaged-redknot.json \
         /tmp/rks/segpaged-segpaged.json >/dev/null 2>&1 && touch /tmp/rkq/done-$step ;;
     segquality)

@@ -260,6 +260,8 @@ def child(args: argparse.Namespace) -> None:
         m = _max_tokens(args.context, args.chunk, args.batch, args.measure)
         out["decode"] = run_batch(llm, [prompt(args.context - m) for _ in range(args.batch)],
                                   m, "decode", args.measure, args.profile_steps)
+        # what a cut call would lose: the phases so far, beside the final file
+        Path(args.json_out + ".partial").write_text(json.dumps(out))
         st = out["decode"]["steady"] or {}
         print(f"[segpaged] {args.engine} decode: {st.get('tok_s')} tok/s at batch "
               f"{st.get('batch')} ({st.get('waiting')} waiting)", flush=True)
