@@ -275,7 +275,7 @@ class RedKnotConfig:
     reuse: ReuseConfig | None = None
     """Offline KV reuse; None: off (needs the RedKnot connector when on)."""
     segpaged: bool = False
-    """SegPagedAttention (experimental, CPU only so far; not with reuse or a full tail):
+    """SegPagedAttention (experimental; CPU and CUDA; not with reuse or a full tail):
     each decoder layer's local heads become an attention layer of their own whose KV-cache
     group keeps only its sink and window pages, and they decode by head class too
     (``redknot_vllm.segpaged``)."""
@@ -471,7 +471,7 @@ def engine_args(
         reuse: offline KV reuse (:class:`ReuseConfig`, its dict, or True for the defaults);
             needs a head config and ``request_stats`` (the connector carries it).
         architecture: the model's stock architecture, if ``model`` has no local config.json.
-        segpaged: SegPagedAttention (experimental, CPU only so far): local heads keep only
+        segpaged: SegPagedAttention (experimental; CPU and CUDA): local heads keep only
             their sink and window pages and decode by head class.
         **vllm_kwargs: any other ``LLM`` / ``EngineArgs`` argument, passed through.
 
