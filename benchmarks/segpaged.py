@@ -381,7 +381,8 @@ def main() -> None:
                     help="steady decode steps measured at the full batch")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="decode steps under the torch profiler after the measurement")
-    ap.add_argument("--sessions", type=int, default=0, help="0: vLLM's figure + 25%%")
+    ap.add_argument("--sessions", type=int, default=0,
+                    help="0: 10%% over the pool's estimate of decoding sessions, + 2")
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     ap.add_argument("--enforce-eager", action="store_true")

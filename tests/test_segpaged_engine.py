@@ -163,8 +163,8 @@ def test_preempted_request_recomputes_to_the_same_tokens(seg_llm):
             if preempted and hostage:
                 pool.free_blocks(hostage)
                 hostage = []
-            elif not preempted and (hostage or len(running) == 3 and all(
-                    r.num_computed_tokens >= r.num_prompt_tokens for r in running)):
+            elif not preempted and (hostage or (len(running) == 3 and all(
+                    r.num_computed_tokens >= r.num_prompt_tokens for r in running))):
                 # keep the pool dry: pages the windows free go too, so the next page a
                 # request needs (its window entering a new page) is not there
                 hostage += pool.get_new_blocks(pool.get_num_free_blocks())
