@@ -213,6 +213,14 @@ def set_step_attention_metadata(forward_context: Any, layer_names: Sequence[str]
         forward_context.slot_mapping[name] = attn_metadata.slot_mapping
 
 
+def current_forward_context() -> Any:
+    """The forward context of the step being run, or None outside one (the connector's
+    ``wait_for_save`` runs inside it in v0.26 and v0.32)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return get_forward_context() if is_forward_context_available() else None
+
+
 def step_attention_metadata(forward_context: Any, layer_name: str) -> Any:
     """The metadata ``layer_name`` reads this step, or None (profiling runs, micro-batches)."""
     md = forward_context.attn_metadata

@@ -275,7 +275,8 @@ class RedKnotConfig:
     reuse: ReuseConfig | None = None
     """Offline KV reuse; None: off (needs the RedKnot connector when on)."""
     segpaged: bool = False
-    """SegPagedAttention (experimental; CPU and CUDA; not with reuse or a full tail):
+    """SegPagedAttention (experimental; CPU and CUDA; not with a full tail or the seed
+    reuse policy):
     each decoder layer's local heads become an attention layer of their own whose KV-cache
     group keeps only its sink and window pages, and they decode by head class too
     (``redknot_vllm.segpaged``)."""
@@ -288,9 +289,11 @@ class RedKnotConfig:
         if self.head_config is None:
             raise RedKnotConfigError("segpaged needs a head_config with local heads")
         # each refusal names what SegPaged does not carry yet, so the result is never wrong
-        if self.reuse is not None:
-            raise RedKnotConfigError("segpaged does not support reuse yet (spliced KV would "
-                                     "land in the global group only); drop reuse or segpaged")
+        if self.reuse is not None and self.reuse.policy == "seed":
+            raise RedKnotConfigError(
+                "segpaged supports reuse with reuse.policy 'selective' only (the seed policy "
+                "overwrites local heads inside a layer that SegPaged splits in two); set "
+                "reuse.policy to 'selective' or drop segpaged")
         if self.head_config.tail_full_tokens:
             raise RedKnotConfigError(
                 f"segpaged: head config {self.head_config.source} has tail_full_tokens="

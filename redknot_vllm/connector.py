@@ -13,8 +13,8 @@ Hook contracts, in base-class order:
   each request's blocks (:class:`redknot_vllm.tracker.RequestTracker`) and sends, for
   requests still in their prompt, ``first slot of the step's tokens -> (request id, prompt
   length, tokens computed before)``, the segments inside the step and the prompts whose KV
-  is stored or probed after it; a step with segments asks for ``start_load_kv`` before the
-  forward.
+  is stored or probed after it (and, for SegPaged, every step of those prompts); a step
+  with segments asks for ``start_load_kv`` before the forward.
 * Worker side. ``register_kv_caches`` hands the caches to the reuse worker and switches the
   runtime to per-request accounting. ``start_load_kv`` (before the forward) has the reuse
   worker splice the step's segments and restrict the step to the tokens still computed;
@@ -60,6 +60,9 @@ class RedKnotConnectorMetadata(KVConnectorMetadata):
     """KV reuse: first slot -> (request id, prompt length, stored segments in this step)."""
     capture: dict[int, Capture] = field(default_factory=dict)
     """KV reuse: first slot -> a prompt finishing this step whose KV is stored or probed."""
+    gathering: dict[int, tuple[str, int]] = field(default_factory=dict)
+    """KV reuse: first slot -> (request id, prompt length) of every prompt in this step
+    that will be stored or probed (SegPaged gathers its local heads' KV step by step)."""
 
 
 class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
@@ -105,6 +108,8 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
             uses = self._reuse.uses_in(p.req_id, p.start, p.end)
             if uses:
                 meta.reuse[p.first_slot] = (p.req_id, p.prompt_len, uses)
+            if self._reuse.capturing(p.req_id):
+                meta.gathering[p.first_slot] = (p.req_id, p.prompt_len)
             cap = self._reuse.capture(p.req_id, p.end, p.prompt_len, p.block_ids)
             if cap is not None:
                 meta.capture[p.first_slot] = cap
@@ -152,8 +157,8 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
         if rt is None or rt.requests is None or not self.has_connector_metadata():
             return
         meta = self._meta()
-        if rt.reuse is not None and meta.capture:
-            rt.reuse.capture(meta.capture.values())
+        if rt.reuse is not None and (meta.capture or meta.gathering):
+            rt.reuse.after_step(meta.gathering, meta.capture.values())
         steps = rt.drain()
         try:
             rt.requests.on_steps(steps, meta.by_first_slot)

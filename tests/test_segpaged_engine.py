@@ -28,14 +28,18 @@ def _config() -> Any:
 
 
 @pytest.fixture(scope="module")
-def seg_llm(smollm2: str) -> Iterator[Any]:
-    """In process, so the test reads the scheduler's KV-cache manager."""
+def seg_llm(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """In process, so the test reads the scheduler's KV-cache manager; with offline reuse
+    (its own store: nothing is stored before the reuse tests at the end of the module)."""
     from redknot_vllm import engine_args
 
     old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
+        store = tmp_path_factory.mktemp("segpaged-segments")
         gen = _engine(**engine_args(smollm2, head_config=_config(), segpaged=True,
+                                    reuse={"store_dir": str(store), "chunk": 16,
+                                           "client_store": True},
                                     **{**COMMON, "kv_cache_memory_bytes": KV_BYTES}))
         llm = next(gen)
     finally:
@@ -179,7 +183,7 @@ def test_preempted_request_recomputes_to_the_same_tokens(seg_llm):
 
 
 @pytest.mark.parametrize("extra, match", [
-    ({"reuse": True}, "segpaged does not support reuse"),
+    ({"reuse": {"policy": "seed"}}, "segpaged supports reuse with reuse.policy 'selective'"),
 ])
 def test_what_segpaged_does_not_carry_yet_is_refused_by_name(smollm2, extra, match):
     from redknot_vllm import engine_args
@@ -203,3 +207,78 @@ def test_segpaged_refuses_a_full_tail_and_a_non_bool_flag():
     inline = RedKnotConfig(head_config=_config(), segpaged=True).to_additional_config()
     assert RedKnotConfig.from_additional_config(inline).segpaged is True
 
+
+
+# ----------------------------------------------------------------------- offline reuse
+# Last in the module: stored documents would be reused by the prompts of the tests above.
+def _doc_ids(llm: Any, reps: int) -> list[int]:
+    from tests.conftest import _doc
+
+    tok = llm.get_tokenizer()
+    return tok(_doc("amber", "61524", reps), add_special_tokens=False)["input_ids"]
+
+
+def _disk_store(llm: Any) -> Any:
+    from redknot_vllm.kv_store import SegmentStore
+    from redknot_vllm.reuse.keys import reuse_setup
+
+    return SegmentStore(host_bytes=0, disk_dir=reuse_setup(llm.llm_engine.vllm_config).store_dir)
+
+
+def test_reuse_in_place_is_exact_in_both_groups(seg_llm):
+    """A document longer than a chunk and far beyond sink + window, precomputed (its local
+    heads' KV gathered step by step as their pages leave the window), then reused at
+    position 0: the spliced KV of both groups *is* the in-context KV, so the logprobs of
+    the first token equal the same prompt computed (fp32)."""
+    from vllm import SamplingParams
+
+    from redknot_vllm import request_stats
+    from redknot_vllm.reuse import precompute
+    from tests.conftest import QUESTION
+
+    doc = _doc_ids(seg_llm, 40)
+    assert len(doc) > COMMON["max_num_batched_tokens"] + S + W
+    (digest,) = precompute(seg_llm, [doc], progress=False)
+    seg = _disk_store(seg_llm).get(digest)
+    assert seg is not None and seg.k.shape[:3] == (30, len(doc), 3)  # 1 global + 2 local
+    assert seg.deviation is not None  # the probe behind a preface read the gathered KV too
+    prompt = doc + seg_llm.get_tokenizer()(QUESTION.format(name="amber"),
+                                           add_special_tokens=False)["input_ids"]
+
+    def run(reuse: str) -> tuple[list[float], list[int], dict[str, Any]]:
+        sp = SamplingParams(max_tokens=4, temperature=0.0, logprobs=5,
+                            extra_args={"kv_transfer_params": {"redknot": {"reuse": reuse}}})
+        out = seg_llm.generate([{"prompt_token_ids": prompt, "cache_salt": reuse}], sp,
+                               use_tqdm=False)[0]
+        first = out.outputs[0].logprobs[0]
+        stats = request_stats(seg_llm, [out.request_id])[out.request_id]
+        return [first[t].logprob for t in sorted(first)], out.outputs[0].token_ids, stats
+
+    (lp_reuse, toks_reuse, st), (lp_dense, toks_dense, _) = run("auto"), run("off")
+    assert st["reused_tokens"] > len(doc) // 2 and st["cached_tokens"] == 0
+    assert list(toks_reuse) == list(toks_dense)
+    assert lp_reuse == pytest.approx(lp_dense, abs=1e-4)
+
+
+def test_a_store_request_served_by_the_prefix_cache_is_not_stored(seg_llm, caplog):
+    """Its local heads' KV before the hit was never in this engine's steps (those pages
+    are freed): logged, nothing stored, never a segment with holes."""
+    import logging
+
+    from vllm import SamplingParams
+
+    from redknot_vllm.kv_store import segment_file
+    from redknot_vllm.reuse.keys import reuse_setup
+
+    doc = _doc_ids(seg_llm, 30)
+    sp = SamplingParams(max_tokens=1, temperature=0.0)
+    seg_llm.generate([{"prompt_token_ids": doc}], sp, use_tqdm=False)  # fills the cache
+    store = {"kv_transfer_params": {"redknot": {"store": True}}}
+    with caplog.at_level(logging.ERROR):
+        out = seg_llm.generate([{"prompt_token_ids": doc}],
+                               SamplingParams(max_tokens=1, temperature=0.0, extra_args=store),
+                               use_tqdm=False)[0]
+    assert out.num_cached_tokens > 0  # the case under test: a prefix-cache hit
+    setup = reuse_setup(seg_llm.llm_engine.vllm_config)
+    assert not segment_file(setup.store_dir, setup.key(doc).digest()).exists()
+    assert "not all computed in this engine's steps" in caplog.text

@@ -203,5 +203,6 @@ def restrict_tokens(md: RedKnotAttentionMetadata, keep: torch.Tensor,
         query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, is_prefill_cpu=prefill,
         block_table=md.block_table[torch.tensor(rows, device=md.block_table.device)],
         slot_mapping=md.slot_mapping[kept], device=dev,
-        full_tail_cpu=new_tails if md.full_tail_cpu is not None else None)
+        full_tail_cpu=new_tails if md.full_tail_cpu is not None else None,
+        token_fields=md.token_row is not None)  # SegPaged's local group reads them
     return out, kept, row_first_slots

@@ -90,7 +90,10 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedKnotRuntim
                 recent_n=sparse.recent_n, min_keep=sparse.min_keep, tp_size=tp_size,
                 static_forward_context=ctx, by_fraction=sparse.by_fraction)
     if cfg.reuse is not None:
-        runtime.reuse = _reuse_worker(vllm_config, model, layers)
+        local = None
+        if split is not None:  # SegPaged: each layer's local heads live in a layer of their own
+            local = ([name + "_local" for _, name in layers], split.kv_global)
+        runtime.reuse = _reuse_worker(vllm_config, model, layers, local)
     _log_startup(arch, cfg, tp_rank)
     return runtime
 
@@ -116,8 +119,8 @@ def _segpaged_layer(old: Any, hc: Any, li: int, split: Any, runtime: RedKnotRunt
     return plan, SegPagedAttention(global_attn, local_attn, kg, per, old.head_size)
 
 
-def _reuse_worker(vllm_config: Any, model: torch.nn.Module, layers: list[tuple[int, str]]
-                  ) -> Any:
+def _reuse_worker(vllm_config: Any, model: torch.nn.Module, layers: list[tuple[int, str]],
+                  local: tuple[list[str], int] | None = None) -> Any:
     from vllm.platforms import current_platform
 
     from redknot_vllm.reuse.keys import reuse_setup
@@ -127,7 +130,7 @@ def _reuse_worker(vllm_config: Any, model: torch.nn.Module, layers: list[tuple[i
     assert setup is not None
     rotary = model.layers[model.start_layer].self_attn.rotary_emb
     device = torch.device("cuda") if current_platform.is_cuda() else None
-    return ReuseWorker(setup, rotary, layers, device)
+    return ReuseWorker(setup, rotary, layers, device, local=local)
 
 
 class RedKnotModelMixin:

@@ -97,7 +97,10 @@ def reuse_setup(vllm_config: Any) -> ReuseSetup | None:
             "model_fingerprint": fp,
             "head_config_hash": cfg.head_config.content_hash(),
             "tokenizer": f"{Path(str(mc.tokenizer)).name}|{mc.tokenizer_mode}",
-            "layout": ModelDims.from_hf_config(hf).layout(dtype),
+            # SegPaged orders each layer's heads global first, then local: its caches (and
+            # so its segments) are in another head order than an unsplit engine's
+            "layout": ModelDims.from_hf_config(hf).layout(dtype)
+                      + ("|segpaged" if cfg.segpaged else ""),
         },
         bos_token_id=getattr(hf, "bos_token_id", None),
         store_dir=folder,

@@ -73,6 +73,10 @@ class ReuseScheduler:
         return [u for u in self._uses.get(req_id, ())
                 if u.start < end and u.start + u.length > start]
 
+    def capturing(self, req_id: str) -> bool:
+        """Whether the request's prompt KV is read back when its prompt is done."""
+        return req_id in self._captures
+
     def capture(self, req_id: str, end: int, prompt_len: int,
                 block_ids: tuple[int, ...]) -> Capture | None:
         """What to read back after this step, if the request's prompt finishes in it."""

@@ -34,6 +34,11 @@ class SplicedKV:
     rotary: Any
     layer_row: dict[int, int] = field(default_factory=dict)
     """layer index -> index into the segments' layer dimension."""
+    local_slots: torch.Tensor | None = None
+    """SegPaged: [n] the same tokens' slots in the local heads' KV-cache group."""
+    kv_global: int = 0
+    """SegPaged: a segment's heads ``[0, kv_global)`` go to the global layers' caches, the
+    rest to the local layers'."""
     _step: tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = field(
         default=None, init=False, repr=False)
 
@@ -41,7 +46,10 @@ class SplicedKV:
         if self._step is None:
             # the step's one check of its destination slots (a host sync), so the per-layer
             # writes need none; a negative slot means the plan is wrong: the step computes
-            if not bool((self.slots >= 0).all()):
+            ok = (self.slots >= 0).all()
+            if self.local_slots is not None:  # one sync for both groups
+                ok = ok & (self.local_slots >= 0).all()
+            if not bool(ok):
                 raise ValueError("a reused token has no KV slot (negative slot mapping)")
             dev = self.slots.device
             offs = [o.to(dev, non_blocking=True) for _, o, _ in self.parts]
@@ -69,13 +77,17 @@ class SplicedKV:
         return k[0], v[0]
 
     def write_all_heads(self, kv_caches: list[torch.Tensor],
+                        local_caches: list[torch.Tensor] | None = None,
                         budget_bytes: int = SPLICE_BUDGET_BYTES) -> None:
         """Write every layer's relocated KV into its cache (selective policy), as many
         layers at a time as ``budget_bytes`` of temporaries allow: on a small model the
         launches of a layer-by-layer splice, not its bytes, are the cost; on a large one
-        a layer's relocated keys alone are hundreds of MB."""
+        a layer's relocated keys alone are hundreds of MB. SegPaged (``local_caches``, one
+        per layer): the global heads into ``kv_caches``, the local heads into those, each
+        at its own group's slots."""
         if not kv_caches:
             return
+        split = local_caches is not None and self.local_slots is not None
         seg = self.parts[0][0]
         heads, d = seg.k.shape[-2:]
         # bf16 K and V gathered, fp32 rotation temporaries and the packed K|V write
@@ -84,7 +96,13 @@ class SplicedKV:
         for a in range(0, len(kv_caches), step):
             k, v = self.layers(slice(a, a + step))
             for j, cache in enumerate(kv_caches[a:a + step]):
-                write_kv(cache, self.slots, k[j], v[j], slots_checked=True)
+                if not split:
+                    write_kv(cache, self.slots, k[j], v[j], slots_checked=True)
+                    continue
+                g = self.kv_global
+                write_kv(cache, self.slots, k[j][:, :g], v[j][:, :g], slots_checked=True)
+                write_kv(local_caches[a + j], self.local_slots,  # type: ignore[index,arg-type]
+                         k[j][:, g:], v[j][:, g:], slots_checked=True)
 
     def write_local_heads(self, plan: LayerPlan, kv_cache: torch.Tensor) -> None:
         """Seed policy: called by the attention layer after its cache write, before

@@ -8,14 +8,15 @@ is called from inside the forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from vllm.logger import init_logger
 
 from redknot_vllm import compat
-from redknot_vllm.attention.metadata import restrict_tokens
+from redknot_vllm.attention.metadata import first_slots, restrict_tokens
 from redknot_vllm.config import RedKnotConfigError
 from redknot_vllm.kernels.paged_kv import read_kv, slots_of
 from redknot_vllm.kv_store import Segment, SegmentStore
@@ -33,17 +34,33 @@ StepPlan = dict[int, tuple[str, int, list[Use]]]
 """Request first slot -> (request id, prompt length, its segments inside this step)."""
 
 
+@dataclass
+class _LocalKV:
+    """SegPaged: the local heads' KV of a prompt that will be stored or probed, gathered
+    step by step (its local pages leave the window and are freed before the prompt ends)."""
+
+    k: torch.Tensor
+    """[layers, prompt_len, local KV heads, D]"""
+    v: torch.Tensor
+    filled: torch.Tensor
+    """[prompt_len] bool: positions computed (or spliced) in this engine's steps."""
+
+
 class ReuseWorker:
     """The segment store and the per-step splice of one worker."""
 
     def __init__(self, setup: ReuseSetup, rotary: torch.nn.Module,
-                 layers: Sequence[tuple[int, str]], device: torch.device | None) -> None:
+                 layers: Sequence[tuple[int, str]], device: torch.device | None,
+                 local: tuple[Sequence[str], int] | None = None) -> None:
         """
         Args:
             rotary: the model's rotary embedding (every layer shares its cache).
             layers: (layer index, attention layer name) of the RedKnot layers, in order;
                 segments store their KV in this order.
             device: the GPU tier's device (None: no GPU tier).
+            local: SegPaged: the local heads' layer names (in ``layers``' order) and the
+                number of global KV heads per layer. A segment keeps every head, the
+                global ones first; the splice writes each group's heads at its own slots.
         """
         check_relocatable(rotary)
         self.setup = setup
@@ -56,6 +73,12 @@ class ReuseWorker:
         self._caches: list[torch.Tensor] = []
         self.log = RateLimited(logger)
         self._masks: dict[tuple[str, str, int], torch.Tensor] = {}
+        self.local_names = list(local[0]) if local else []
+        self.kv_global = local[1] if local else 0
+        self._local_caches: list[torch.Tensor] = []
+        self._local_kv: dict[str, _LocalKV] = {}
+        self._unrestricted: tuple[Any, Any] | None = None
+        """This step's metadata of both groups before the splice restricted them."""
 
     def _open_store(self, gpu_bytes: int, host_bytes: int) -> SegmentStore:
         try:
@@ -69,6 +92,7 @@ class ReuseWorker:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """The engine's paged caches, by attention layer name (from the connector)."""
         self._caches = [kv_caches[name] for name in self.layer_names]
+        self._local_caches = [kv_caches[name] for name in self.local_names]
 
     def put(self, segment: Segment) -> str:
         """Write through to disk (the scheduler's catalog reads it), keep a memory copy."""
@@ -101,6 +125,13 @@ class ReuseWorker:
         if self.cfg.policy == "selective" and compat.is_cudagraph_step(forward_context):
             logger.warning_once("RedKnot reuse: a CUDA-graph step computes its reused tokens")
             return
+        md_l = None
+        if self.local_names:
+            md_l = compat.step_attention_metadata(forward_context, self.local_names[0])
+            if md_l is None or md_l.num_actual_tokens != md.num_actual_tokens:
+                logger.warning_once("RedKnot reuse: SegPaged's local group has no metadata "
+                                    "matching this step's; its reused tokens are computed")
+                return
         tok_idx: list[torch.Tensor] = []
         parts: list[tuple[Segment, torch.Tensor, int]] = []
         reused: dict[int, list[tuple[int, int]]] = {}
@@ -133,17 +164,25 @@ class ReuseWorker:
         if not tok_idx:
             return
         t_all = torch.cat(tok_idx)
-        spliced = SplicedKV(md.slot_mapping[t_all.to(md.slot_mapping.device)], parts,
-                            self.rotary, self.layer_row)
+        t_dev = t_all.to(md.slot_mapping.device)
+        spliced = SplicedKV(md.slot_mapping[t_dev], parts, self.rotary, self.layer_row,
+                            local_slots=None if md_l is None else md_l.slot_mapping[t_dev],
+                            kv_global=self.kv_global)
         if self.cfg.policy == "seed":
             step.kv_overwrite = spliced
             return
-        spliced.write_all_heads(self._caches)
+        spliced.write_all_heads(self._caches, self._local_caches if md_l is not None
+                                else None)
         keep = torch.ones(md.num_actual_tokens, dtype=torch.bool)
         keep[t_all] = False
         if not bool(keep.any()):
             keep[-1] = True  # a step computes at least one token
         new_md, kept, row_firsts = restrict_tokens(md, keep, firsts)
+        if md_l is not None:
+            # the same runs in the local group (its own block table and slots)
+            self._unrestricted = (md, md_l)
+            compat.set_step_attention_metadata(forward_context, self.local_names,
+                                               restrict_tokens(md_l, keep, firsts)[0])
         compat.set_step_attention_metadata(forward_context, self.layer_names, new_md)
         step.attn, step.compute_index, step.row_first_slots = new_md, kept, row_firsts
         step.reused = reused
@@ -170,12 +209,69 @@ class ReuseWorker:
         return (seg, offs) if offs.numel() else None
 
     def forget(self, req_ids: Iterable[str]) -> None:
-        """Drop finished requests' recompute masks."""
+        """Drop finished requests' recompute masks (and SegPaged's gathered local KV)."""
         gone = set(req_ids)
         if self._masks and gone:
             self._masks = {k: m for k, m in self._masks.items() if k[0] not in gone}
+        for rid in gone:
+            self._local_kv.pop(rid, None)
 
     # -------------------------------------------------------------- after the forward
+    def after_step(self, gathering: Mapping[int, tuple[str, int]],
+                   captures: Iterable[Capture]) -> None:
+        """After a step's forward: SegPaged gathers the local heads' KV of the prompts
+        still to be stored or probed (``gathering``: first slot -> (request id, prompt
+        length)), then the prompts that finished store or probe (:meth:`capture`)."""
+        try:
+            if self.local_names and gathering:
+                try:
+                    self._gather_local(gathering)
+                except Exception as e:
+                    for rid, _ in gathering.values():
+                        self._local_kv.pop(rid, None)
+                    self.log.error("gather-failed", "RedKnot reuse: reading SegPaged's local "
+                                   "KV failed (%s: %s); those prompts are not stored",
+                                   type(e).__name__, e, exc_info=True)
+            self.capture(captures)
+        finally:
+            self._unrestricted = None
+
+    def _gather_local(self, gathering: Mapping[int, tuple[str, int]]) -> None:
+        """Copy this step's tokens' local-head KV of the gathering prompts, read at the
+        local group's slots (the pages leave the window, and are freed, before the prompt
+        ends); the splice's restriction is undone by reading the unrestricted metadata."""
+        if self._unrestricted is not None:
+            md, md_l = self._unrestricted
+        else:
+            fc = compat.current_forward_context()
+            md = None if fc is None else compat.step_attention_metadata(fc, self.layer_names[0])
+            md_l = None if fc is None else compat.step_attention_metadata(
+                fc, self.local_names[0])
+        if md is None or md_l is None:
+            raise RuntimeError("no attention metadata of this step after its forward")
+        cache = self._local_caches[0]
+        for r, slot in enumerate(first_slots(md)):
+            hit = gathering.get(slot)
+            if hit is None:
+                continue
+            req_id, prompt_len = hit
+            q0, q1 = md.query_start_loc_cpu[r], md.query_start_loc_cpu[r + 1]
+            c = md.seq_lens_cpu[r] - (q1 - q0)
+            n = min(q1 - q0, prompt_len - c)
+            if n <= 0:
+                continue
+            buf = self._local_kv.get(req_id)
+            if buf is None or buf.k.shape[1] != prompt_len:
+                shape = (len(self._local_caches), prompt_len, cache.shape[1],
+                         cache.shape[3] // 2)
+                buf = self._local_kv[req_id] = _LocalKV(
+                    torch.empty(shape, dtype=cache.dtype, device=cache.device),
+                    torch.empty(shape, dtype=cache.dtype, device=cache.device),
+                    torch.zeros(prompt_len, dtype=torch.bool))
+            k, v = read_kv(self._local_caches, md_l.slot_mapping[q0:q0 + n])
+            buf.k[:, c:c + n], buf.v[:, c:c + n] = k, v
+            buf.filled[c:c + n] = True
+
     def capture(self, captures: Iterable[Capture]) -> None:
         """Store or probe the prompts that finished this step (their KV is complete). A
         failure is logged and that capture skipped; nothing a request sent can raise here."""
@@ -186,28 +282,40 @@ class ReuseWorker:
                 self.log.error("capture-failed", "RedKnot reuse: storing or probing request %s "
                                "failed (%s: %s); nothing stored", cap.req_id, type(e).__name__,
                                e, exc_info=True)
+            finally:
+                self._local_kv.pop(cap.req_id, None)
 
     def _capture(self, cap: Capture) -> None:
         if cap.ranges:
             self._store_ranges(cap)
             return
         start = 0 if cap.probe is None else cap.probe[1]
-        k, v = self._read(cap.block_ids, start, len(cap.token_ids))
+        k, v = self._read(cap, start, len(cap.token_ids))
         if cap.probe is None:
             self._store(cap, k, v)
         else:
             self._probe(cap, k, v)
 
-    def _read(self, block_ids: Sequence[int], start: int, end: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ``[layers, end - start, H, D]`` of a request's positions ``[start, end)``."""
+    def _read(self, cap: Capture, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[layers, end - start, H, D]`` of a request's positions ``[start, end)``
+        (SegPaged: the global heads from their pages, the local ones as gathered)."""
         pos = torch.arange(start, end)
-        return read_kv(self._caches, slots_of(block_ids, pos, self._caches[0].shape[2]))
+        k, v = read_kv(self._caches, slots_of(cap.block_ids, pos, self._caches[0].shape[2]))
+        if not self.local_names:
+            return k, v
+        buf = self._local_kv.get(cap.req_id)
+        if buf is None or buf.k.shape[1] < end or not bool(buf.filled[start:end].all()):
+            raise RuntimeError(
+                f"SegPaged: the local heads' KV of positions [{start}, {end}) was not all "
+                "computed in this engine's steps (a prefix-cache hit: those local pages are "
+                "freed); send the prompt with a cache_salt of its own to store it")
+        return (torch.cat([k, buf.k[:, start:end].to(k.device)], dim=2),
+                torch.cat([v, buf.v[:, start:end].to(v.device)], dim=2))
 
     def _store_ranges(self, cap: Capture) -> None:
         """store_marked: ranges of a finished prompt, moved back to ``[0, L)``."""
         for a, b in cap.ranges:
-            k, v = self._read(cap.block_ids, a, b)
+            k, v = self._read(cap, a, b)
             k = relocate_keys(k, a, 0, self.rotary)
             digest = self.put(Segment(
                 self.setup.key(cap.token_ids[a:b]), k.contiguous(), v.contiguous(),
