@@ -115,6 +115,13 @@ for step in "$@"; do
       # Qwen2.5-0.5B with a head config SegPaged can page (each layer's top head global, the
       # other local): dense, RedKnot, RedKnot + SegPaged through the harness (SEGQ_N, SEGQ_LENGTHS)
       export VLLM_ENABLE_V1_MULTIPROCESSING=0
+      # the dense and RedKnot runs of the H200 call that ran out during the SegPaged engine
+      # (commit 81d16b1, same specs) seed the cache, so this call runs the SegPaged engine
+      # only (SEGQ_SEED=0: all three afresh); the log names the seed
+      seed=benchmarks/results/raw/segquality-qwen05-runs-81d16b1.tar.gz
+      if [ "${SEGQ_SEED:-1}" = 1 ] && [ -f $seed ] && [ -z "${SEGQ_N:-}${SEGQ_LENGTHS:-}" ]; then
+        mkdir -p /tmp/rkq/segq && tar xzf $seed -C /tmp/rkq/segq && echo "[gpu_run] segquality: seeded from $seed"
+      fi
       timeout "$(cap 570)" python3 benchmarks/quality.py report --model qwen2.5-coder-0.5b \
         --head-config head_class/qwen2.5-coder-0.5b-instruct.segpaged-g1of2-w2048.json --segpaged \
         --lengths "${SEGQ_LENGTHS:-16384,32768}" --n "${SEGQ_N:-40}" --workdir /tmp/rkq/segq \
