@@ -348,6 +348,9 @@ def assemble(args: argparse.Namespace, runs: dict[str, Any]) -> dict[str, Any]:
             "waiting_dense": get("dense", "decode", "steady", "waiting"),
             "waiting_redknot": get("segpaged", "decode", "steady", "waiting")},
         "ttft_median_s": med,
+        # the layout: per prompt length, each engine's median TTFT (s)
+        "ttft": {n: {e: m[n] for e, m in med.items() if n in m}
+                 for n in sorted({n for m in med.values() for n in m}, key=int)},
         "quality": quality_cells(args.quality),
         "runs": runs,
     }
