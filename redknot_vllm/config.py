@@ -455,6 +455,7 @@ def engine_args(
     reuse: ReuseConfig | dict[str, Any] | bool | None = None,
     architecture: str | None = None,
     segpaged: bool = False,
+    pd: dict[str, Any] | None = None,
     **vllm_kwargs: Any,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM(**engine_args(...))`` with RedKnot switched on.
@@ -476,6 +477,9 @@ def engine_args(
         architecture: the model's stock architecture, if ``model`` has no local config.json.
         segpaged: SegPagedAttention (experimental; CPU and CUDA): local heads keep only
             their sink and window pages and decode by head class.
+        pd: head-aware prefill/decode disaggregation (experimental, ``redknot_vllm.pd``):
+            ``{"role": "producer" | "consumer", "dir": shared folder, "timeout_s": s}``;
+            needs ``request_stats`` (the connector carries it), not with reuse.
         **vllm_kwargs: any other ``LLM`` / ``EngineArgs`` argument, passed through.
 
     Example:
@@ -519,6 +523,18 @@ def engine_args(
                 "kv_transfer_config is already set; pass request_stats=False to keep yours "
                 "(per-request RedKnot stats then need the RedKnot connector)")
         out["kv_transfer_config"] = connector_config()
+    if pd is not None:
+        from redknot_vllm.pd import PD_KEY, ROLES, PDConfig
+
+        if not request_stats or cfg.reuse is not None:
+            raise RedKnotConfigError("pd needs request_stats=True (the RedKnot connector moves "
+                                     "the KV) and no reuse (not combined yet); drop reuse")
+        p = PDConfig.from_dict(pd)
+        out["kv_transfer_config"] = {
+            **out["kv_transfer_config"], "kv_role": ROLES[p.role],
+            "kv_connector_extra_config": {PD_KEY: p.to_dict()},
+            # a transfer that fails in the worker: vLLM recomputes the request's blocks
+            "kv_load_failure_policy": "recompute"}
     if out.get("worker_extension_cls") in (None, ""):
         out["worker_extension_cls"] = WORKER_EXTENSION
     elif out["worker_extension_cls"] != WORKER_EXTENSION and request_stats:

@@ -37,6 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from redknot_vllm import compat
+from redknot_vllm.pd import LoadSpec, PDScheduler, PDWorker, SaveSpec, layout_of, pd_config
 from redknot_vllm.reuse.keys import reuse_setup
 from redknot_vllm.reuse.params import Capture, Use
 from redknot_vllm.reuse.scheduler import ReuseScheduler
@@ -63,6 +64,10 @@ class RedKnotConnectorMetadata(KVConnectorMetadata):
     gathering: dict[int, tuple[str, int]] = field(default_factory=dict)
     """KV reuse: first slot -> (request id, prompt length) of every prompt in this step
     that will be stored or probed (SegPaged gathers its local heads' KV step by step)."""
+    pd_load: list[LoadSpec] = field(default_factory=list)
+    """PD consumer: transfers loaded into their requests' pages before this step's forward."""
+    pd_save: dict[int, SaveSpec] = field(default_factory=dict)
+    """PD producer: first slot -> a prompt completing this step whose KV is written."""
 
 
 class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
@@ -84,25 +89,52 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
             if setup is not None:
                 self._reuse = ReuseScheduler(setup, block_size)
         self._runtime: RedKnotRuntime | None = None
+        pd = pd_config(vllm_config)
+        self._pd: PDScheduler | None = None
+        self._pd_worker: PDWorker | None = None
+        if pd is not None:
+            layout = layout_of(vllm_config)
+            if role == KVConnectorRole.SCHEDULER:
+                self._pd = PDScheduler(pd, layout)
+            else:
+                local = [g.kv_cache_spec for g in groups or ()
+                         if hasattr(g.kv_cache_spec, "num_sink_tokens")]
+                self._pd_worker = PDWorker(
+                    pd, layout, window=local[0].sliding_window if local else None,
+                    sink=local[0].num_sink_tokens if local else 0)
 
     # ------------------------------------------------------------ Scheduler-side
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
         if self._reuse is not None:
             self._reuse.plan(request, num_computed_tokens)
+        if self._pd is not None:
+            try:
+                return self._pd.matched(request, num_computed_tokens)
+            except Exception as e:  # a request's transfer never takes the engine down
+                logger.error("RedKnot PD: planning request %s failed (%s: %s); its prompt is "
+                             "computed", request.request_id, type(e).__name__, e)
         return 0, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any,
                                  num_external_tokens: int) -> None:
-        return None
+        if self._pd is not None:
+            self._pd.after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         meta = RedKnotConnectorMetadata()
+        if self._pd is not None:
+            meta.pd_load = self._pd.loads([r.req_id for r in
+                                           scheduler_output.scheduled_new_reqs])
         for req in compat.scheduled_requests(scheduler_output):
             p = self._tracker.update(req)
             if p is None:
                 continue
             meta.by_first_slot[p.first_slot] = (p.req_id, p.prompt_len, p.num_cached)
+            if self._pd is not None and p.end >= p.prompt_len:
+                save = self._pd.save(p.req_id, p.prompt_len)
+                if save is not None:
+                    meta.pd_save[p.first_slot] = save
             if self._reuse is None:
                 continue
             uses = self._reuse.uses_in(p.req_id, p.start, p.end)
@@ -113,8 +145,8 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
             cap = self._reuse.capture(p.req_id, p.end, p.prompt_len, p.block_ids)
             if cap is not None:
                 meta.capture[p.first_slot] = cap
-        if meta.reuse:
-            compat.require_sync_kv_load(scheduler_output)  # splice before the forward
+        if meta.reuse or meta.pd_load:
+            compat.require_sync_kv_load(scheduler_output)  # splice / load before the forward
         return meta
 
     def request_finished(self, request: Any, block_ids: list[int]
@@ -122,7 +154,8 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
         self._tracker.forget(request.request_id)
         if self._reuse is not None:
             self._reuse.forget(request.request_id)
-        return False, None
+        # the transfer was written at the step that completed the prompt: no blocks held
+        return False, None if self._pd is None else self._pd.finished(request.request_id)
 
     def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]
                                     ) -> tuple[bool, dict[str, Any] | None]:
@@ -130,6 +163,8 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
 
     # --------------------------------------------------------------- Worker-side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self._pd_worker is not None:
+            self._pd_worker.register(kv_caches)
         self._runtime = find_runtime(self._vllm_config)
         if self._runtime is None:
             return
@@ -138,6 +173,9 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
             self._runtime.reuse.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        if self._pd_worker is not None and self.has_connector_metadata() and \
+                self._meta().pd_load:
+            self._pd_worker.load(self._meta().pd_load)
         rt = self._runtime
         if rt is None or rt.reuse is None or not self.has_connector_metadata():
             return
@@ -153,11 +191,14 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
         return None
 
     def wait_for_save(self) -> None:
+        if self._pd_worker is not None and self.has_connector_metadata() and \
+                self._meta().pd_save:
+            self._pd_worker.save(self._meta().pd_save, compat.current_forward_context())
         rt = self._runtime
         if rt is None or rt.requests is None or not self.has_connector_metadata():
             return
         meta = self._meta()
-        if rt.reuse is not None and (meta.capture or meta.gathering):
+        if rt.reuse is not None:  # every step: it also drops this step's splice state
             rt.reuse.after_step(meta.gathering, meta.capture.values())
         steps = rt.drain()
         try:
@@ -174,6 +215,9 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
             if self._runtime.reuse is not None:
                 self._runtime.reuse.forget(finished_req_ids)
         return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return set() if self._pd_worker is None else self._pd_worker.load_errors()
 
     def _meta(self) -> RedKnotConnectorMetadata:
         meta = self._get_connector_metadata()

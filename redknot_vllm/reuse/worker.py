@@ -221,7 +221,8 @@ class ReuseWorker:
                    captures: Iterable[Capture]) -> None:
         """After a step's forward: SegPaged gathers the local heads' KV of the prompts
         still to be stored or probed (``gathering``: first slot -> (request id, prompt
-        length)), then the prompts that finished store or probe (:meth:`capture`)."""
+        length)), then the prompts that finished store or probe (:meth:`capture`). Called
+        after every step, so a splice's unrestricted metadata never outlives its step."""
         try:
             if self.local_names and gathering:
                 try:
@@ -232,7 +233,8 @@ class ReuseWorker:
                     self.log.error("gather-failed", "RedKnot reuse: reading SegPaged's local "
                                    "KV failed (%s: %s); those prompts are not stored",
                                    type(e).__name__, e, exc_info=True)
-            self.capture(captures)
+            if captures:
+                self.capture(captures)
         finally:
             self._unrestricted = None
 

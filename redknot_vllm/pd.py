@@ -1,0 +1,430 @@
+"""Head-aware prefill/decode disaggregation (issue 16): the prefill engine ships, per layer,
+the global heads' whole KV and the local heads' sink + window KV only.
+
+Both engines are RedKnot engines with the same model and head config, SegPaged on (so each
+layer's local heads are a KV-cache group of their own that only holds sink + window pages),
+and the RedKnot connector with a ``redknot_pd`` entry in ``kv_connector_extra_config``
+(:func:`redknot_vllm.engine_args` ``pd={...}``); ``kv_role`` is ``kv_producer`` or
+``kv_consumer``.
+
+* **Producer** (prefill engine): a request sent with ``kv_transfer_params={"redknot_pd":
+  {"send": true}}`` has its prompt's KV written, at the step that completes its prompt
+  (before any local page leaves the window), to one safetensors file in the shared folder
+  ``dir`` (``/dev/shm/...`` is host shared memory): every position of the global heads,
+  the sink and last ``W + 1`` positions of the local heads, a sha256 over every tensor, and
+  the prompt's token digest. The request's output carries ``kv_transfer_params =
+  {"redknot_pd": {"transfer_id": ...}}``.
+* **Consumer** (decode engine): a request carrying that ``transfer_id`` loads ``len(prompt)
+  - 1`` tokens from the file (a synchronous load before the step's forward) and computes the
+  last one. A file that is missing after ``timeout_s``, whose metadata does not match this
+  engine or this prompt, or whose checksum fails is never loaded: the prompt is computed
+  (logged). The scheduler verifies a transfer before it claims its tokens and hands the
+  verified tensors to the worker of its process; a worker in another process reads and
+  verifies it again, and a failure there is reported to vLLM as load errors
+  (``kv_load_failure_policy="recompute"``), which vLLM 0.32 refuses with two KV-cache
+  groups (it stops the engine): only a file changed in the shared folder between the two
+  reads gets there.
+
+No home-made network protocol: the transport is files in a shared folder, written
+atomically (temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+
+from redknot_vllm.config import RedKnotConfigError
+from redknot_vllm.kernels.paged_kv import read_kv, write_kv
+
+logger = init_logger(__name__)
+
+PD_KEY = "redknot_pd"
+"""Key of ``kv_transfer_params`` and of ``kv_connector_extra_config``."""
+FORMAT = "redknot-pd-v1"
+ROLES = {"producer": "kv_producer", "consumer": "kv_consumer"}
+_TID = re.compile(r"^[0-9a-f]{32}$")
+_VERIFIED: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+"""Transfers the consumer's scheduler read and verified, by path, for the worker of the same
+process (one GPU: the engine core runs both halves) to load without reading them again."""
+
+
+@dataclass(frozen=True)
+class PDConfig:
+    """``kv_connector_extra_config["redknot_pd"]``, parsed."""
+
+    role: str
+    """``producer`` (prefill engine) or ``consumer`` (decode engine)."""
+    dir: Path
+    """The shared folder transfers are written to and read from."""
+    timeout_s: float = 10.0
+    """How long the consumer waits for a transfer's file before computing the prompt."""
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PDConfig:
+        if not isinstance(d, dict):
+            raise RedKnotConfigError('pd must be a dict {"role": "producer"|"consumer", '
+                                     '"dir": PATH, "timeout_s": SECONDS}')
+        unknown = set(d) - {"role", "dir", "timeout_s"}
+        if unknown:
+            raise RedKnotConfigError(f"pd: unknown keys {sorted(unknown)}; the keys are role, "
+                                     "dir, timeout_s")
+        role = d.get("role")
+        if role not in ROLES:
+            raise RedKnotConfigError(f"pd.role must be 'producer' or 'consumer', not {role!r}")
+        if not isinstance(d.get("dir"), str | Path) or not str(d["dir"]):
+            raise RedKnotConfigError("pd.dir must be the shared folder's path (a string)")
+        t = d.get("timeout_s", 10.0)
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 3600:
+            raise RedKnotConfigError(f"pd.timeout_s must be a number of seconds in [0, 3600], "
+                                     f"not {t!r}")
+        folder = Path(d["dir"]).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RedKnotConfigError(f"pd.dir {folder} cannot be created ({e.strerror}); "
+                                     "point it at a writable folder") from None
+        return cls(role=role, dir=folder, timeout_s=float(t))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "dir": str(self.dir), "timeout_s": self.timeout_s}
+
+
+def pd_config(vllm_config: Any) -> PDConfig | None:
+    """The engine's PD config, or None when PD is off."""
+    ktc = getattr(vllm_config, "kv_transfer_config", None)
+    extra = getattr(ktc, "kv_connector_extra_config", None) or {}
+    return None if PD_KEY not in extra else PDConfig.from_dict(extra[PD_KEY])
+
+
+def layout_of(vllm_config: Any) -> str:
+    """What both engines must share for a transfer to be loaded: the model folder's name,
+    dtype, head config and SegPaged."""
+    from redknot_vllm.config import RedKnotConfig
+
+    cfg = RedKnotConfig.from_additional_config(vllm_config.additional_config)
+    mc = vllm_config.model_config
+    hc = cfg.head_config.content_hash() if cfg is not None and cfg.head_config else "dense"
+    seg = bool(cfg is not None and cfg.segpaged)
+    return f"{Path(str(mc.model)).name}|{mc.dtype}|{hc}|segpaged={seg}"
+
+
+def token_digest(token_ids: Sequence[int]) -> str:
+    return hashlib.sha256(json.dumps([int(t) for t in token_ids]).encode()).hexdigest()
+
+
+def transfer_file(folder: Path, transfer_id: str) -> Path:
+    return folder / f"{transfer_id}.safetensors"
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(FORMAT.encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def write_transfer(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> int:
+    """Write atomically; returns the file's size in bytes."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {**meta, "format": FORMAT, "sha256": _checksum(cpu)}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(cpu, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def read_meta(path: Path) -> dict[str, str]:
+    """A transfer file's metadata (cheap: the safetensors header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def read_transfer(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a transfer file, checksum verified (ValueError if not)."""
+    from safetensors.torch import load_file
+
+    meta = read_meta(path)
+    tensors = load_file(str(path))
+    if meta.get("format") != FORMAT or meta.get("sha256") != _checksum(tensors):
+        raise ValueError(f"PD transfer {path.name}: checksum mismatch (corrupt or truncated)")
+    return tensors, meta
+
+
+# --------------------------------------------------------------------------- scheduler
+@dataclass
+class LoadSpec:
+    """Consumer: one request's load this step."""
+
+    req_id: str
+    path: Path
+    start: int
+    end: int
+    """Positions ``[start, end)`` are loaded (``end`` = prompt length - 1)."""
+    digest: str
+    """Token digest of the whole prompt (the file's, checked again when it is read)."""
+    block_ids: tuple[list[int], ...]
+    """The request's blocks, one list per KV-cache group."""
+
+
+@dataclass
+class SaveSpec:
+    """Producer: a prompt completing this step whose KV is written."""
+
+    req_id: str
+    transfer_id: str
+    prompt_len: int
+    digest: str
+
+
+class PDScheduler:
+    """Scheduler half: which requests send, which load, and what."""
+
+    def __init__(self, cfg: PDConfig, layout: str) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        self._send: dict[str, tuple[str, str]] = {}  # req id -> (transfer id, digest)
+        self._load: dict[str, tuple[Path, int, int, str]] = {}
+        self._alloc: dict[str, tuple[list[int], ...]] = {}
+        self._first_seen: dict[str, float] = {}
+
+    def matched(self, request: Any, num_computed: int) -> tuple[int | None, bool]:
+        """``get_num_new_matched_tokens``: external tokens of a consumer's request."""
+        rid = request.request_id
+        params = (getattr(request, "kv_transfer_params", None) or {}).get(PD_KEY)
+        if not isinstance(params, dict):
+            return 0, False
+        prompt = list(request.prompt_token_ids or [])
+        if self.cfg.role == "producer":
+            if params.get("send") is True and rid not in self._send:
+                d = token_digest(prompt)
+                self._send[rid] = (hashlib.sha256(f"{rid}|{d}|{time.time_ns()}".encode()
+                                                  ).hexdigest()[:32], d)
+            return 0, False
+        tid = params.get("transfer_id")
+        if rid in self._load:
+            path, a, b, _ = self._load[rid]
+            return b - a, False
+        if not isinstance(tid, str) or not _TID.match(tid):
+            logger.warning("RedKnot PD: request %s has no valid transfer_id (%r); its prompt is "
+                           "computed", rid, tid)
+            return 0, False
+        path = transfer_file(self.cfg.dir, tid)
+        if not path.is_file():
+            first = self._first_seen.setdefault(rid, time.monotonic())
+            if time.monotonic() - first < self.cfg.timeout_s:
+                return None, False  # vLLM asks again at a later step
+            logger.warning("RedKnot PD: transfer %s of request %s did not arrive within %.1f s; "
+                           "its prompt is computed", tid, rid, self.cfg.timeout_s)
+            self._first_seen.pop(rid, None)
+            return 0, False
+        self._first_seen.pop(rid, None)
+        try:
+            # verified here, before any token is claimed: vLLM cannot recompute a failed
+            # synchronous load with two KV-cache groups, so the worker must not meet one
+            tensors, meta = read_transfer(path)
+        except Exception as e:
+            logger.warning("RedKnot PD: transfer %s of request %s is unreadable (%s); its prompt "
+                           "is computed", tid, rid, e)
+            return 0, False
+        n = int(meta.get("tokens", -1))
+        why = (None if meta.get("layout") == self.layout else
+               f"another engine layout ({meta.get('layout')} vs {self.layout})")
+        if why is None and (n != len(prompt) or meta.get("digest") != token_digest(prompt)):
+            why = "another prompt"
+        if why:
+            logger.warning("RedKnot PD: transfer %s is of %s than request %s; its prompt is "
+                           "computed", tid, why, rid)
+            return 0, False
+        end = len(prompt) - 1  # vLLM computes at least one token
+        if end <= num_computed:
+            return 0, False
+        self._load[rid] = (path, num_computed, end, meta["digest"])
+        _VERIFIED[str(path)] = (tensors, meta)
+        return end - num_computed, False
+
+    def after_alloc(self, request: Any, blocks: Any, num_external: int) -> None:
+        rid = request.request_id
+        if rid in self._load:
+            if num_external > 0:
+                self._alloc[rid] = tuple(list(g) for g in blocks.get_block_ids())
+            else:
+                _VERIFIED.pop(str(self._load.pop(rid)[0]), None)
+
+    def loads(self, new_req_ids: Sequence[str]) -> list[LoadSpec]:
+        out = []
+        for rid in new_req_ids:
+            if rid in self._load and rid in self._alloc:
+                path, a, b, d = self._load.pop(rid)
+                out.append(LoadSpec(rid, path, a, b, d, self._alloc.pop(rid)))
+        return out
+
+    def save(self, req_id: str, prompt_len: int) -> SaveSpec | None:
+        hit = self._send.get(req_id)
+        return None if hit is None else SaveSpec(req_id, hit[0], prompt_len, hit[1])
+
+    def finished(self, req_id: str) -> dict[str, Any] | None:
+        """``request_finished``: the params the consumer needs, for a sent request."""
+        hit = self._load.pop(req_id, None)
+        if hit is not None:
+            _VERIFIED.pop(str(hit[0]), None)
+        self._alloc.pop(req_id, None)
+        self._first_seen.pop(req_id, None)
+        hit = self._send.pop(req_id, None)
+        return None if hit is None else {PD_KEY: {"transfer_id": hit[0]}}
+
+
+# ----------------------------------------------------------------------------- worker
+def _layer_index(name: str) -> int:
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    if m is None:
+        raise ValueError(f"cannot find the layer index in attention layer name {name!r}")
+    return int(m.group(1))
+
+
+@dataclass
+class PDWorker:
+    """Worker half: write a finished prompt's KV (producer), load it (consumer)."""
+
+    cfg: PDConfig
+    layout: str
+    window: int | None
+    sink: int
+    global_names: list[str] = field(default_factory=list)
+    local_names: list[str] = field(default_factory=list)
+    _caches: list[torch.Tensor] = field(default_factory=list)
+    _local: list[torch.Tensor] = field(default_factory=list)
+    _errors: set[int] = field(default_factory=set)
+    bytes_written: int = 0
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = sorted(kv_caches, key=lambda n: (_layer_index(n), n.endswith("_local")))
+        self.global_names = [n for n in names if not n.endswith("_local")]
+        self.local_names = [n for n in names if n.endswith("_local")]
+        self._caches = [kv_caches[n] for n in self.global_names]
+        self._local = [kv_caches[n] for n in self.local_names]
+
+    def _local_positions(self, n: int) -> torch.Tensor:
+        """The local heads' positions the decode engine reads for a prompt of ``n`` tokens
+        whose last token it computes: sinks and the last ``W + 1`` positions."""
+        w = self.window or n
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[: self.sink] = True
+        keep[max(0, n - w - 1):] = True
+        return keep.nonzero().flatten()
+
+    def save(self, specs: dict[int, SaveSpec], forward_context: Any) -> None:
+        """Producer, after the forward of the step completing these prompts."""
+        from redknot_vllm import compat
+        from redknot_vllm.attention.metadata import first_slots
+
+        md = compat.step_attention_metadata(forward_context, self.global_names[0])
+        md_l = (compat.step_attention_metadata(forward_context, self.local_names[0])
+                if self.local_names else None)
+        if md is None or (self.local_names and md_l is None):
+            logger.error("RedKnot PD: no attention metadata after the forward; %d transfer(s) "
+                         "not written (their decode computes the prompt)", len(specs))
+            return
+        for r, slot in enumerate(first_slots(md)):
+            spec = specs.get(slot)
+            if spec is None:
+                continue
+            try:
+                self._save_row(spec, md, md_l, r)
+            except Exception as e:
+                logger.error("RedKnot PD: writing transfer %s of request %s failed (%s: %s); "
+                             "its decode computes the prompt", spec.transfer_id, spec.req_id,
+                             type(e).__name__, e, exc_info=True)
+
+    def _save_row(self, spec: SaveSpec, md: Any, md_l: Any, r: int) -> None:
+        n = spec.prompt_len
+        bs = self._caches[0].shape[2]
+        row = md.block_table[r].long()
+        pos = torch.arange(n, device=row.device)
+        k, v = read_kv(self._caches, row[pos // bs] * bs + pos % bs)
+        tensors = {"global_k": k, "global_v": v}
+        if self.local_names:
+            bs_l = self._local[0].shape[2]
+            row_l = md_l.block_table[r].long()
+            lp = self._local_positions(n).to(row_l.device)
+            held = row_l[lp // bs_l] != 0  # block 0 is vLLM's null block: a freed page
+            lp = lp[held]
+            kl, vl = read_kv(self._local, row_l[lp // bs_l] * bs_l + lp % bs_l)
+            tensors.update(local_k=kl, local_v=vl, local_pos=lp.cpu())
+        size = write_transfer(transfer_file(self.cfg.dir, spec.transfer_id), tensors,
+                              {"tokens": str(n), "digest": spec.digest, "layout": self.layout})
+        self.bytes_written += size
+        logger.info("RedKnot PD: request %s's KV written as transfer %s (%d tokens, %d bytes)",
+                    spec.req_id, spec.transfer_id, n, size)
+
+    def load(self, specs: Sequence[LoadSpec]) -> None:
+        """Consumer, before the forward: write each transfer into the request's pages. A
+        failure reports the request's blocks as load errors (vLLM recomputes them)."""
+        for spec in specs:
+            try:
+                self._load_one(spec)
+            except Exception as e:
+                logger.error("RedKnot PD: loading transfer %s of request %s failed (%s: %s); "
+                             "vLLM computes its prompt", spec.path.name, spec.req_id,
+                             type(e).__name__, e)
+                for g in spec.block_ids:
+                    self._errors.update(b for b in g if b)
+
+    def _load_one(self, spec: LoadSpec) -> None:
+        hit = _VERIFIED.pop(str(spec.path), None)
+        tensors, meta = hit if hit is not None else read_transfer(spec.path)
+        if meta.get("digest") != spec.digest or meta.get("layout") != self.layout:
+            raise ValueError("the transfer's prompt or layout changed since it was planned")
+        a, b = spec.start, spec.end
+        cache = self._caches[0]
+        bs = cache.shape[2]
+        row = torch.tensor(spec.block_ids[0], dtype=torch.long, device=cache.device)
+        pos = torch.arange(a, b, device=cache.device)
+        slots = row[pos // bs] * bs + pos % bs
+        gk, gv = tensors["global_k"], tensors["global_v"]
+        for i, c in enumerate(self._caches):
+            write_kv(c, slots, gk[i, a:b].to(c.device), gv[i, a:b].to(c.device),
+                     slots_checked=True)
+        if not self.local_names:
+            return
+        c0 = self._local[0]
+        bs_l = c0.shape[2]
+        row_l = torch.tensor(spec.block_ids[1], dtype=torch.long, device=c0.device)
+        lp = tensors["local_pos"].to(c0.device)
+        sel = (lp >= a) & (lp < b) & (lp // bs_l < row_l.numel())
+        idx = sel.nonzero().flatten()
+        lp = lp[idx]
+        held = row_l[lp // bs_l] != 0
+        idx, lp = idx[held], lp[held]
+        need = self._local_positions(b + 1).to(c0.device)
+        need = need[(need >= a) & (need < b)]
+        need = need[row_l[need // bs_l] != 0]
+        if not bool(torch.isin(need, lp).all()):
+            raise ValueError("the transfer lacks local positions this request's window reads")
+        slots_l = row_l[lp // bs_l] * bs_l + lp % bs_l
+        lk, lv = tensors["local_k"], tensors["local_v"]
+        for i, c in enumerate(self._local):
+            write_kv(c, slots_l, lk[i, idx.cpu()].to(c.device), lv[i, idx.cpu()].to(c.device),
+                     slots_checked=True)
+        logger.info("RedKnot PD: request %s loaded transfer %s: positions [%d, %d), %d of "
+                    "them on local heads", spec.req_id, spec.path.stem, a, b, lp.numel())
+
+    def load_errors(self) -> set[int]:
+        out, self._errors = self._errors, set()
+        return out
