@@ -445,6 +445,51 @@ def resolve_require_gate(hc: HeadConfig | None, require_gate: bool | None) -> bo
     return bool(require_gate)
 
 
+PD_KEY = "redknot_pd"
+"""Key of ``kv_transfer_params`` and of ``kv_connector_extra_config``."""
+ROLES = {"producer": "kv_producer", "consumer": "kv_consumer"}
+
+@dataclass(frozen=True)
+class PDConfig:
+    """``kv_connector_extra_config["redknot_pd"]``, parsed."""
+
+    role: str
+    """``producer`` (prefill engine) or ``consumer`` (decode engine)."""
+    dir: Path
+    """The shared folder transfers are written to and read from."""
+    timeout_s: float = 10.0
+    """How long the consumer waits for a transfer's file before computing the prompt."""
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PDConfig:
+        if not isinstance(d, dict):
+            raise RedKnotConfigError('pd must be a dict {"role": "producer"|"consumer", '
+                                     '"dir": PATH, "timeout_s": SECONDS}')
+        unknown = set(d) - {"role", "dir", "timeout_s"}
+        if unknown:
+            raise RedKnotConfigError(f"pd: unknown keys {sorted(unknown)}; the keys are role, "
+                                     "dir, timeout_s")
+        role = d.get("role")
+        if role not in ROLES:
+            raise RedKnotConfigError(f"pd.role must be 'producer' or 'consumer', not {role!r}")
+        if not isinstance(d.get("dir"), str | Path) or not str(d["dir"]):
+            raise RedKnotConfigError("pd.dir must be the shared folder's path (a string)")
+        t = d.get("timeout_s", 10.0)
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 3600:
+            raise RedKnotConfigError(f"pd.timeout_s must be a number of seconds in [0, 3600], "
+                                     f"not {t!r}")
+        folder = Path(d["dir"]).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RedKnotConfigError(f"pd.dir {folder} cannot be created ({e.strerror}); "
+                                     "point it at a writable folder") from None
+        return cls(role=role, dir=folder, timeout_s=float(t))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "dir": str(self.dir), "timeout_s": self.timeout_s}
+
+
 def engine_args(
     model: str,
     head_config: str | Path | dict[str, Any] | HeadConfig | None = None,
@@ -524,8 +569,6 @@ def engine_args(
                 "(per-request RedKnot stats then need the RedKnot connector)")
         out["kv_transfer_config"] = connector_config()
     if pd is not None:
-        from redknot_vllm.pd import PD_KEY, ROLES, PDConfig
-
         if not request_stats or cfg.reuse is not None:
             raise RedKnotConfigError("pd needs request_stats=True (the RedKnot connector moves "
                                      "the KV) and no reuse (not combined yet); drop reuse")

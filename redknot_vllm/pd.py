@@ -26,14 +26,13 @@ and the RedKnot connector with a ``redknot_pd`` entry in ``kv_connector_extra_co
   reads gets there.
 
 No home-made network protocol: the transport is files in a shared folder, written
-atomically (temporary file, then ``os.replace``).
+atomically (``fsutil.atomic_write``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -44,60 +43,17 @@ from typing import Any
 import torch
 from vllm.logger import init_logger
 
-from redknot_vllm.config import RedKnotConfigError
+from redknot_vllm.config import PD_KEY, PDConfig, RedKnotConfig
+from redknot_vllm.fsutil import atomic_write
 from redknot_vllm.kernels.paged_kv import read_kv, write_kv
 
 logger = init_logger(__name__)
 
-PD_KEY = "redknot_pd"
-"""Key of ``kv_transfer_params`` and of ``kv_connector_extra_config``."""
 FORMAT = "redknot-pd-v1"
-ROLES = {"producer": "kv_producer", "consumer": "kv_consumer"}
 _TID = re.compile(r"^[0-9a-f]{32}$")
 _VERIFIED: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
 """Transfers the consumer's scheduler read and verified, by path, for the worker of the same
 process (one GPU: the engine core runs both halves) to load without reading them again."""
-
-
-@dataclass(frozen=True)
-class PDConfig:
-    """``kv_connector_extra_config["redknot_pd"]``, parsed."""
-
-    role: str
-    """``producer`` (prefill engine) or ``consumer`` (decode engine)."""
-    dir: Path
-    """The shared folder transfers are written to and read from."""
-    timeout_s: float = 10.0
-    """How long the consumer waits for a transfer's file before computing the prompt."""
-
-    @classmethod
-    def from_dict(cls, d: Any) -> PDConfig:
-        if not isinstance(d, dict):
-            raise RedKnotConfigError('pd must be a dict {"role": "producer"|"consumer", '
-                                     '"dir": PATH, "timeout_s": SECONDS}')
-        unknown = set(d) - {"role", "dir", "timeout_s"}
-        if unknown:
-            raise RedKnotConfigError(f"pd: unknown keys {sorted(unknown)}; the keys are role, "
-                                     "dir, timeout_s")
-        role = d.get("role")
-        if role not in ROLES:
-            raise RedKnotConfigError(f"pd.role must be 'producer' or 'consumer', not {role!r}")
-        if not isinstance(d.get("dir"), str | Path) or not str(d["dir"]):
-            raise RedKnotConfigError("pd.dir must be the shared folder's path (a string)")
-        t = d.get("timeout_s", 10.0)
-        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 3600:
-            raise RedKnotConfigError(f"pd.timeout_s must be a number of seconds in [0, 3600], "
-                                     f"not {t!r}")
-        folder = Path(d["dir"]).expanduser()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RedKnotConfigError(f"pd.dir {folder} cannot be created ({e.strerror}); "
-                                     "point it at a writable folder") from None
-        return cls(role=role, dir=folder, timeout_s=float(t))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "dir": str(self.dir), "timeout_s": self.timeout_s}
 
 
 def pd_config(vllm_config: Any) -> PDConfig | None:
@@ -110,8 +66,6 @@ def pd_config(vllm_config: Any) -> PDConfig | None:
 def layout_of(vllm_config: Any) -> str:
     """What both engines must share for a transfer to be loaded: the model folder's name,
     dtype, head config and SegPaged."""
-    from redknot_vllm.config import RedKnotConfig
-
     cfg = RedKnotConfig.from_additional_config(vllm_config.additional_config)
     mc = vllm_config.model_config
     hc = cfg.head_config.content_hash() if cfg is not None and cfg.head_config else "dense"
@@ -142,9 +96,7 @@ def write_transfer(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str,
 
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {**meta, "format": FORMAT, "sha256": _checksum(cpu)}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(cpu, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta))
     return path.stat().st_size
 
 
