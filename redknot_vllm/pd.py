@@ -11,7 +11,7 @@ and the RedKnot connector with a ``redknot_pd`` entry in ``kv_connector_extra_co
   {"send": true}}`` has its prompt's KV written, at the step that completes its prompt
   (before any local page leaves the window), to one safetensors file in the shared folder
   ``dir`` (``/dev/shm/...`` is host shared memory): every position of the global heads,
-  the sink and last ``W + 1`` positions of the local heads, a sha256 over every tensor, and
+  the sink and last ``W`` positions of the local heads, a sha256 over every tensor, and
   the prompt's token digest. The request's output carries ``kv_transfer_params =
   {"redknot_pd": {"transfer_id": ...}}``.
 * **Consumer** (decode engine): a request carrying that ``transfer_id`` loads ``len(prompt)
@@ -155,6 +155,8 @@ class PDScheduler:
         self._load: dict[str, tuple[Path, int, int, str]] = {}
         self._alloc: dict[str, tuple[list[int], ...]] = {}
         self._first_seen: dict[str, float] = {}
+        self._computed: set[str] = set()
+        """Requests whose transfer was given up: vLLM may ask again, the answer stays 0."""
 
     def matched(self, request: Any, num_computed: int) -> tuple[int | None, bool]:
         """``get_num_new_matched_tokens``: external tokens of a consumer's request."""
@@ -170,12 +172,15 @@ class PDScheduler:
                                                   ).hexdigest()[:32], d)
             return 0, False
         tid = params.get("transfer_id")
+        if rid in self._computed:
+            return 0, False
         if rid in self._load:
             path, a, b, _ = self._load[rid]
             return b - a, False
         if not isinstance(tid, str) or not _TID.match(tid):
             logger.warning("RedKnot PD: request %s has no valid transfer_id (%r); its prompt is "
                            "computed", rid, tid)
+            self._computed.add(rid)
             return 0, False
         path = transfer_file(self.cfg.dir, tid)
         if not path.is_file():
@@ -185,6 +190,7 @@ class PDScheduler:
             logger.warning("RedKnot PD: transfer %s of request %s did not arrive within %.1f s; "
                            "its prompt is computed", tid, rid, self.cfg.timeout_s)
             self._first_seen.pop(rid, None)
+            self._computed.add(rid)
             return 0, False
         self._first_seen.pop(rid, None)
         try:
@@ -194,6 +200,7 @@ class PDScheduler:
         except Exception as e:
             logger.warning("RedKnot PD: transfer %s of request %s is unreadable (%s); its prompt "
                            "is computed", tid, rid, e)
+            self._computed.add(rid)
             return 0, False
         n = int(meta.get("tokens", -1))
         why = (None if meta.get("layout") == self.layout else
@@ -203,6 +210,7 @@ class PDScheduler:
         if why:
             logger.warning("RedKnot PD: transfer %s is of %s than request %s; its prompt is "
                            "computed", tid, why, rid)
+            self._computed.add(rid)
             return 0, False
         end = len(prompt) - 1  # vLLM computes at least one token
         if end <= num_computed:
@@ -238,6 +246,7 @@ class PDScheduler:
             _VERIFIED.pop(str(hit[0]), None)
         self._alloc.pop(req_id, None)
         self._first_seen.pop(req_id, None)
+        self._computed.discard(req_id)
         hit = self._send.pop(req_id, None)
         return None if hit is None else {PD_KEY: {"transfer_id": hit[0]}}
 
@@ -274,11 +283,11 @@ class PDWorker:
 
     def _local_positions(self, n: int) -> torch.Tensor:
         """The local heads' positions the decode engine reads for a prompt of ``n`` tokens
-        whose last token it computes: sinks and the last ``W + 1`` positions."""
+        whose last token it computes (and attends to itself): sinks and the last ``W``."""
         w = self.window or n
         keep = torch.zeros(n, dtype=torch.bool)
         keep[: self.sink] = True
-        keep[max(0, n - w - 1):] = True
+        keep[max(0, n - w):] = True
         return keep.nonzero().flatten()
 
     def save(self, specs: dict[int, SaveSpec], forward_context: Any) -> None:

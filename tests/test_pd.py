@@ -72,9 +72,9 @@ def test_disaggregated_tokens_equal_the_colocated_engine(pd_pair):
     colocated = list(_decode(prefill, ids, salt="colocated").outputs[0].token_ids)
     params = _send(prefill, ids)
     tensors, _ = read_transfer(transfer_file(folder, params["redknot_pd"]["transfer_id"]))
-    # the global head every position, the local heads sinks + the last W + 1 only
+    # the global head every position, the local heads sinks + the last W only
     assert tensors["global_k"].shape[:3] == (30, len(ids), 1)
-    assert tensors["local_k"].shape[:3] == (30, S + W + 1, 2)
+    assert tensors["local_k"].shape[:3] == (30, S + W, 2)
     out = _decode(decode, ids, params)
     assert out.num_cached_tokens >= len(ids) - 1  # loaded, not computed
     assert list(out.outputs[0].token_ids) == colocated
@@ -152,6 +152,7 @@ def test_consumer_scheduler_waits_then_computes_and_checks_what_it_loads(tmp_pat
         assert sched.matched(_Req("r1", ids, {"transfer_id": tid}), 0) == (None, False)
         time.sleep(0.25)
         assert sched.matched(_Req("r1", ids, {"transfer_id": tid}), 0) == (0, False)
+        assert sched.matched(_Req("r1", ids, {"transfer_id": tid}), 0) == (0, False)  # stays
         assert sched.matched(_Req("r2", ids, {"transfer_id": "../etc"}), 0) == (0, False)
     assert "did not arrive within" in caplog.text and "no valid transfer_id" in caplog.text
     t = {"global_k": torch.randn(2, 40, 1, 4), "global_v": torch.randn(2, 40, 1, 4)}

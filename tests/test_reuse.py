@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import COMMON, PREFACE, QUESTION, _doc, _engine
+from tests.conftest import COMMON, PREFACE, QUESTION, _doc, _engine, reuse_logprobs
 
 
 def _run(llm: Any, prompt: list[int], reuse: str | None = None,
@@ -153,24 +153,11 @@ def test_segment_reused_at_two_positions_answers_like_dense(reuse_llm, stored):
 def test_reuse_in_place_is_exact(reuse_llm, stored):
     """A document at position 0 with nothing before it: the stored KV *is* its in-context KV,
     so splicing it and computing only the question reproduces dense exactly (fp32)."""
-    from vllm import SamplingParams
-
     tok, ids = stored["tok"], stored["ids"]
     prompt = ids["red"] + _ids(tok, QUESTION.format(name="red"))
 
-    from redknot_vllm import request_stats
-
-    def logprobs(reuse: str) -> tuple[list[float], Any, dict[str, Any]]:
-        sp = SamplingParams(max_tokens=4, temperature=0.0, logprobs=5,
-                            extra_args={"kv_transfer_params": {"redknot": {"reuse": reuse}}})
-        # salted: the stored document's own blocks are in the prefix cache
-        out = reuse_llm.generate([{"prompt_token_ids": prompt, "cache_salt": reuse}], sp,
-                                 use_tqdm=False)[0]
-        first = out.outputs[0].logprobs[0]
-        stats = request_stats(reuse_llm, [out.request_id])[out.request_id]
-        return [first[t].logprob for t in sorted(first)], out.outputs[0].token_ids, stats
-
-    (lp_reuse, toks_reuse, st), (lp_dense, toks_dense, _) = logprobs("auto"), logprobs("off")
+    (lp_reuse, toks_reuse, st), (lp_dense, toks_dense, _) = (
+        reuse_logprobs(reuse_llm, prompt, "auto"), reuse_logprobs(reuse_llm, prompt, "off"))
     assert st["reused_tokens"] > len(ids["red"]) // 2 and st["cached_tokens"] == 0
     assert toks_reuse == toks_dense
     assert lp_reuse == pytest.approx(lp_dense, abs=1e-4)

@@ -150,7 +150,8 @@ def test_preempted_request_recomputes_to_the_same_tokens(seg_llm):
     engine, sched = seg_llm.llm_engine, _scheduler(seg_llm)
     pool = sched.kv_cache_manager.block_pool
     prompts = [list(range(3000 + 500 * i, 3000 + 500 * i + 300)) for i in range(3)]
-    sp = SamplingParams(max_tokens=160, temperature=0, ignore_eos=True)
+    # 300-token prompts: each needs a new local page at 384 and a new global page at 512
+    sp = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
     reference = [list(o.outputs[0].token_ids) for o in seg_llm.generate(
         [TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)]
 
@@ -230,11 +231,8 @@ def test_reuse_in_place_is_exact_in_both_groups(seg_llm):
     heads' KV gathered step by step as their pages leave the window), then reused at
     position 0: the spliced KV of both groups *is* the in-context KV, so the logprobs of
     the first token equal the same prompt computed (fp32)."""
-    from vllm import SamplingParams
-
-    from redknot_vllm import request_stats
     from redknot_vllm.reuse import precompute
-    from tests.conftest import QUESTION
+    from tests.conftest import QUESTION, reuse_logprobs
 
     doc = _doc_ids(seg_llm, 40)
     assert len(doc) > COMMON["max_num_batched_tokens"] + S + W
@@ -245,18 +243,10 @@ def test_reuse_in_place_is_exact_in_both_groups(seg_llm):
     prompt = doc + seg_llm.get_tokenizer()(QUESTION.format(name="amber"),
                                            add_special_tokens=False)["input_ids"]
 
-    def run(reuse: str) -> tuple[list[float], list[int], dict[str, Any]]:
-        sp = SamplingParams(max_tokens=4, temperature=0.0, logprobs=5,
-                            extra_args={"kv_transfer_params": {"redknot": {"reuse": reuse}}})
-        out = seg_llm.generate([{"prompt_token_ids": prompt, "cache_salt": reuse}], sp,
-                               use_tqdm=False)[0]
-        first = out.outputs[0].logprobs[0]
-        stats = request_stats(seg_llm, [out.request_id])[out.request_id]
-        return [first[t].logprob for t in sorted(first)], out.outputs[0].token_ids, stats
-
-    (lp_reuse, toks_reuse, st), (lp_dense, toks_dense, _) = run("auto"), run("off")
+    (lp_reuse, toks_reuse, st), (lp_dense, toks_dense, _) = (
+        reuse_logprobs(seg_llm, prompt, "auto"), reuse_logprobs(seg_llm, prompt, "off"))
     assert st["reused_tokens"] > len(doc) // 2 and st["cached_tokens"] == 0
-    assert list(toks_reuse) == list(toks_dense)
+    assert toks_reuse == toks_dense
     assert lp_reuse == pytest.approx(lp_dense, abs=1e-4)
 
 
