@@ -128,6 +128,11 @@ for step in "$@"; do
         --out /tmp/rkq/segpaged-quality-qwen05.json 2>&1 \
         | grep --line-buffered -E "^\[quality\]|Error|error" | tail -20
       [ -f /tmp/rkq/segpaged-quality-qwen05.json ] && touch /tmp/rkq/done-$step ;;
+    pd)
+      # head-aware PD vs vLLM's all-heads PD (ExampleConnector) vs co-located, 8B shape (PD_ARGS)
+      timeout "$(cap 590)" python3 benchmarks/pd.py --workdir /tmp/rkpd --out /tmp/rkq/pd-h200.json \
+        ${PD_ARGS:-} 2>&1 | tee /tmp/rkq/pd.raw.log | grep --line-buffered -E "^\[pd\]|^\{|Error|Traceback" | tail -20
+      [ -f /tmp/rkq/pd-h200.json ] && touch /tmp/rkq/done-$step ;;
     ktail)
       # the CUDA kernel tests (the tail pass among them) before any quality run relies on them
       timeout "$(cap 240)" python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
@@ -200,7 +205,7 @@ done
 # what comes back (8 files at most): the results and every run, packed
 if [ -d /tmp/rkq ] && [ -n "${OUT:-}" ]; then
   for f in profile.json quality-sweep.json quality-report.json ttft-qwen05.json segpaged-h200.json \
-      segpaged-quality-qwen05.json; do
+      segpaged-quality-qwen05.json pd-h200.json; do
     [ -f /tmp/rkq/$f ] && cp /tmp/rkq/$f "$OUT/"
   done
   tar czf "$OUT/rkq.tar.gz" -C /tmp/rkq --exclude='*.tar.gz' . 2>/dev/null

@@ -198,6 +198,19 @@ def held_estimate(cap: dict[str, Any]) -> float:
     return cap["num_blocks"] / per
 
 
+def smoke_model(workdir: Path) -> tuple[str, dict[str, Any]]:
+    """The 8B shape's layer and head counts at tiny widths (CPU checks of the benchmarks),
+    and the engine arguments that fit it."""
+    from ttft import LLAMA8B
+
+    tiny = workdir / "llama-8b-layout-tiny"
+    tiny.mkdir(parents=True, exist_ok=True)
+    (tiny / "config.json").write_text(json.dumps(dict(
+        LLAMA8B, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+        head_dim=32, max_position_embeddings=8192)))
+    return str(tiny), {"max_model_len": 4096, "kv_cache_memory_bytes": 512 << 20}
+
+
 def child(args: argparse.Namespace) -> None:
     import random
 
@@ -209,15 +222,8 @@ def child(args: argparse.Namespace) -> None:
     model = model_dir("llama8b", Path(args.workdir))
     kw = dict(ENGINE, max_num_batched_tokens=args.chunk, enforce_eager=args.enforce_eager)
     if args.smoke:  # the script's own check on CPU: 8B's layer and head counts, tiny widths
-        from ttft import LLAMA8B
-
-        tiny = Path(args.workdir) / "llama-8b-layout-tiny"
-        tiny.mkdir(parents=True, exist_ok=True)
-        (tiny / "config.json").write_text(json.dumps(dict(
-            LLAMA8B, hidden_size=256, intermediate_size=512, num_attention_heads=8,
-            head_dim=32, max_position_embeddings=8192)))
-        model = str(tiny)
-        kw = dict(kw, max_model_len=4096, kv_cache_memory_bytes=512 << 20)
+        model, extra = smoke_model(Path(args.workdir))
+        kw = dict(kw, **extra)
         kw.pop("gpu_memory_utilization")
     if args.engine == "dense":
         kw = dict(kw, model=model)
