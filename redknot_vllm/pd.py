@@ -45,7 +45,8 @@ from vllm.logger import init_logger
 
 from redknot_vllm.config import PD_KEY, PDConfig, RedKnotConfig
 from redknot_vllm.fsutil import atomic_write
-from redknot_vllm.kernels.paged_kv import read_kv, write_kv
+from redknot_vllm.kernels.paged_kv import read_kv, slots_of, write_kv
+from redknot_vllm.segpaged.layers import LOCAL_SUFFIX
 
 logger = init_logger(__name__)
 
@@ -175,7 +176,7 @@ class PDScheduler:
         if rid in self._computed:
             return 0, False
         if rid in self._load:
-            path, a, b, _ = self._load[rid]
+            _, a, b, _ = self._load[rid]
             return b - a, False
         if not isinstance(tid, str) or not _TID.match(tid):
             logger.warning("RedKnot PD: request %s has no valid transfer_id (%r); its prompt is "
@@ -252,13 +253,6 @@ class PDScheduler:
 
 
 # ----------------------------------------------------------------------------- worker
-def _layer_index(name: str) -> int:
-    m = re.search(r"\.layers\.(\d+)\.", name)
-    if m is None:
-        raise ValueError(f"cannot find the layer index in attention layer name {name!r}")
-    return int(m.group(1))
-
-
 @dataclass
 class PDWorker:
     """Worker half: write a finished prompt's KV (producer), load it (consumer)."""
@@ -272,12 +266,13 @@ class PDWorker:
     _caches: list[torch.Tensor] = field(default_factory=list)
     _local: list[torch.Tensor] = field(default_factory=list)
     _errors: set[int] = field(default_factory=set)
-    bytes_written: int = 0
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        names = sorted(kv_caches, key=lambda n: (_layer_index(n), n.endswith("_local")))
-        self.global_names = [n for n in names if not n.endswith("_local")]
-        self.local_names = [n for n in names if n.endswith("_local")]
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        names = sorted(kv_caches, key=extract_layer_index)
+        self.global_names = [n for n in names if not n.endswith(LOCAL_SUFFIX)]
+        self.local_names = [n for n in names if n.endswith(LOCAL_SUFFIX)]
         self._caches = [kv_caches[n] for n in self.global_names]
         self._local = [kv_caches[n] for n in self.local_names]
 
@@ -315,22 +310,22 @@ class PDWorker:
 
     def _save_row(self, spec: SaveSpec, md: Any, md_l: Any, r: int) -> None:
         n = spec.prompt_len
-        bs = self._caches[0].shape[2]
         row = md.block_table[r].long()
         pos = torch.arange(n, device=row.device)
-        k, v = read_kv(self._caches, row[pos // bs] * bs + pos % bs)
+        k, v = read_kv(self._caches, slots_of(row, pos, self._caches[0].shape[2]))
         tensors = {"global_k": k, "global_v": v}
         if self.local_names:
             bs_l = self._local[0].shape[2]
             row_l = md_l.block_table[r].long()
             lp = self._local_positions(n).to(row_l.device)
-            held = row_l[lp // bs_l] != 0  # block 0 is vLLM's null block: a freed page
-            lp = lp[held]
-            kl, vl = read_kv(self._local, row_l[lp // bs_l] * bs_l + lp % bs_l)
+            # null block (0) entries: positions a prefix-cache hit skipped (the worker's
+            # table keeps a freed page's old id, but at this step the sinks and the last
+            # W positions are all held)
+            lp = lp[row_l[lp // bs_l] != 0]
+            kl, vl = read_kv(self._local, slots_of(row_l, lp, bs_l))
             tensors.update(local_k=kl, local_v=vl, local_pos=lp.cpu())
         size = write_transfer(transfer_file(self.cfg.dir, spec.transfer_id), tensors,
                               {"tokens": str(n), "digest": spec.digest, "layout": self.layout})
-        self.bytes_written += size
         logger.info("RedKnot PD: request %s's KV written as transfer %s (%d tokens, %d bytes)",
                     spec.req_id, spec.transfer_id, n, size)
 
@@ -354,10 +349,8 @@ class PDWorker:
             raise ValueError("the transfer's prompt or layout changed since it was planned")
         a, b = spec.start, spec.end
         cache = self._caches[0]
-        bs = cache.shape[2]
-        row = torch.tensor(spec.block_ids[0], dtype=torch.long, device=cache.device)
-        pos = torch.arange(a, b, device=cache.device)
-        slots = row[pos // bs] * bs + pos % bs
+        slots = slots_of(spec.block_ids[0], torch.arange(a, b, device=cache.device),
+                         cache.shape[2])
         gk, gv = tensors["global_k"], tensors["global_v"]
         for i, c in enumerate(self._caches):
             write_kv(c, slots, gk[i, a:b].to(c.device), gv[i, a:b].to(c.device),
@@ -378,7 +371,7 @@ class PDWorker:
         need = need[row_l[need // bs_l] != 0]
         if not bool(torch.isin(need, lp).all()):
             raise ValueError("the transfer lacks local positions this request's window reads")
-        slots_l = row_l[lp // bs_l] * bs_l + lp % bs_l
+        slots_l = slots_of(row_l, lp, bs_l)
         lk, lv = tensors["local_k"], tensors["local_v"]
         for i, c in enumerate(self._local):
             write_kv(c, slots_l, lk[i, idx.cpu()].to(c.device), lv[i, idx.cpu()].to(c.device),

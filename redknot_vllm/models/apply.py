@@ -92,7 +92,9 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedKnotRuntim
     if cfg.reuse is not None:
         local = None
         if split is not None:  # SegPaged: each layer's local heads live in a layer of their own
-            local = ([name + "_local" for _, name in layers], split.kv_global)
+            from redknot_vllm.segpaged.layers import LOCAL_SUFFIX
+
+            local = ([name + LOCAL_SUFFIX for _, name in layers], split.kv_global)
         runtime.reuse = _reuse_worker(vllm_config, model, layers, local)
     _log_startup(arch, cfg, tp_rank)
     return runtime
@@ -102,7 +104,11 @@ def _segpaged_layer(old: Any, hc: Any, li: int, split: Any, runtime: RedKnotRunt
                     tp_rank: int, tp_size: int) -> tuple[LayerPlan, torch.nn.Module]:
     """One decoder layer as SegPaged's two attention layers; returns the whole layer's plan
     (its permutation regroups the weights) and the module standing in for ``attn``."""
-    from redknot_vllm.segpaged.layers import RedKnotLocalAttention, SegPagedAttention
+    from redknot_vllm.segpaged.layers import (
+        LOCAL_SUFFIX,
+        RedKnotLocalAttention,
+        SegPagedAttention,
+    )
     from redknot_vllm.segpaged.split import split_layer_plan
 
     plan, global_plan, local_plan = split_layer_plan(hc, li, split, tp_rank, tp_size)
@@ -114,7 +120,7 @@ def _segpaged_layer(old: Any, hc: Any, li: int, split: Any, runtime: RedKnotRunt
     local_attn = compat.rebuild_attention(
         old, cls=RedKnotLocalAttention, attn_backend=RedKnotAttentionBackend,
         redknot_plan=local_plan, redknot_runtime=runtime, redknot_local=True,
-        num_heads=kl * per, num_kv_heads=kl, prefix=old.layer_name + "_local",
+        num_heads=kl * per, num_kv_heads=kl, prefix=old.layer_name + LOCAL_SUFFIX,
         redknot_window=split.window, redknot_sink=split.sink)
     return plan, SegPagedAttention(global_attn, local_attn, kg, per, old.head_size)
 

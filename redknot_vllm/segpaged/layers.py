@@ -25,6 +25,9 @@ from vllm.model_executor.layers.attention import Attention
 
 from redknot_vllm.segpaged.spec import SinkSlidingWindowSpec
 
+LOCAL_SUFFIX = "_local"
+"""A decoder layer's local-heads attention layer is named its attention layer's name + this."""
+
 
 class RedKnotLocalAttention(Attention):
     """The local heads' layer: vLLM's ``Attention`` with a sink + sliding-window spec."""
