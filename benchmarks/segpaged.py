@@ -357,12 +357,12 @@ def assemble(args: argparse.Namespace, runs: dict[str, Any]) -> dict[str, Any]:
         # the issue's layout: per prompt length, each engine's median TTFT (s)
         "ttft": {n: {e: m[n] for e, m in med.items() if n in m}
                  for n in sorted({n for m in med.values() for n in m}, key=int)},
-        "quality": quality_cells(args.quality),
+        "quality": quality_cells(args.quality, args.quality_note),
         "runs": runs,
     }
 
 
-def quality_cells(path: str | None) -> dict[str, Any] | None:
+def quality_cells(path: str | None, note: str | None = None) -> dict[str, Any] | None:
     """The harness's SegPaged cells (``benchmarks/quality.py report --segpaged``): per
     (task, length) RedKnot without and with SegPaged, dense beside them."""
     if not path:
@@ -373,7 +373,7 @@ def quality_cells(path: str | None) -> dict[str, Any] | None:
     return {"source": Path(path).name, "model": q["model"], "head_config":
             q["config"]["head_config"], "seed": q["seed"], "device": q["device"],
             "commit": q["commit"], "within_noise": seg["within_noise"],
-            "noise_test": seg["noise_test"],
+            "noise_test": seg["noise_test"], "note": note,
             "cells": [{**c, "dense_acc": dense[(c["task"], c["tokens"])]["dense_acc"]}
                       for c in seg["vs_redknot"]]}
 
@@ -396,6 +396,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--allow-partial", action="store_true")
+    ap.add_argument("--quality-note", default=None,
+                    help="where the quality report's engine runs come from (seeded runs)")
     ap.add_argument("--quality", default=None,
                     help="the harness's SegPaged report (quality.py report --segpaged) to "
                          "include")
