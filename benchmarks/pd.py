@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from segpaged import ENGINE, HEAD_CONFIG, VOCAB, smoke_model  # noqa: E402
 from ttft import env_info, model_dir  # noqa: E402
 
+MAX_NUM_SEQS = 8
 ROLES = ("colocated", "redknot_producer", "redknot_consumer", "dense_producer",
          "dense_consumer")
 
@@ -58,8 +59,10 @@ def child(args: argparse.Namespace) -> None:
 
     work = Path(args.workdir)
     model = model_dir("llama8b", work)
+    # one request at a time: max_num_seqs 8 (not the SegPaged benchmark's 256) keeps vLLM's
+    # CUDA-graph sizes, and every engine's start-up, small; the same for all five engines
     kw = dict(ENGINE, max_num_batched_tokens=args.chunk, max_model_len=args.context + 512,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, max_num_seqs=MAX_NUM_SEQS)
     if args.smoke:
         model, extra = smoke_model(work)
         kw = {**kw, **extra, "max_model_len": args.context + 512}
@@ -174,6 +177,7 @@ def parent(args: argparse.Namespace) -> None:
         "model": "random-weight Llama-3.1-8B shape" + (" (smoke: tiny widths)" if args.smoke
                                                        else ""),
         "config": {"head_config": HEAD_CONFIG, "context": args.context, "chunk": args.chunk,
+                   "max_num_seqs": MAX_NUM_SEQS,
                    "prompts": args.prompts, "dense_pd": "vLLM ExampleConnector (every head)",
                    "redknot_pd": "RedKnot connector, pd roles, SegPaged"},
         "bytes_moved": {"dense_pd": runs["dense_consumer"]["bytes_moved_total"] / n_prompts,
