@@ -139,9 +139,11 @@ def test_gate_refuses_a_weak_config_and_the_engine_obeys(smollm2, stock_llm, rk_
 
     cfg = RedKnotConfig(local_head_config)
     result = run_gate(smollm2, cfg, dense_llm=stock_llm, redknot_llm=rk_local_llm,
-                      tasks=["niah_multikey"], lengths=[2048], n=6)
-    # 80% local heads with a 64-token window cannot retrieve a code 1K tokens back
+                      tasks=["niah_multikey"], lengths=[1024], n=4)
+    # 80% local heads with a 64-token window cannot retrieve a code hundreds of tokens
+    # back (1K-token prompts: 2K ones took 85 s on two CPU cores for the same verdict)
     assert not result.passed, result.message()
+    assert result.summary["avg_ratio"] < 0.5, result.message()
     assert "REFUSED" in result.message()
     with pytest.raises(GateRefused, match="failed its gate"):
         require_passed(smollm2, cfg, "float32")
