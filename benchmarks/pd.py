@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from segpaged import ENGINE, HEAD_CONFIG, VOCAB, smoke_model  # noqa: E402
-from ttft import env_info, model_dir  # noqa: E402
+from ttft import LLAMA8B, env_info, model_dir  # noqa: E402
 
 MAX_NUM_SEQS = 8
 ROLES = ("colocated", "redknot_producer", "redknot_consumer", "dense_producer",
@@ -122,7 +122,9 @@ def _transport(args: argparse.Namespace) -> Path:
     if args.transport_dir:
         return Path(args.transport_dir)
     shm = Path("/dev/shm")
-    need = 2 * 32 * 8 * 128 * 2 * (args.context + 1) * (1 + args.prompts) * 1.3
+    c = LLAMA8B  # K and V of every layer and KV head, bf16, for every prompt (+30%)
+    per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2
+    need = per_token * (args.context + 1) * (1 + args.prompts) * 1.3
     if shm.is_dir() and shutil.disk_usage(shm).free > need:
         return shm / "rkpd"
     return Path(args.workdir)
@@ -139,8 +141,9 @@ def parent(args: argparse.Namespace) -> None:
     runs: dict[str, Any] = {}
     for role in ROLES:
         js = work / f"pd-{role}.json"
-        if js.is_file() and json.loads(js.read_text()).get("key") == key:
-            runs[role] = json.loads(js.read_text())
+        done = json.loads(js.read_text()) if js.is_file() else {}
+        if done.get("key") == key:
+            runs[role] = done
             print(f"[pd] {role}: from an earlier call: {runs[role]['wall_s']}", flush=True)
             continue
         pair = "pd-dense" if role.startswith("dense") else "pd-redknot"
