@@ -448,6 +448,11 @@ def resolve_require_gate(hc: HeadConfig | None, require_gate: bool | None) -> bo
 PD_KEY = "redknot_pd"
 """Key of ``kv_transfer_params`` and of ``kv_connector_extra_config``."""
 ROLES = {"producer": "kv_producer", "consumer": "kv_consumer"}
+TRANSPORTS = ("file", "cuda_ipc")
+IPC_ONE_PROCESS = ("pd.transport 'cuda_ipc' needs tensor_parallel_size and "
+                   "pipeline_parallel_size 1 (the engine core's own worker takes the KV); use "
+                   "transport 'file' with more GPUs")
+
 
 @dataclass(frozen=True)
 class PDConfig:
@@ -456,38 +461,54 @@ class PDConfig:
     role: str
     """``producer`` (prefill engine) or ``consumer`` (decode engine)."""
     dir: Path
-    """The shared folder transfers are written to and read from."""
+    """The shared folder transfers (or, with ``cuda_ipc``, their handles) are written to."""
     timeout_s: float = 10.0
     """How long the consumer waits for a transfer's file before computing the prompt."""
+    transport: str = "file"
+    """``file``: a safetensors file in ``dir`` (any two hosts sharing the folder);
+    ``cuda_ipc``: the KV stays in the producer's GPU memory and ``dir`` holds a handle to it
+    (engines on one host, one engine-core process each, tensor_parallel_size 1)."""
+    hold_s: float = 60.0
+    """``cuda_ipc``: how long the producer keeps a transfer no consumer acknowledged."""
 
     @classmethod
     def from_dict(cls, d: Any) -> PDConfig:
+        keys = ("role", "dir", "timeout_s", "transport", "hold_s")
         if not isinstance(d, dict):
             raise RedKnotConfigError('pd must be a dict {"role": "producer"|"consumer", '
-                                     '"dir": PATH, "timeout_s": SECONDS}')
-        unknown = set(d) - {"role", "dir", "timeout_s"}
+                                     '"dir": PATH, "timeout_s": SECONDS, "transport": '
+                                     '"file"|"cuda_ipc", "hold_s": SECONDS}')
+        unknown = set(d) - set(keys)
         if unknown:
-            raise RedKnotConfigError(f"pd: unknown keys {sorted(unknown)}; the keys are role, "
-                                     "dir, timeout_s")
+            raise RedKnotConfigError(f"pd: unknown keys {sorted(unknown)}; the keys are "
+                                     f"{', '.join(keys)}")
         role = d.get("role")
         if role not in ROLES:
             raise RedKnotConfigError(f"pd.role must be 'producer' or 'consumer', not {role!r}")
         if not isinstance(d.get("dir"), str | Path) or not str(d["dir"]):
             raise RedKnotConfigError("pd.dir must be the shared folder's path (a string)")
-        t = d.get("timeout_s", 10.0)
-        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 3600:
-            raise RedKnotConfigError(f"pd.timeout_s must be a number of seconds in [0, 3600], "
-                                     f"not {t!r}")
+        secs = {}
+        for k, default in (("timeout_s", 10.0), ("hold_s", 60.0)):
+            t = d.get(k, default)
+            if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 3600:
+                raise RedKnotConfigError(f"pd.{k} must be a number of seconds in [0, 3600], "
+                                         f"not {t!r}")
+            secs[k] = float(t)
+        transport = d.get("transport", "file")
+        if transport not in TRANSPORTS:
+            raise RedKnotConfigError(f"pd.transport must be 'file' or 'cuda_ipc', not "
+                                     f"{transport!r}")
         folder = Path(d["dir"]).expanduser()
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RedKnotConfigError(f"pd.dir {folder} cannot be created ({e.strerror}); "
                                      "point it at a writable folder") from None
-        return cls(role=role, dir=folder, timeout_s=float(t))
+        return cls(role=role, dir=folder, transport=transport, **secs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "dir": str(self.dir), "timeout_s": self.timeout_s}
+        return {"role": self.role, "dir": str(self.dir), "timeout_s": self.timeout_s,
+                "transport": self.transport, "hold_s": self.hold_s}
 
 
 def engine_args(
@@ -573,6 +594,9 @@ def engine_args(
             raise RedKnotConfigError("pd needs request_stats=True (the RedKnot connector moves "
                                      "the KV) and no reuse (not combined yet); drop reuse")
         p = PDConfig.from_dict(pd)
+        if p.transport == "cuda_ipc" and max(int(out.get("tensor_parallel_size") or 1),
+                                             int(out.get("pipeline_parallel_size") or 1)) > 1:
+            raise RedKnotConfigError(IPC_ONE_PROCESS)
         out["kv_transfer_config"] = {
             **out["kv_transfer_config"], "kv_role": ROLES[p.role],
             "kv_connector_extra_config": {PD_KEY: p.to_dict()},

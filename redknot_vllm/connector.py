@@ -37,6 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from redknot_vllm import compat
+from redknot_vllm.config import IPC_ONE_PROCESS, RedKnotConfigError
 from redknot_vllm.pd import LoadSpec, PDScheduler, PDWorker, SaveSpec, layout_of, pd_config
 from redknot_vllm.reuse.keys import reuse_setup
 from redknot_vllm.reuse.params import Capture, Use
@@ -93,6 +94,8 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
         self._pd: PDScheduler | None = None
         self._pd_worker: PDWorker | None = None
         if pd is not None:
+            if pd.transport == "cuda_ipc" and vllm_config.parallel_config.world_size > 1:
+                raise RedKnotConfigError(IPC_ONE_PROCESS)
             layout = layout_of(vllm_config)
             if role == KVConnectorRole.SCHEDULER:
                 self._pd = PDScheduler(pd, layout)
@@ -209,6 +212,8 @@ class RedKnotConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None,
                                                                 set[str] | None]:
+        if self._pd_worker is not None:  # every step: free acknowledged cuda_ipc buffers
+            self._pd_worker.reap()
         if self._runtime is not None:
             if self._runtime.requests is not None:
                 self._runtime.requests.forget(finished_req_ids)

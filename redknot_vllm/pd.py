@@ -25,8 +25,14 @@ and the RedKnot connector with a ``redknot_pd`` entry in ``kv_connector_extra_co
   groups (it stops the engine): only a file changed in the shared folder between the two
   reads gets there.
 
-No home-made network protocol: the transport is files in a shared folder, written
-atomically (``fsutil.atomic_write``).
+No home-made network protocol. ``transport="file"`` (default): files in a shared folder,
+written atomically (``fsutil.atomic_write``). ``transport="cuda_ipc"`` (engines on one host):
+the producer keeps the packed KV in its GPU memory and writes only a handle to it
+(``redknot_vllm.cuda_ipc``: torch's CUDA IPC handle as JSON, no pickle); the consumer's
+scheduler copies it device to device, verifies the copy's checksum and writes
+``<transfer_id>.ack``, upon which the producer frees its buffer (or after ``hold_s`` when
+no consumer acknowledges; checked at every producer step). A handle that cannot be opened
+(producer gone, another host) or whose checksum fails is computed, logged, as above.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from typing import Any
 import torch
 from vllm.logger import init_logger
 
+from redknot_vllm import cuda_ipc
 from redknot_vllm.config import PD_KEY, PDConfig, RedKnotConfig
 from redknot_vllm.fsutil import atomic_write
 from redknot_vllm.kernels.paged_kv import read_kv, slots_of, write_kv
@@ -82,6 +89,26 @@ def token_digest(token_ids: Sequence[int]) -> str:
 
 def transfer_file(folder: Path, transfer_id: str) -> Path:
     return folder / f"{transfer_id}.safetensors"
+
+
+def ipc_file(folder: Path, transfer_id: str) -> Path:
+    """``cuda_ipc``: the handle of a transfer held in the producer's GPU memory."""
+    return folder / f"{transfer_id}.ipc.json"
+
+
+def ack_file(folder: Path, transfer_id: str) -> Path:
+    """``cuda_ipc``: written by the consumer once it holds its own copy (or gave up)."""
+    return folder / f"{transfer_id}.ack"
+
+
+def open_ipc(path: Path, ack: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The consumer's own verified copy of a ``cuda_ipc`` transfer; the producer is told
+    (``ack``) it may free its buffer, also when the copy failed."""
+    try:
+        tensors, meta, _ = cuda_ipc.open_copy(path)
+    finally:
+        atomic_write(ack, b"")
+    return tensors, meta
 
 
 _PIECE = 32 << 20
@@ -198,7 +225,9 @@ class PDScheduler:
                            "computed", rid, tid)
             self._computed.add(rid)
             return 0, False
-        path = transfer_file(self.cfg.dir, tid)
+        path, ipath = transfer_file(self.cfg.dir, tid), ipc_file(self.cfg.dir, tid)
+        if ipath.is_file():
+            path = ipath
         if not path.is_file():
             first = self._first_seen.setdefault(rid, time.monotonic())
             if time.monotonic() - first < self.cfg.timeout_s:
@@ -212,7 +241,8 @@ class PDScheduler:
         try:
             # verified here, before any token is claimed: vLLM cannot recompute a failed
             # synchronous load with two KV-cache groups, so the worker must not meet one
-            tensors, meta = read_transfer(path)
+            tensors, meta = (open_ipc(path, ack_file(self.cfg.dir, tid)) if path == ipath
+                             else read_transfer(path))
         except Exception as e:
             logger.warning("RedKnot PD: transfer %s of request %s is unreadable (%s); its prompt "
                            "is computed", tid, rid, e)
@@ -281,6 +311,8 @@ class PDWorker:
     _caches: list[torch.Tensor] = field(default_factory=list)
     _local: list[torch.Tensor] = field(default_factory=list)
     _errors: set[int] = field(default_factory=set)
+    _held: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    """``cuda_ipc`` producer: transfer id -> (packed buffer, when written)."""
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.model_executor.models.utils import extract_layer_index
@@ -302,6 +334,7 @@ class PDWorker:
 
     def save(self, specs: dict[int, SaveSpec], forward_context: Any) -> None:
         """Producer, after the forward of the step completing these prompts."""
+        self.reap()
         from redknot_vllm import compat
         from redknot_vllm.attention.metadata import first_slots
 
@@ -338,11 +371,40 @@ class PDWorker:
             # W positions are all held)
             lp = lp[row_l[lp // bs_l] != 0]
             kl, vl = read_kv(self._local, slots_of(row_l, lp, bs_l))
-            tensors.update(local_k=kl, local_v=vl, local_pos=lp.cpu())
-        size = write_transfer(transfer_file(self.cfg.dir, spec.transfer_id), tensors,
-                              {"tokens": str(n), "digest": spec.digest, "layout": self.layout})
+            tensors.update(local_k=kl, local_v=vl,
+                           local_pos=lp if self.cfg.transport == "cuda_ipc" else lp.cpu())
+        meta = {"tokens": str(n), "digest": spec.digest, "layout": self.layout}
+        if self.cfg.transport == "cuda_ipc":
+            buf, size = cuda_ipc.export(ipc_file(self.cfg.dir, spec.transfer_id),
+                                        tensors, meta)
+            self._held[spec.transfer_id] = (buf, time.monotonic())
+        else:
+            size = write_transfer(transfer_file(self.cfg.dir, spec.transfer_id), tensors, meta)
         logger.info("RedKnot PD: request %s's KV written as transfer %s (%d tokens, %d bytes)",
                     spec.req_id, spec.transfer_id, n, size)
+
+    def reap(self) -> None:
+        """``cuda_ipc`` producer: free the buffers consumers acknowledged, and those held
+        longer than ``hold_s`` (logged)."""
+        if not self._held:
+            return
+        now, freed = time.monotonic(), False
+        for tid, (_, t0) in list(self._held.items()):
+            ack = ack_file(self.cfg.dir, tid)
+            acked = ack.exists()
+            if not acked and now - t0 < self.cfg.hold_s:
+                continue
+            if not acked:
+                logger.warning("RedKnot PD: transfer %s was not taken within hold_s=%.0f s; "
+                               "its GPU buffer is freed (a consumer asking later computes "
+                               "the prompt)", tid, self.cfg.hold_s)
+            # the handle first: a consumer arriving now finds nothing and computes
+            ipc_file(self.cfg.dir, tid).unlink(missing_ok=True)
+            del self._held[tid]
+            ack.unlink(missing_ok=True)
+            freed = True
+        if freed and torch.cuda.is_initialized():
+            torch.cuda.ipc_collect()  # torch keeps a shared block until its IPC refs drop
 
     def load(self, specs: Sequence[LoadSpec]) -> None:
         """Consumer, before the forward: write each transfer into the request's pages. A
@@ -359,6 +421,9 @@ class PDWorker:
 
     def _load_one(self, spec: LoadSpec) -> None:
         hit = _VERIFIED.pop(str(spec.path), None)
+        if hit is None and spec.path.name.endswith(".ipc.json"):
+            raise ValueError("a cuda_ipc transfer is copied by the engine core's scheduler "
+                             "for the worker of its own process; this worker is not it")
         tensors, meta = hit if hit is not None else read_transfer(spec.path)
         if meta.get("digest") != spec.digest or meta.get("layout") != self.layout:
             raise ValueError("the transfer's prompt or layout changed since it was planned")
@@ -389,10 +454,11 @@ class PDWorker:
         slots_l = slots_of(row_l, lp, bs_l)
         lk, lv = tensors["local_k"], tensors["local_v"]
         for i, c in enumerate(self._local):
-            write_kv(c, slots_l, lk[i, idx.cpu()].to(c.device), lv[i, idx.cpu()].to(c.device),
-                     slots_checked=True)
+            write_kv(c, slots_l, lk[i, idx.to(lk.device)].to(c.device),
+                     lv[i, idx.to(lv.device)].to(c.device), slots_checked=True)
         logger.info("RedKnot PD: request %s loaded transfer %s: positions [%d, %d), %d of "
-                    "them on local heads", spec.req_id, spec.path.stem, a, b, lp.numel())
+                    "them on local heads", spec.req_id, spec.path.name.split(".")[0], a, b,
+                    lp.numel())
 
     def load_errors(self) -> set[int]:
         out, self._errors = self._errors, set()
