@@ -32,6 +32,11 @@ for step in "$@"; do
     tests)
       timeout 420 python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
         tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    ipc)
+      timeout 180 python3 -m pytest -q -x -rs tests/test_cuda_ipc.py -k "two_processes or pack" \
+        2>&1 | tee "$OUT/ipc-tests.log" | tail -4
+      grep -q " passed" "$OUT/ipc-tests.log" && ! grep -q -E "failed|skipped" "$OUT/ipc-tests.log" \
+        && touch /tmp/rkq/done-$step ;;
     kernels)
       timeout 300 python3 -m pytest -q -x -rs tests/kernels/test_cuda_kernels.py \
         > "$OUT/gpu-kernel-tests.log" 2>&1 || { tail -40 "$OUT/gpu-kernel-tests.log"; exit 1; }
