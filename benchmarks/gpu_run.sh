@@ -115,23 +115,28 @@ for step in "$@"; do
       cp /tmp/rks/segpaged-*.json /tmp/rks/segpaged-*.partial /tmp/rkq/ 2>/dev/null
       ls /tmp/rks/segpaged-dense.json /tmp/rks/segpaged-redknot.json \
         /tmp/rks/segpaged-segpaged.json >/dev/null 2>&1 && touch /tmp/rkq/done-$step ;;
-    segquality)
+    segquality|segquality-w*)
       # Qwen2.5-0.5B with a head config SegPaged can page (each layer's top head global, the
-      # other local): dense, RedKnot, RedKnot + SegPaged through the harness (SEGQ_N, SEGQ_LENGTHS)
+      # other local; segquality: W=2048, segquality-wN: the W=N variant of
+      # head_class/make_segpaged_windows.py): dense, RedKnot, RedKnot + SegPaged through
+      # the harness (SEGQ_N, SEGQ_LENGTHS), in a work folder per config
       export VLLM_ENABLE_V1_MULTIPROCESSING=0
+      w=${step#segquality-}; [ "$w" = segquality ] && w=w2048
+      head=head_class/qwen2.5-coder-0.5b-instruct.segpaged-g1of2-$w.json
+      tag=g1of2-$w
       # the dense and RedKnot runs of the H200 call that ran out during the SegPaged engine
-      # (commit 81d16b1, same specs) seed the cache, so this call runs the SegPaged engine
-      # only (SEGQ_SEED=0: all three afresh); the log names the seed
+      # (commit 81d16b1, same specs) seed the cache: dense is not run again (and, for the
+      # W=2048 config, RedKnot); SEGQ_SEED=0: all afresh; the log names the seed
       seed=benchmarks/results/raw/segquality-qwen05-runs-81d16b1.tar.gz
       if [ "${SEGQ_SEED:-1}" = 1 ] && [ -f $seed ] && [ -z "${SEGQ_N:-}${SEGQ_LENGTHS:-}" ]; then
-        mkdir -p /tmp/rkq/segq && tar xzf $seed -C /tmp/rkq/segq && echo "[gpu_run] segquality: seeded from $seed"
+        mkdir -p /tmp/rkq/segq-$tag && tar xzf $seed -C /tmp/rkq/segq-$tag && echo "[gpu_run] segquality $tag: seeded from $seed"
       fi
       timeout "$(cap 570)" python3 benchmarks/quality.py report --model qwen2.5-coder-0.5b \
-        --head-config head_class/qwen2.5-coder-0.5b-instruct.segpaged-g1of2-w2048.json --segpaged \
-        --lengths "${SEGQ_LENGTHS:-16384,32768}" --n "${SEGQ_N:-40}" --workdir /tmp/rkq/segq \
-        --out /tmp/rkq/segpaged-quality-qwen05.json 2>&1 \
+        --head-config "$head" --segpaged \
+        --lengths "${SEGQ_LENGTHS:-16384,32768}" --n "${SEGQ_N:-40}" --workdir /tmp/rkq/segq-$tag \
+        --out /tmp/rkq/segpaged-quality-qwen05-$tag.json 2>&1 \
         | grep --line-buffered -E "^\[quality\]|Error|error" | tail -20
-      [ -f /tmp/rkq/segpaged-quality-qwen05.json ] && touch /tmp/rkq/done-$step ;;
+      [ -f /tmp/rkq/segpaged-quality-qwen05-$tag.json ] && touch /tmp/rkq/done-$step ;;
     pd)
       # head-aware PD vs vLLM's all-heads PD (ExampleConnector) vs co-located, 8B shape (PD_ARGS)
       timeout "$(cap 590)" python3 benchmarks/pd.py --workdir /tmp/rkpd --out /tmp/rkq/pd-h200.json \
