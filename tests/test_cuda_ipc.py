@@ -151,5 +151,6 @@ def test_two_processes_hand_over_tensors_on_the_gpu(tmp_path):
     finally:
         (tmp_path / "exit").write_text("")
         proc.wait(timeout=60)
-    with pytest.raises((RuntimeError, ValueError)):  # the producer is gone: its handle opens no memory
+    # the producer is gone: its handle opens no memory
+    with pytest.raises((RuntimeError, ValueError)):
         cuda_ipc.open_copy(h)
