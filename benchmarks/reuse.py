@@ -52,6 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 from ttft import LLAMA8B, QWEN05, env_info, model_dir  # noqa: E402
 
+from redknot_vllm.config import RECOMPUTE_SELECT  # noqa: E402
+
 DOCS = 8
 HEADER, QUESTION = 16, 32
 ENGINE: dict[str, dict[str, Any]] = {
@@ -494,7 +496,7 @@ def main() -> None:
     p.add_argument("--quality-tasks", nargs="+", default=None,
                    help="the quality harness's tasks (default: all)")
     p.add_argument("--selects", nargs="+", default=["deviation"],
-                   choices=["deviation", "question"],
+                   choices=list(RECOMPUTE_SELECT),
                    help="recompute_select rules measured at every --fractions share")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reuse-h100.json"))
     p.add_argument("--engines", nargs="+", default=["quality", "stock", "redknot"],

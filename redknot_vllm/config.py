@@ -165,7 +165,7 @@ class SparseFFNConfig:
 
 
 REUSE_POLICIES = ("selective", "seed")
-RECOMPUTE_SELECT = ("deviation", "question")
+RECOMPUTE_SELECT = ("deviation", "question", "pooled")
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,10 @@ class ReuseConfig:
     salt. ``deviation``, the segment's own rule (its chunks whose KV moved most behind
     unrelated context when probed). On Qwen2.5-Coder-0.5B at 8K-32K (H200, n = 80 per
     cell, 15% recomputed) ``question`` kept 0.74 of dense accuracy on average and
-    ``deviation`` 0.53 (``benchmarks/results/reuse-quality-qwen05-h200.json``)."""
+    ``deviation`` 0.53 (``benchmarks/results/reuse-quality-qwen05-h200.json``).
+    ``pooled`` (not measured on a GPU yet): the share is of the request's reused tokens
+    together, spent on the segments the question points to first, each whole while the
+    budget holds it, then by deviation (:func:`redknot_vllm.reuse.policy.pooled_plan`)."""
     chunk: int = 16
     """Tokens per recompute decision. (On H100 at 32K, chunks of 16 and 128, FA3's query
     tile, measured the same TTFT; ``benchmarks/results/reuse-h100.json`` is measured at 16.)"""

@@ -462,6 +462,51 @@ def test_question_focus_ranks_the_chunks_the_question_names():
     assert question_focus(prompt[:-7] + [1, 2, 3], uses, 16) == [(), (), ()]
 
 
+def test_pooled_plan_recomputes_the_asked_segment_whole_within_the_request_budget():
+    """``pooled``: the request's share of all its reused tokens goes first to the segment
+    the question names (whole, while the budget holds it), the rest by deviation in
+    proportion to length; the masks the worker makes from the plan spend exactly it."""
+    from redknot_vllm.config import ReuseConfig
+    from redknot_vllm.kv_store import Segment, SegmentKey
+    from redknot_vllm.reuse.policy import pooled_plan, recompute_mask
+
+    def record(name: int, city: int) -> list[int]:
+        return [name, name + 1, 900, 901, 902, city, 903] + [5] * 9
+
+    segs = [[t for i in range(4) for t in record(100 + 40 * s + 10 * i, 500 + 4 * s + i)]
+            for s in range(3)]
+    asked = 100 + 40 * 1 + 10 * 2  # segment 1, record 2
+    prompt = [7] * 20 + segs[0] + segs[1] + segs[2] + [800, 801, asked, asked + 1]
+    uses = [(20 + 64 * s, 64) for s in range(3)]
+    cfg = ReuseConfig(recompute_first=16, chunk=16)
+
+    def masks(plan):
+        out = []
+        for (a, n), (f, focus) in zip(uses, plan, strict=True):
+            key = SegmentKey(model_fingerprint="m", head_config_hash="h", tokenizer="t",
+                             layout="l", bos=False, token_ids=tuple(prompt[a:a + n]))
+            dev = torch.arange(n, dtype=torch.float32)
+            seg = Segment(key, torch.zeros(1, n, 1, 2), torch.zeros(1, n, 1, 2), dev)
+            out.append(recompute_mask(seg, cfg, f, focus))
+        return out
+
+    # half of 192 tokens: every first chunk (3) + 3 chunks, all in the asked segment
+    plan = pooled_plan(prompt, uses, cfg, 0.5)
+    assert plan[1][1][:2] == (2, 3) and sorted(plan[1][1]) == [1, 2, 3]
+    m = masks(plan)
+    assert m[1].all() and int(m[0].sum()) == 16 and int(m[2].sum()) == 16
+    # three quarters: the asked segment whole, the other 3 chunks by deviation, 2 + 1
+    plan = pooled_plan(prompt, uses, cfg, 0.75)
+    m = masks(plan)
+    assert m[1].all() and sum(int(x.sum()) for x in m) == 144
+    assert sorted(int(x.sum()) for x in (m[0], m[2])) == [32, 48]
+    assert all(x[-16:].all() for x in (m[0], m[2]) if int(x.sum()) == 48)  # most deviating
+    # no question match: the per-segment rule's shares
+    plan = pooled_plan(prompt[:-4] + [1, 2, 3, 4], uses, cfg, 0.5)
+    assert [f for f, _ in plan] == [0.5, 0.5, 0.5] and all(not c for _, c in plan)
+    assert pooled_plan(prompt, [], cfg, 0.5) == []
+
+
 def test_recompute_mask_takes_the_focus_first_then_the_deviation():
     from redknot_vllm.config import ReuseConfig
     from redknot_vllm.kv_store import Segment, SegmentKey
@@ -497,7 +542,7 @@ def test_request_recompute_select_is_validated_and_changes_the_salt(reuse_llm, s
     tok, ids = stored["tok"], stored["ids"]
     prompt = _ids(tok, PREFACE * 2) + ids["red"] + ids["blue"] + _ids(
         tok, QUESTION.format(name="blue"))
-    for select in ("deviation", "question"):
+    for select in ("deviation", "question", "pooled"):
         sp = SamplingParams(max_tokens=6, temperature=0.0, extra_args={"kv_transfer_params": {
             "redknot": {"reuse": "auto", "recompute_select": select}}})
         out = reuse_llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]

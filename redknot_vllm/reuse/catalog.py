@@ -19,7 +19,7 @@ from redknot_vllm.kv_store import (
 )
 from redknot_vllm.reuse.keys import ReuseSetup
 from redknot_vllm.reuse.params import RequestParams, Use
-from redknot_vllm.reuse.policy import question_focus
+from redknot_vllm.reuse.policy import pooled_plan, question_focus
 
 logger = init_logger(__name__)
 
@@ -187,11 +187,21 @@ class SegmentCatalog:
 
     def _focus(self, prompt: Sequence[int], uses: list[Use], params: RequestParams
                ) -> list[Use]:
-        """``recompute_select="question"``: each use's chunks ranked by the question."""
-        if (params.recompute_select or self.cfg.recompute_select) != "question" or not uses:
-            return uses
-        ranked = question_focus(prompt, [(u.start, u.length) for u in uses], self.cfg.chunk)
-        return [replace(u, focus=f) for u, f in zip(uses, ranked, strict=True)]
+        """``recompute_select="question"``: each use's chunks ranked by the question;
+        ``"pooled"``: the request's budget spread over its uses by the question (each use
+        gets its own share and chunks)."""
+        select = params.recompute_select or self.cfg.recompute_select
+        spans = [(u.start, u.length) for u in uses]
+        if select == "question" and uses:
+            ranked = question_focus(prompt, spans, self.cfg.chunk)
+            return [replace(u, focus=f) for u, f in zip(uses, ranked, strict=True)]
+        if select == "pooled" and uses:
+            frac = (self.cfg.recompute_fraction if params.recompute_fraction is None
+                    else params.recompute_fraction)
+            plan = pooled_plan(prompt, spans, self.cfg, frac)
+            return [replace(u, fraction=f, focus=c)
+                    for u, (f, c) in zip(uses, plan, strict=True)]
+        return uses
 
     def _marked(self, prompt: Sequence[int], start: int, params: RequestParams
                 ) -> tuple[list[Use], list[tuple[int, int]], list[str]]:

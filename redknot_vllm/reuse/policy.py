@@ -56,10 +56,10 @@ QUESTION_TOKENS = 256
 """The question is at most this many of the prompt's last tokens."""
 
 
-def question_focus(prompt: Sequence[int], uses: Sequence[tuple[int, int]], chunk: int,
-                   limit: int = 4096) -> list[tuple[int, ...]]:
-    """Per use ``(start, length)``: its chunks ranked by what they share with the question,
-    most first (chunks sharing nothing are left out).
+def question_scores(prompt: Sequence[int], uses: Sequence[tuple[int, int]],
+                    chunk: int) -> list[np.ndarray]:
+    """Per use ``(start, length)``: each of its ``chunk``-token chunks' score for what it
+    shares with the question (float64 ``[ceil(length / chunk)]``, 0 for nothing).
 
     The question is the prompt after the last use (at most :data:`QUESTION_TOKENS`; the
     last 64 tokens when the prompt ends inside a segment). A chunk scores the token pairs
@@ -68,9 +68,10 @@ def question_focus(prompt: Sequence[int], uses: Sequence[tuple[int, int]], chunk
     and a name the question asks about counts much; the chunk after a match gets half its
     score (the answer follows what names it). Lexical and on the host: no model pass.
     """
+    zeros = [np.zeros(-(-n // chunk)) for _, n in uses]
     p = np.asarray(prompt, dtype=np.int64)
     if len(p) < 3 or not uses:
-        return [() for _ in uses]
+        return zeros
     end = max(a + n for a, n in uses)
     q0 = end if end < len(p) - 1 else len(p) - 64
     q0 = max(q0, len(p) - QUESTION_TOKENS, 1)
@@ -79,7 +80,7 @@ def question_focus(prompt: Sequence[int], uses: Sequence[tuple[int, int]], chunk
     context = codes[:q0 - 1] if q0 > 1 else codes[:0]
     hit = np.isin(context, question)
     if not hit.any():
-        return [() for _ in uses]
+        return zeros
     pairs, counts = np.unique(context[hit], return_counts=True)
     weight = np.zeros(len(context))
     weight[hit] = 1.0 / counts[np.searchsorted(pairs, context[hit])]
@@ -90,7 +91,79 @@ def question_focus(prompt: Sequence[int], uses: Sequence[tuple[int, int]], chunk
         score = np.zeros(nch + 1)
         np.add.at(score, np.arange(len(w)) // chunk, w)
         score[1:] += 0.5 * score[:-1].copy()
-        score = score[:nch]
-        order = [int(c) for c in np.argsort(-score, kind="stable") if score[c] > 0]
-        out.append(tuple(order[:limit]))
+        out.append(score[:nch])
+    return out
+
+
+def _ranked(score: np.ndarray, limit: int | None = None) -> tuple[int, ...]:
+    """Chunks with a positive score, highest first (ties by position)."""
+    order = [int(c) for c in np.argsort(-score, kind="stable") if score[c] > 0]
+    return tuple(order[:limit])
+
+
+def question_focus(prompt: Sequence[int], uses: Sequence[tuple[int, int]], chunk: int,
+                   limit: int = 4096) -> list[tuple[int, ...]]:
+    """Per use ``(start, length)``: its chunks ranked by what they share with the question
+    (:func:`question_scores`), most first; chunks sharing nothing are left out."""
+    return [_ranked(s, limit) for s in question_scores(prompt, uses, chunk)]
+
+
+def pooled_plan(prompt: Sequence[int], uses: Sequence[tuple[int, int]], cfg: ReuseConfig,
+                fraction: float) -> list[tuple[float, tuple[int, ...]]]:
+    """``recompute_select="pooled"``: the request's recompute budget spent where its
+    question points, across segments; per use ``(fraction, focus)`` for
+    :func:`recompute_mask`.
+
+    The budget is ``fraction`` of all the reused tokens together (the same FLOPs as the
+    per-segment rules). Every segment's first ``recompute_first`` tokens come first; then
+    segments in the order of their question score (the sum of their chunks'), each one
+    *whole* while the budget holds it, else its best chunks until the budget ends (the
+    record or file the question asks about is recomputed in its context, not 15% of it);
+    what is left goes to every segment's most deviating chunks, in proportion to its
+    length. Segments the question does not touch keep the per-segment rule's share of what
+    is left.
+    """
+    if not uses:
+        return []
+    chunk, first = cfg.chunk, cfg.recompute_first
+    lengths = [n for _, n in uses]
+    nch = [-(-n // chunk) for n in lengths]
+    firsts = [min(first, n) for n in lengths]
+    first_chunks = [-(-f // chunk) for f in firsts]  # chunks the first tokens already cover
+    budget = int((fraction * sum(lengths) - sum(firsts)) // chunk)
+    scores = question_scores(prompt, uses, chunk)
+    focus: list[list[int]] = [[] for _ in uses]
+    for i in sorted(range(len(uses)), key=lambda i: (-float(scores[i].sum()), i)):
+        if budget <= 0 or scores[i].sum() <= 0:
+            break
+        s = scores[i].copy()
+        s[:first_chunks[i]] = -1  # already recomputed
+        rest = nch[i] - first_chunks[i]
+        if rest <= budget:  # the whole segment: best chunks first, then in order
+            picked = list(_ranked(s)) + [c for c in range(first_chunks[i], nch[i])
+                                         if s[c] == 0]
+        else:
+            picked = list(_ranked(s, budget))
+        focus[i] = picked
+        budget -= len(picked)
+    # the rest of the budget: each segment's share of it, for its deviation's picks
+    free = [nch[i] - first_chunks[i] - len(focus[i]) for i in range(len(uses))]
+    total_free = sum(free)
+    extra = [0] * len(uses)
+    if budget > 0 and total_free:
+        share = [budget * f / total_free for f in free]
+        extra = [min(free[i], int(share[i])) for i in range(len(uses))]
+        # whole chunks left over by the rounding go to the largest remainders
+        left = min(budget, total_free) - sum(extra)
+        for i in sorted(range(len(uses)), key=lambda i: -(share[i] - int(share[i]))):
+            if left <= 0:
+                break
+            if extra[i] < free[i]:
+                extra[i] += 1
+                left -= 1
+    out = []
+    for i, n in enumerate(lengths):
+        k = len(focus[i]) + extra[i]
+        # recompute_mask takes round((f * n - first) / chunk) chunks: exactly k
+        out.append(((firsts[i] + k * chunk) / n, tuple(focus[i])))
     return out
