@@ -34,9 +34,37 @@ def smollm2() -> str:
 
 
 def _shutdown(llm: Any) -> None:
+    """Stop an engine's core (and its worker processes); a second call does nothing."""
+    if getattr(llm, "_redknot_test_released", False):
+        return
+    llm._redknot_test_released = True
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
+
+
+# Session-scoped engines, each released right after the last collected test that uses it
+# (pytest would keep every one until the session ends: 2.5-3.5 GB each on CPU, and the
+# suite then ran out of the 24 GB a CI machine has).
+ENGINE_FIXTURES = ("stock_llm", "rk_global_llm", "rk_local_llm", "rk_demo_llm", "reuse_llm",
+                   "hardened_llm", "seed_policy_llm")
+_last_user: dict[str, str] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _last_user.clear()
+    for item in session.items:  # after deselection: the tests that will run, in order
+        for name in getattr(item, "fixturenames", ()):
+            if name in ENGINE_FIXTURES:
+                _last_user[name] = item.nodeid
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    for name, nodeid in _last_user.items():
+        llm = getattr(item, "funcargs", {}).get(name) if nodeid == item.nodeid else None
+        if llm is not None:
+            _shutdown(llm)
 
 
 def _engine(**kwargs: Any) -> Iterator[Any]:
