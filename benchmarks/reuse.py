@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from ttft import LLAMA8B, QWEN05, env_info, model_dir  # noqa: E402
 
-from redknot_vllm.config import RECOMPUTE_SELECT  # noqa: E402
+from redknot_vllm.config import RECOMPUTE_SELECT, REUSE_POLICIES  # noqa: E402
 
 DOCS = 8
 HEADER, QUESTION = 16, 32
@@ -271,8 +271,12 @@ def quality_child(a: argparse.Namespace) -> None:
         top = max(a.quality_lengths)
         kw.update(max_model_len=top, max_num_batched_tokens=max(kw["max_num_batched_tokens"],
                                                                 top))
-    llm = LLM(**engine_args(model, head_config=all_global(cfg),
+    # every head global by default, so only reuse differs from dense; with
+    # --quality-head-config, "dense" is that config without reuse (the same engine)
+    head = a.quality_head_config or all_global(cfg)
+    llm = LLM(**engine_args(model, head_config=head,
                             reuse={"store_dir": str(store), "chunk": a.chunk,
+                                   "policy": a.quality_policy,
                                    "gpu_bytes": 4 << 30, "host_bytes": 8 << 30,
                                    "disk_bytes": 3 * batch_bytes, "client_store": True},
                             **kw))
@@ -286,6 +290,8 @@ def quality_child(a: argparse.Namespace) -> None:
     # a mode per (share, selection rule): "0.15" (deviation, the default) or "0.15-question"
     modes = {(str(f) if sel == "deviation" else f"{f}-{sel}"): (f, sel)
              for f in a.fractions for sel in a.selects}
+    if a.quality_policy == "seed":  # every token computed: shares and rules do not apply
+        modes = {"seed": (a.fractions[0], a.selects[0])}
     outs: dict[str, list[quality.Outcome]] = {k: [] for k in (*modes, "dense")}
     n_docs = 0
     partial = partial_file(Path(a.json_out))
@@ -318,7 +324,8 @@ def quality_child(a: argparse.Namespace) -> None:
                        + ", precomputed alone and reused in place "
                        "(relocated from position 0); dense = reuse off in the same engine "
                        "(every head global), run after the reuse modes",
-            "model": qm, "selects": a.selects,
+            "model": qm, "selects": a.selects, "policy": a.quality_policy,
+            "head_config": a.quality_head_config or "every head global",
             "tasks": list(a.quality_tasks), "lengths": a.quality_lengths, "n": a.quality_n,
             "cases_done": cases_done, "cases": len(cases),
             "seed": a.quality_seed, "documents": n_docs, "store": str(store),
@@ -366,6 +373,10 @@ def parent(a: argparse.Namespace) -> None:
               a.quality_doc_split, "--quality-batch",
               str(a.quality_batch), "--quality-model", a.quality_model,
               "--quality-tasks", *a.quality_tasks, "--selects", *a.selects]
+    if a.quality_policy != "selective" or a.quality_head_config:  # (earlier runs' keys stay)
+        shared += ["--quality-policy", a.quality_policy,
+                   *(["--quality-head-config", a.quality_head_config]
+                     if a.quality_head_config else [])]
     key = hashlib.sha256(json.dumps(shared).encode()).hexdigest()[:12]
     wanted = [*(["quality"] if a.quality_n else []), "stock", "redknot"]
     runs: dict[str, Any] = {}
@@ -498,6 +509,12 @@ def main() -> None:
     p.add_argument("--selects", nargs="+", default=["deviation"],
                    choices=list(RECOMPUTE_SELECT),
                    help="recompute_select rules measured at every --fractions share")
+    p.add_argument("--quality-policy", choices=list(REUSE_POLICIES), default="selective",
+                   help="the quality engine's reuse.policy (seed: every token computed, the "
+                        "local heads read the stored KV; needs a head config with local "
+                        "heads, --quality-head-config)")
+    p.add_argument("--quality-head-config",
+                   help="the quality engine's head config (default: every head global)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reuse-h100.json"))
     p.add_argument("--engines", nargs="+", default=["quality", "stock", "redknot"],
                    help="the engines this call runs (others are read from --workdir)")
