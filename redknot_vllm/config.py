@@ -192,7 +192,8 @@ class ReuseConfig:
     unrelated context when probed). On Qwen2.5-Coder-0.5B at 8K-32K (H200, n = 80 per
     cell, 15% recomputed) ``question`` kept 0.74 of dense accuracy on average and
     ``deviation`` 0.53 (``benchmarks/results/reuse-quality-qwen05-h200.json``).
-    ``pooled`` (not measured on a GPU yet): the share is of the request's reused tokens
+    ``pooled`` (experimental, not measured on a GPU; behind ``question`` at 30% and 50% in a
+    CPU diagnostic, ``docs/reuse.md``): the share is of the request's reused tokens
     together, spent on the segments the question points to first, each whole while the
     budget holds it, then by deviation (:func:`redknot_vllm.reuse.policy.pooled_plan`)."""
     chunk: int = 16
