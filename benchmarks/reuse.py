@@ -323,7 +323,8 @@ def quality_child(a: argparse.Namespace) -> None:
                                f"{a.quality_doc_tokens}-token pieces)")
                        + ", precomputed alone and reused in place "
                        "(relocated from position 0); dense = reuse off in the same engine "
-                       "(every head global), run after the reuse modes",
+                       f"({'its head config' if a.quality_head_config else 'every head global'}"
+                       "), run after the reuse modes",
             "model": qm, "selects": a.selects, "policy": a.quality_policy,
             "head_config": a.quality_head_config or "every head global",
             "tasks": list(a.quality_tasks), "lengths": a.quality_lengths, "n": a.quality_n,

@@ -119,9 +119,8 @@ def pooled_plan(prompt: Sequence[int], uses: Sequence[tuple[int, int]], cfg: Reu
     segments in the order of their question score (the sum of their chunks'), each one
     *whole* while the budget holds it, else its best chunks until the budget ends (the
     record or file the question asks about is recomputed in its context, not 15% of it);
-    what is left goes to every segment's most deviating chunks, in proportion to its
-    length. Segments the question does not touch keep the per-segment rule's share of what
-    is left.
+    what is left goes to every segment's most deviating chunks, each segment getting the
+    part of it that its chunks not yet chosen are of all such chunks.
     """
     if not uses:
         return []
