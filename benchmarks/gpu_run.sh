@@ -117,8 +117,9 @@ for step in "$@"; do
         /tmp/rks/segpaged-segpaged.json >/dev/null 2>&1 && touch /tmp/rkq/done-$step ;;
     segquality|segquality-*)
       # Qwen2.5-0.5B with a head config SegPaged can page (each layer's top head global, the
-      # other local; segquality: W=2048, segquality-wN: the W=N variant, segquality-ret-w2048:
-      # global heads by retrieval score; head_class/make_segpaged_configs.py): dense, RedKnot, RedKnot + SegPaged through
+      # other local; segquality: W=2048, segquality-wN: the W=N variant,
+      # segquality-ret-w2048: global heads by retrieval score; all written by
+      # head_class/make_segpaged_configs.py): dense, RedKnot, RedKnot + SegPaged through
       # the harness (SEGQ_N, SEGQ_LENGTHS), in a work folder per config
       export VLLM_ENABLE_V1_MULTIPROCESSING=0
       w=${step#segquality-}; [ "$w" = segquality ] && w=w2048

@@ -42,8 +42,7 @@ def window_variant(base: dict, window: int) -> dict:
     return out
 
 
-def retrieval_variant(base_path: Path) -> dict:
-    base = json.loads(base_path.read_text())
+def retrieval_variant(base: dict, base_path: Path) -> dict:
     scores = ProfileScores.from_head_config_json(base_path)
     for k in STALE:  # the base's own classification, which its scores carried along
         scores.params.pop(k, None)
@@ -66,7 +65,7 @@ def retrieval_variant(base_path: Path) -> dict:
 def main() -> None:
     base = json.loads((HERE / BASE).read_text())
     outs = {BASE.replace("w2048", f"w{w}"): window_variant(base, w) for w in WINDOWS}
-    outs[BASE.replace("w2048", "ret-w2048")] = retrieval_variant(HERE / BASE)
+    outs[BASE.replace("w2048", "ret-w2048")] = retrieval_variant(base, HERE / BASE)
     for name, cfg in outs.items():
         (HERE / name).write_text(json.dumps(cfg, indent=1) + "\n")
         print(HERE / name)
