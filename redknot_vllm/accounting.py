@@ -124,8 +124,9 @@ class RequestAccounting:
                 if hit is not None:
                     acc = self._acc.setdefault(hit[0], PrefillFlops())
                     self._cached.setdefault(hit[0], hit[2])
+                    ran = 0 if step.blend is None else step.blend.layers
                     for a, b in ranges:
-                        acc.add_reused(dims, a, b)
+                        acc.add_reused(dims, a, b, ran)
             firsts = step.first_slots()
             kept = step.ffn_kept_host()
             for row, prefill in enumerate(step.attn.is_prefill_cpu):

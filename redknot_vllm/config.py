@@ -165,7 +165,7 @@ class SparseFFNConfig:
 
 
 REUSE_POLICIES = ("selective", "seed")
-RECOMPUTE_SELECT = ("deviation", "question", "pooled")
+RECOMPUTE_SELECT = ("deviation", "question", "pooled", "blend")
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,14 @@ class ReuseConfig:
     ``pooled`` (experimental, not measured on a GPU; behind ``question`` at 30% and 50% in a
     CPU diagnostic, ``docs/reuse.md``): the share is of the request's reused tokens
     together, spent on the segments the question points to first, each whole while the
-    budget holds it, then by deviation (:func:`redknot_vllm.reuse.policy.pooled_plan`)."""
+    budget holds it, then by deviation (:func:`redknot_vllm.reuse.policy.pooled_plan`).
+    ``blend`` (experimental, CacheBlend's rule): the first ``blend_layers`` layers run on
+    every token, then each segment's chunks whose KV deviated most from the spliced KV
+    there, in this request, run the remaining layers (:mod:`redknot_vllm.reuse.blend`)."""
+    blend_layers: int = 2
+    """``blend``: decoder layers run on every reused token before the choice (at least 2:
+    layer 0's KV depends on the token and its position only, so it never deviates); their
+    FLOPs are the price of choosing from the request's own KV."""
     chunk: int = 16
     """Tokens per recompute decision. (On H100 at 32K, chunks of 16 and 128, FA3's query
     tile, measured the same TTFT; ``benchmarks/results/reuse-h100.json`` is measured at 16.)"""
@@ -241,6 +248,9 @@ class ReuseConfig:
                 raise bad(name, "a number of bytes in [0, 2**62]")
         if not is_number(self.recompute_fraction) or not 0 <= self.recompute_fraction <= 1:
             raise bad("recompute_fraction", "a number in [0, 1]")
+        if not is_int(self.blend_layers) or not 2 <= self.blend_layers <= 1024:
+            raise bad("blend_layers", "an integer in [2, 1024], below the model's layer count "
+                      "(layer 0's KV never deviates, so the choice needs at least 2)")
         if not is_int(self.chunk) or not 1 <= self.chunk <= POSITION_LIMIT:
             raise bad("chunk", f"an integer in [1, {POSITION_LIMIT}]")
         if not is_int(self.min_tokens) or not 16 <= self.min_tokens <= POSITION_LIMIT:

@@ -147,13 +147,17 @@ class PrefillFlops:
         self.redknot += (proj + shape.attention_flops(dims, start, end, tail)
                          + ffn_token_layers * dims.ffn_per_token)
 
-    def add_reused(self, dims: ModelDims, start: int, end: int) -> None:
+    def add_reused(self, dims: ModelDims, start: int, end: int, layers_run: int = 0) -> None:
         """Account positions [start, end) whose KV was reused: dense computes them, RedKnot
-        does not (the relocation's few FLOPs per element are left out)."""
+        does not, but in the first ``layers_run`` layers (the blend choice's, counted at
+        the dense rate); the relocation's few FLOPs per element are left out."""
         n = end - start
         self.reused_tokens += n
-        self.dense += (dims.num_layers * n * (dims.projection_per_token + dims.ffn_per_token)
-                       + AttentionShape.dense(dims).attention_flops(dims, start, end))
+        full = (dims.num_layers * n * (dims.projection_per_token + dims.ffn_per_token)
+                + AttentionShape.dense(dims).attention_flops(dims, start, end))
+        self.dense += full
+        if layers_run:
+            self.redknot += full * min(layers_run, dims.num_layers) // dims.num_layers
 
     @property
     def saved_fraction(self) -> float:

@@ -6,6 +6,7 @@ else touches it. The order within one step::
 
     builder.build()            runtime.begin_step(md): a new StepState is current
     connector.start_load_kv()  reuse worker: splices stored KV, restricts the rows
+                               (blend: after the forward's first layers)
     model forward              model: runs ``compute_index``; attention: importance;
                                sparse FFN: kept tokens
     model forward returns      runtime.end_forward(): no step is current
@@ -30,6 +31,7 @@ from redknot_vllm.attention.metadata import (
 
 if TYPE_CHECKING:
     from redknot_vllm.attention.plan import LayerPlan
+    from redknot_vllm.reuse.blend import BlendPlan
 
 
 class KVOverwrite(Protocol):
@@ -64,6 +66,10 @@ class StepState:
     row's own first token. W: reuse worker (restricted rows). R: accounting."""
     kv_overwrite: KVOverwrite | None = None
     """W: reuse worker (seed policy). R: attention, after the layer's KV write."""
+    blend: BlendPlan | None = None
+    """``recompute_select="blend"``: the forward runs ``blend.layers`` layers on every token,
+    then has the reuse worker restrict the step. W: reuse worker. R: model forward,
+    accounting (the reused tokens ran those layers)."""
     _to_row_end: torch.Tensor | None = field(default=None, repr=False)
 
     def tokens_to_row_end(self) -> torch.Tensor:

@@ -156,6 +156,11 @@ class RedKnotModelMixin:
         rt = self.redknot_runtime
         kept = None if rt is None else rt.compute_index()
         try:
+            step = None if rt is None else rt.step
+            if step is not None and step.blend is not None:
+                assert rt is not None
+                return self._blend_forward(rt, step, input_ids, positions,
+                                           intermediate_tensors, inputs_embeds, **kwargs)
             if kept is None:
                 return super().forward(input_ids, positions,  # type: ignore[misc]
                                        intermediate_tensors, inputs_embeds, **kwargs)
@@ -171,6 +176,41 @@ class RedKnotModelMixin:
         finally:
             if rt is not None:
                 rt.end_forward()
+
+    def _blend_forward(self, rt: RedKnotRuntime, step: Any, input_ids: torch.Tensor | None,
+                       positions: torch.Tensor, intermediate_tensors: Any,
+                       inputs_embeds: torch.Tensor | None, **kwargs: Any) -> Any:
+        """``recompute_select="blend"``: the decoder's own layers, the first
+        ``step.blend.layers`` over every token, the rest over the tokens the reuse worker
+        keeps once it has compared their fresh KV with the spliced KV
+        (:mod:`redknot_vllm.reuse.blend`). Eager: this step bypasses the compiled graph."""
+        model = self.model  # type: ignore[attr-defined]
+        if (intermediate_tensors is not None or model.start_layer != 0 or kwargs
+                or getattr(model, "aux_hidden_state_layers", None) or rt.reuse is None):
+            logger.warning_once("RedKnot reuse: recompute_select 'blend' runs on one pipeline "
+                                "stage without auxiliary hidden states only; this step "
+                                "computes every token")
+            step.blend = None
+            return super().forward(input_ids, positions,  # type: ignore[misc]
+                                   intermediate_tensors, inputs_embeds, **kwargs)
+        n = positions.shape[-1]
+        h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        residual = None
+        layers = model.layers[model.start_layer:model.end_layer]
+        first = step.blend.layers
+        for layer in layers[:first]:
+            h, residual = layer(positions, h, residual)
+        kept = rt.reuse.blend_restrict(step, compat.current_forward_context())
+        if kept is not None:
+            h, residual, positions = h[kept], residual[kept], positions[..., kept]
+        for layer in layers[first:]:
+            h, residual = layer(positions, h, residual)
+        h, _ = model.norm(h, residual)
+        if kept is None:
+            return h
+        out = h.new_zeros((n, *h.shape[1:]))
+        out[kept] = h
+        return out
 
     def load_weights(self, weights: Any) -> Any:
         loaded = super().load_weights(weights)  # type: ignore[misc]

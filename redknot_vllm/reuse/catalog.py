@@ -189,7 +189,7 @@ class SegmentCatalog:
                ) -> list[Use]:
         """``recompute_select="question"``: each use's chunks ranked by the question;
         ``"pooled"``: the request's budget spread over its uses by the question (each use
-        gets its own share and chunks)."""
+        gets its own share and chunks); ``"blend"``: chosen in the forward, marked."""
         select = params.recompute_select or self.cfg.recompute_select
         spans = [(u.start, u.length) for u in uses]
         if select == "question" and uses:
@@ -201,6 +201,8 @@ class SegmentCatalog:
             plan = pooled_plan(prompt, spans, self.cfg, frac)
             return [replace(u, fraction=f, focus=c)
                     for u, (f, c) in zip(uses, plan, strict=True)]
+        if select == "blend":
+            return [replace(u, blend=True) for u in uses]
         return uses
 
     def _marked(self, prompt: Sequence[int], start: int, params: RequestParams

@@ -37,6 +37,9 @@ class Use:
     """``recompute_select="question"``: the segment's chunks (of ``reuse.chunk`` tokens)
     that share the most with this request's question, most first; recomputed before the
     deviation's picks (:func:`redknot_vllm.reuse.policy.question_focus`)."""
+    blend: bool = False
+    """``recompute_select="blend"``: after its first tokens, the recomputed chunks are chosen
+    in the forward from this request's KV deviation (:mod:`redknot_vllm.reuse.blend`)."""
 
 
 @dataclass(frozen=True)

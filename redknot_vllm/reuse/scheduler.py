@@ -61,6 +61,8 @@ class ReuseScheduler:
                              *(f"{u.digest}@{u.start}~{u.fraction}"
                                # a question-chosen recompute set is part of what was computed
                                + (f"~{','.join(map(str, u.focus))}" if u.focus else "")
+                               # so is one chosen from the request's own KV
+                               + ("~blend" if u.blend else "")
                                for u in uses)])
             compat.salt_block_hashes(request, num_computed_tokens // self.block_size, salt)
             logger.info("RedKnot request %s reuses %d stored segment(s), %d of %d prompt "

@@ -22,9 +22,10 @@ from redknot_vllm.kernels.paged_kv import read_kv, slots_of
 from redknot_vllm.kv_store import Segment, SegmentStore
 from redknot_vllm.logs import RateLimited
 from redknot_vllm.relocation import check_relocatable, relocate_keys
+from redknot_vllm.reuse.blend import BlendGroup, BlendPlan, blend_chunks, kv_deviation
 from redknot_vllm.reuse.keys import ReuseSetup
 from redknot_vllm.reuse.params import Capture, Use
-from redknot_vllm.reuse.policy import recompute_mask
+from redknot_vllm.reuse.policy import first_tokens_mask, recompute_mask
 from redknot_vllm.reuse.splice import SplicedKV
 from redknot_vllm.step import StepState
 
@@ -79,6 +80,9 @@ class ReuseWorker:
         self._local_kv: dict[str, _LocalKV] = {}
         self._unrestricted: tuple[Any, Any] | None = None
         """This step's metadata of both groups before the splice restricted them."""
+        self._blend_owners: tuple[list[Any], list[Any], Any] | None = None
+        """A blended step's parts, their owners and SegPaged's local metadata, from the
+        splice to :meth:`blend_restrict`."""
 
     def _open_store(self, gpu_bytes: int, host_bytes: int) -> SegmentStore:
         try:
@@ -134,7 +138,9 @@ class ReuseWorker:
                 return
         tok_idx: list[torch.Tensor] = []
         parts: list[tuple[Segment, torch.Tensor, int]] = []
-        reused: dict[int, list[tuple[int, int]]] = {}
+        # per part: its request's first slot and the blend group (None: not blended)
+        owners: list[tuple[int, BlendGroup | None]] = []
+        n_cand = 0
         firsts = step.first_slots()
         for r, slot in enumerate(firsts):
             hit = plan.get(slot)
@@ -143,7 +149,7 @@ class ReuseWorker:
             req_id, prompt_len, uses = hit
             q0, q1 = md.query_start_loc_cpu[r], md.query_start_loc_cpu[r + 1]
             c = md.seq_lens_cpu[r] - (q1 - q0)  # position of the row's first token
-            row_idx, row_parts, row_ranges = [], [], []
+            row_idx, row_parts, row_owners = [], [], []
             try:
                 for u in uses:
                     found = self._reused_offsets(req_id, prompt_len, u, c, c + q1 - q0)
@@ -152,15 +158,19 @@ class ReuseWorker:
                     seg, offs = found
                     row_idx.append(q0 + (offs + u.start - c))
                     row_parts.append((seg, offs, u.start))
-                    row_ranges += _ranges(offs + u.start)
+                    group = None
+                    if u.blend and self.cfg.policy == "selective":
+                        group = self._blend_group(seg, u, offs, n_cand)
+                    row_owners.append((slot, group))
+                    n_cand += len(offs)
             except Exception as e:
+                n_cand -= sum(len(o) for _, o, _ in row_parts)
                 self.log.error("request-failed", "RedKnot reuse: request %s failed (%s: %s); it "
                                "is computed", req_id, type(e).__name__, e, exc_info=True)
                 continue
             tok_idx += row_idx
             parts += row_parts
-            if row_ranges:
-                reused.setdefault(slot, []).extend(row_ranges)
+            owners += row_owners
         if not tok_idx:
             return
         t_all = torch.cat(tok_idx)
@@ -173,10 +183,36 @@ class ReuseWorker:
             return
         spliced.write_all_heads(self._caches, self._local_caches if md_l is not None
                                 else None)
+        groups = [g for _, g in owners if g is not None]
+        if groups and self._blend_ready(step):
+            # the forward runs the first layers on every token, then calls blend_restrict;
+            # the tokens of segments not blended are candidates never picked
+            step.blend = BlendPlan(self.cfg.blend_layers, t_all, spliced.slots, groups,
+                                   spliced)
+            self._blend_owners = (parts, owners, md_l)
+            return
+        self._restrict(step, forward_context, t_all, parts, owners, md_l,
+                       torch.zeros(len(t_all), dtype=torch.bool))
+
+    def _restrict(self, step: StepState, forward_context: Any, t_all: torch.Tensor,
+                  parts: list[tuple[Segment, torch.Tensor, int]],
+                  owners: list[tuple[int, BlendGroup | None]], md_l: Any,
+                  recompute: torch.Tensor) -> None:
+        """Restrict the step to the tokens computed: all but the spliced ones ``t_all``
+        that ``recompute`` (host bool, same order) does not name."""
+        md = step.attn
         keep = torch.ones(md.num_actual_tokens, dtype=torch.bool)
-        keep[t_all] = False
+        keep[t_all[~recompute]] = False
         if not bool(keep.any()):
             keep[-1] = True  # a step computes at least one token
+        reused: dict[int, list[tuple[int, int]]] = {}
+        i = 0
+        for (_, offs, start), (slot, _) in zip(parts, owners, strict=True):
+            left = offs[~recompute[i:i + len(offs)]]
+            i += len(offs)
+            if left.numel():
+                reused.setdefault(slot, []).extend(_ranges(left + start))
+        firsts = step.first_slots()
         new_md, kept, row_firsts = restrict_tokens(md, keep, firsts)
         if md_l is not None:
             # the same runs in the local group (its own block table and slots)
@@ -186,6 +222,62 @@ class ReuseWorker:
         compat.set_step_attention_metadata(forward_context, self.layer_names, new_md)
         step.attn, step.compute_index, step.row_first_slots = new_md, kept, row_firsts
         step.reused = reused
+        # blend restricts half-way through the forward: what its first layers derived from
+        # the unrestricted rows no longer lines up (their FFN is accounted as dense)
+        step.ffn_kept.clear()
+        step._to_row_end = None
+
+    # ----------------------------------------------------------------------- blend
+    def _blend_group(self, seg: Segment, u: Use, offs: torch.Tensor, start: int
+                     ) -> BlendGroup:
+        """The blend choice of one segment in this step: its candidates (``offs``, the
+        tokens spliced) and how many of their chunks are recomputed: the segment's share
+        beyond its first tokens, of this step's chunks (so a segment split over steps gets
+        its share in each, and a share of 1 recomputes everything)."""
+        n = len(seg.key.token_ids)
+        first = min(self.cfg.recompute_first, n)
+        frac = self.cfg.recompute_fraction if u.fraction is None else u.fraction
+        share = min(1.0, max(0.0, (frac * n - first) / max(1, n - first)))
+        ids = offs // self.cfg.chunk
+        return BlendGroup(start, len(offs), ids, round(share * len(torch.unique(ids))))
+
+    def _blend_ready(self, step: StepState) -> bool:
+        """Whether the forward can blend this step (else it is restricted at once, each
+        blended segment recomputing its first tokens only: logged)."""
+        row = self.layer_row.get(self.cfg.blend_layers - 1)
+        if row is None or self.cfg.blend_layers >= len(self.layer_names):
+            logger.warning_once(
+                "RedKnot reuse: recompute_select 'blend' needs reuse.blend_layers (%d) below "
+                "the model's %d layers on one pipeline stage; blended segments recompute only "
+                "their first tokens", self.cfg.blend_layers, len(self.layer_names))
+            return False
+        return True
+
+    def blend_restrict(self, step: StepState, forward_context: Any) -> torch.Tensor | None:
+        """Called by the forward after the first ``blend_layers`` layers ran on every
+        token: pick each blended segment's most deviating chunks, restrict the step to
+        them (and every token not spliced); returns the kept token indices (None: all).
+
+        A failure keeps every token computed for the rest of the forward (exact, logged)."""
+        plan = step.blend
+        assert plan is not None
+        parts, owners, md_l = self._blend_owners
+        self._blend_owners = None
+        try:
+            row = self.layer_row[plan.layers - 1]
+            k, v = read_kv(self._caches[row:row + 1], plan.slots)
+            sk, sv = plan.spliced.layer(row)  # type: ignore[attr-defined]
+            h = k.shape[2]  # SegPaged: the global heads' cache holds the first h heads
+            dev = kv_deviation(k[0], v[0], sk[:, :h], sv[:, :h])
+            recompute = blend_chunks(dev, plan.groups)
+            self._restrict(step, forward_context, plan.token_index, parts, owners, md_l,
+                           recompute)
+        except Exception as e:
+            self.log.error("blend-failed", "RedKnot reuse: the blend choice failed (%s: %s); "
+                           "the step computes every token", type(e).__name__, e,
+                           exc_info=True)
+            return None
+        return step.compute_index
 
     def _reused_offsets(self, req_id: str, prompt_len: int, u: Use, a: int, b: int
                         ) -> tuple[Segment, torch.Tensor] | None:
@@ -203,7 +295,8 @@ class ReuseWorker:
         if self.cfg.policy == "selective":
             mkey = (req_id, u.digest, u.start)
             if mkey not in self._masks:
-                self._masks[mkey] = recompute_mask(seg, self.cfg, u.fraction, u.focus)
+                self._masks[mkey] = (first_tokens_mask(seg, self.cfg) if u.blend else
+                                     recompute_mask(seg, self.cfg, u.fraction, u.focus))
             offs = offs[~self._masks[mkey][offs]]
         offs = offs[offs + u.start != prompt_len - 1]  # its logits are sampled
         return (seg, offs) if offs.numel() else None
@@ -236,7 +329,7 @@ class ReuseWorker:
             if captures:
                 self.capture(captures)
         finally:
-            self._unrestricted = None
+            self._unrestricted = self._blend_owners = None
 
     def _gather_local(self, gathering: Mapping[int, tuple[str, int]]) -> None:
         """Copy this step's tokens' local-head KV of the gathering prompts, read at the
