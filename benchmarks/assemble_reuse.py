@@ -26,7 +26,8 @@ def speed_rows(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
              "speedup_vs_prefix_cache_median": r["speedup_vs_prefix_cache_median"],
              "dense_ttft_s": r["dense_ttft_s"], "prefix_cache_ttft_s": r["prefix_cache_ttft_s"],
              "reuse_ttft_s": r["redknot_ttft_s"], "reused_tokens": r["reused_tokens"],
-             "source": path.name} for r in doc["results"]]
+             "device": doc["device"], "commit": doc["commit"], "source": path.name}
+            for r in doc["results"]]
     return doc, rows
 
 
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "reuse-h200.json"))
     a = ap.parse_args()
     speed, rows = speed_rows(RESULTS / "reuse-qwen05shape-h200.json")
+    rows += speed_rows(RESULTS / "reuse-llama8b-64k-h100.json")[1]
     quality = (quality_rows_final(RESULTS / "reuse-quality-qwen05-h200.json", "fixed 1024")
                + quality_rows_partial(RESULTS / "raw/reuse-quality-qwen05-records-h200.partial"
                                       ".json.gz", "records"))
@@ -67,8 +69,12 @@ def main() -> None:
         "results": rows,
         "results_note": "Qwen2.5-Coder-0.5B's shape with random weights (speed does not "
                         "depend on the weights); dense and the prefix-cache hit are stock vLLM "
-                        "in the same run. The 8B shape has not been run on the H200 (H100 "
-                        "figures: reuse-h100.json).",
+                        "in the same run. The 8B shape at 64K ran on an H100 (its row's "
+                        "device; the H200 had no machine that session), dense and the "
+                        "prefix-cache hit on the same GPU in the same call; the tree that ran "
+                        "was 33564cc, though the file records fbde190 (raw/device-calls-"
+                        "2026-12-07-33564cc.provenance.json); other 8B figures: "
+                        "reuse-h100.json.",
         "quality": quality,
         "quality_note": "Qwen2.5-Coder-0.5B real weights, reuse before dense in the same "
                         "engine, every head global. 'fixed 1024': contexts cut every 1,024 "
