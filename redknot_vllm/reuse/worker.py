@@ -156,11 +156,11 @@ class ReuseWorker:
                     if found is None:
                         continue
                     seg, offs = found
-                    row_idx.append(q0 + (offs + u.start - c))
-                    row_parts.append((seg, offs, u.start))
                     group = None
                     if u.blend and self.cfg.policy == "selective":
                         group = self._blend_group(seg, u, offs, n_cand)
+                    row_idx.append(q0 + (offs + u.start - c))
+                    row_parts.append((seg, offs, u.start))
                     row_owners.append((slot, group))
                     n_cand += len(offs)
             except Exception as e:
