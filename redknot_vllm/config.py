@@ -196,7 +196,8 @@ class ReuseConfig:
     CPU diagnostic, ``docs/reuse.md``): the share is of the request's reused tokens
     together, spent on the segments the question points to first, each whole while the
     budget holds it, then by deviation (:func:`redknot_vllm.reuse.policy.pooled_plan`).
-    ``blend`` (experimental, CacheBlend's rule): the first ``blend_layers`` layers run on
+    ``blend`` (experimental, CacheBlend's rule; level with ``question`` in a CPU
+    diagnostic, at more FLOPs, ``docs/reuse.md``): the first ``blend_layers`` layers run on
     every token, then each segment's chunks whose KV deviated most from the spliced KV
     there, in this request, run the remaining layers (:mod:`redknot_vllm.reuse.blend`)."""
     blend_layers: int = 2
