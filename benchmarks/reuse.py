@@ -287,11 +287,35 @@ def quality_child(a: argparse.Namespace) -> None:
                                                     "recompute_select": select}
         return {"kv_transfer_params": {"redknot": p}}
 
+    def side_mode(case: Any, frac: float, select: str, side: str) -> dict[str, Any]:
+        """Reuse, as marked ranges, only the documents before (``side="before"``) or after
+        the first one whose text holds the answer; that one and the rest are computed."""
+        docs = documents(case, a.quality_doc_tokens, min_tokens, a.quality_doc_split)
+        ends = list(itertools.accumulate(len(d) for d in docs))
+        spans = list(zip([0, *ends[:-1]], ends, strict=True))
+        asked = next((j for j, d in enumerate(docs) if case.answers[0] in tok.decode(d)),
+                     None)
+        if asked is None:
+            raise SystemExit(f"--quality-sides: no document of case {case.index} holds "
+                             f"its answer {case.answers[0]!r}")
+        ranges = [list(sp) for j, sp in enumerate(spans)
+                  if (j < asked if side == "before" else j > asked)]
+        return {"kv_transfer_params": {"redknot": {
+            "reuse": ranges or "off", "recompute_fraction": frac, "recompute_select": select}}}
+
     # a mode per (share, selection rule): "0.15" (deviation, the default) or "0.15-question"
     modes = {(str(f) if sel == "deviation" else f"{f}-{sel}"): (f, sel)
              for f in a.fractions for sel in a.selects}
     if a.quality_policy == "seed":  # every token computed: shares and rules do not apply
         modes = {"seed": (a.fractions[0], a.selects[0])}
+    # diagnostic: only the documents before (or after) the one holding the answer reused,
+    # as marked ranges, the others computed: "0.15-question-before"
+    sided = {f"{name}-{side}": (f, sel, side) for name, (f, sel) in modes.items()
+             for side in a.quality_sides if side != "all"}
+    if "all" not in a.quality_sides:
+        modes = {}
+    for name, (f, sel, _) in sided.items():
+        modes[name] = (f, sel)
     outs: dict[str, list[quality.Outcome]] = {k: [] for k in (*modes, "dense")}
     n_docs = 0
     partial = partial_file(Path(a.json_out))
@@ -341,6 +365,11 @@ def quality_child(a: argparse.Namespace) -> None:
         n_docs += len(docs)
         precompute(llm, docs, progress=False)
         for name, (f, sel) in modes.items():  # before dense: it would fill the prefix cache
+            if name in sided:
+                outs[name] += [quality.run_cases(
+                    llm, [c], redknot=True, use_tqdm=False,
+                    extra_args=side_mode(c, f, sel, sided[name][2]))[0] for c in batch]
+                continue
             outs[name] += quality.run_cases(llm, batch, redknot=True, use_tqdm=False,
                                             extra_args=mode(f, sel))
         outs["dense"] += quality.run_cases(llm, batch, redknot=True, use_tqdm=False,
@@ -374,6 +403,8 @@ def parent(a: argparse.Namespace) -> None:
               a.quality_doc_split, "--quality-batch",
               str(a.quality_batch), "--quality-model", a.quality_model,
               "--quality-tasks", *a.quality_tasks, "--selects", *a.selects]
+    if a.quality_sides != ["all"]:  # (earlier runs' keys stay)
+        shared += ["--quality-sides", *a.quality_sides]
     if a.quality_policy != "selective" or a.quality_head_config:  # (earlier runs' keys stay)
         shared += ["--quality-policy", a.quality_policy,
                    *(["--quality-head-config", a.quality_head_config]
@@ -516,6 +547,10 @@ def main() -> None:
                         "heads, --quality-head-config)")
     p.add_argument("--quality-head-config",
                    help="the quality engine's head config (default: every head global)")
+    p.add_argument("--quality-sides", nargs="+", choices=["all", "before", "after"],
+                   default=["all"],
+                   help="diagnostic: reuse every document (all), or only those before / "
+                        "after the one holding the answer (the others computed)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reuse-h100.json"))
     p.add_argument("--engines", nargs="+", default=["quality", "stock", "redknot"],
                    help="the engines this call runs (others are read from --workdir)")

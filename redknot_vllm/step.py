@@ -78,6 +78,13 @@ class StepState:
             self._to_row_end = tokens_to_row_end(self.attn)
         return self._to_row_end
 
+    def rows_changed(self) -> None:
+        """``attn`` now has other rows (blend restricts half-way through the forward): drop
+        what was derived from the old ones; the FFN of the layers already run is then
+        accounted as dense."""
+        self.ffn_kept.clear()
+        self._to_row_end = None
+
     def first_slots(self) -> list[int]:
         """Per row, the slot that identifies its request in this step (one transfer)."""
         if self.row_first_slots is not None:

@@ -258,6 +258,9 @@ def test_reuse_config_validation():
         ReuseConfig(policy="cacheblend")
     with pytest.raises(RedKnotConfigError, match=r"reuse\.recompute_fraction"):
         ReuseConfig(recompute_fraction=1.5)
+    for bad in (1, 0, 2.5, True):  # layer 0's KV never deviates: at least 2
+        with pytest.raises(RedKnotConfigError, match=r"reuse\.blend_layers"):
+            ReuseConfig(blend_layers=bad)
     with pytest.raises(RedKnotConfigError, match="unknown option"):
         ReuseConfig.from_dict({"store": "/x"})
 

@@ -23,7 +23,7 @@ from vllm.logger import init_logger
 from redknot_vllm import compat
 from redknot_vllm.attention.backend import RedKnotAttentionBackend
 from redknot_vllm.attention.plan import LayerPlan, build_layer_plan, permute_attention_heads
-from redknot_vllm.config import RedKnotConfig
+from redknot_vllm.config import RedKnotConfig, RedKnotConfigError
 from redknot_vllm.dims import ModelDims
 from redknot_vllm.runtime import RUNTIME_KEY, RedKnotRuntime
 from redknot_vllm.sparse_ffn import make_sparse
@@ -51,6 +51,10 @@ def apply_redknot(causal_lm: torch.nn.Module, vllm_config: Any) -> RedKnotRuntim
     hc.validate_for_model(dims.num_layers, dims.num_kv_heads, tp_size, dims.max_positions)
     if cfg.sparse_ffn is not None:
         cfg.sparse_ffn.validate_for_model(dims.num_layers, dims.max_positions)
+    if cfg.reuse is not None and cfg.reuse.blend_layers >= dims.num_layers:
+        raise RedKnotConfigError(
+            f"reuse.blend_layers is {cfg.reuse.blend_layers}; this model has "
+            f"{dims.num_layers} layers: use fewer (the blend choice needs layers after it)")
     if cfg.require_gate:
         from redknot_vllm.gate import require_passed
 

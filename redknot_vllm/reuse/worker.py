@@ -222,10 +222,7 @@ class ReuseWorker:
         compat.set_step_attention_metadata(forward_context, self.layer_names, new_md)
         step.attn, step.compute_index, step.row_first_slots = new_md, kept, row_firsts
         step.reused = reused
-        # blend restricts half-way through the forward: what its first layers derived from
-        # the unrestricted rows no longer lines up (their FFN is accounted as dense)
-        step.ffn_kept.clear()
-        step._to_row_end = None
+        step.rows_changed()  # blend restricts half-way through the forward
 
     # ----------------------------------------------------------------------- blend
     def _blend_group(self, seg: Segment, u: Use, offs: torch.Tensor, start: int
@@ -259,11 +256,11 @@ class ReuseWorker:
         them (and every token not spliced); returns the kept token indices (None: all).
 
         A failure keeps every token computed for the rest of the forward (exact, logged)."""
-        plan = step.blend
-        assert plan is not None
-        parts, owners, md_l = self._blend_owners
-        self._blend_owners = None
+        plan, owned, self._blend_owners = step.blend, self._blend_owners, None
         try:
+            if plan is None or owned is None:
+                raise RuntimeError("no blend plan of this step's splice")
+            parts, owners, md_l = owned
             row = self.layer_row[plan.layers - 1]
             k, v = read_kv(self._caches[row:row + 1], plan.slots)
             sk, sv = plan.spliced.layer(row)  # type: ignore[attr-defined]
