@@ -18,8 +18,12 @@ rest over the kept tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from redknot_vllm.reuse.splice import SplicedKV
 
 
 @dataclass
@@ -47,14 +51,15 @@ class BlendPlan:
     slots: torch.Tensor
     """``[n]`` their KV slots (device), in the same order."""
     groups: list[BlendGroup]
-    spliced: object
-    """The step's :class:`redknot_vllm.reuse.splice.SplicedKV` (candidates in its order)."""
+    spliced: SplicedKV
+    """The step's spliced KV (candidates in its order)."""
 
 
 def kv_deviation(fresh_k: torch.Tensor, fresh_v: torch.Tensor, stored_k: torch.Tensor,
                  stored_v: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[n]``: per token, the relative L2 distance of fresh from stored K and V
-    (``[n, H, D]`` each), averaged over K, V and heads (the probe's measure)."""
+    """fp32 ``[..., n]``: per token, the relative L2 distance of fresh from stored K and V
+    (``[..., n, H, D]`` each), averaged over K, V and heads (the probe averages it over
+    layers too)."""
     def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         b = b.float()
         return (a.float() - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-6)

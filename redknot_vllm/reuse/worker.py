@@ -263,7 +263,7 @@ class ReuseWorker:
             parts, owners, md_l = owned
             row = self.layer_row[plan.layers - 1]
             k, v = read_kv(self._caches[row:row + 1], plan.slots)
-            sk, sv = plan.spliced.layer(row)  # type: ignore[attr-defined]
+            sk, sv = plan.spliced.layer(row)
             h = k.shape[2]  # SegPaged: the global heads' cache holds the first h heads
             dev = kv_deviation(k[0], v[0], sk[:, :h], sv[:, :h])
             recompute = blend_chunks(dev, plan.groups)
@@ -440,10 +440,7 @@ class ReuseWorker:
         n = k.shape[1]
         # each fp32 copy made once: at 32K tokens a layer stack of K or V is hundreds of MB
         ref_k = relocate_keys(seg.k, 0, offset, self.rotary).float()
-        ref_v = seg.v.float()
-        dk = (k.float() - ref_k).norm(dim=-1) / ref_k.norm(dim=-1).clamp_min(1e-6)
-        dv = (v.float() - ref_v).norm(dim=-1) / ref_v.norm(dim=-1).clamp_min(1e-6)
-        deviation = ((dk + dv) / 2).mean(dim=(0, 2)).cpu()  # [n]: over layers and heads
+        deviation = kv_deviation(k, v, ref_k, seg.v.float()).mean(dim=0).cpu()  # over layers
         assert deviation.numel() == n
         # the KV is stored already: only the scores are written (a sidecar on disk), so a
         # precomputed segment's file is written once, by its store request
