@@ -123,18 +123,18 @@ PREFACE = "Some unrelated preface text about the weather in spring and the price
 QUESTION = "\nQuestion: what is the secret code of the {name} vault? Answer: The code is"
 
 
-def reuse_logprobs(llm: Any, prompt: list[int], reuse: str
-                   ) -> tuple[list[float], list[int], dict[str, Any]]:
+def reuse_logprobs(llm: Any, prompt: list[int], reuse: str, salt: str | None = None,
+                   **params: Any) -> tuple[list[float], list[int], dict[str, Any]]:
     """First-token top-5 logprobs, 4 greedy tokens and RedKnot stats of ``prompt`` with
-    ``{"reuse": reuse}``; salted by ``reuse``, since a stored document's own blocks are in
-    the prefix cache."""
+    ``{"reuse": reuse, **params}``; salted by ``salt`` (default ``reuse``), since a stored
+    document's own blocks are in the prefix cache."""
     from vllm import SamplingParams
 
     from redknot_vllm import request_stats
 
-    sp = SamplingParams(max_tokens=4, temperature=0.0, logprobs=5,
-                        extra_args={"kv_transfer_params": {"redknot": {"reuse": reuse}}})
-    out = llm.generate([{"prompt_token_ids": prompt, "cache_salt": reuse}], sp,
+    sp = SamplingParams(max_tokens=4, temperature=0.0, logprobs=5, extra_args={
+        "kv_transfer_params": {"redknot": {"reuse": reuse, **params}}})
+    out = llm.generate([{"prompt_token_ids": prompt, "cache_salt": salt or reuse}], sp,
                        use_tqdm=False)[0]
     first = out.outputs[0].logprobs[0]
     stats = request_stats(llm, [out.request_id])[out.request_id]

@@ -19,14 +19,16 @@ from tests.conftest import COMMON, PREFACE, QUESTION, _doc, _engine, reuse_logpr
 
 
 def _run(llm: Any, prompt: list[int], reuse: str | None = None,
-         salt: str | None = None) -> tuple[str, dict[str, Any]]:
-    """Greedy text and RedKnot stats; ``salt`` keeps the prompt off earlier prefix-cache
-    entries (a stored document's own blocks would otherwise be an exact hit)."""
+         salt: str | None = None, **params: Any) -> tuple[str, dict[str, Any]]:
+    """Greedy text and RedKnot stats (``params``: more ``kv_transfer_params["redknot"]``
+    options); ``salt`` keeps the prompt off earlier prefix-cache entries (a stored
+    document's own blocks would otherwise be an exact hit)."""
     from vllm import SamplingParams
 
     from redknot_vllm import request_stats
 
-    extra = {} if reuse is None else {"kv_transfer_params": {"redknot": {"reuse": reuse}}}
+    extra = {} if reuse is None else {"kv_transfer_params": {"redknot": {"reuse": reuse,
+                                                                          **params}}}
     sp = SamplingParams(max_tokens=6, temperature=0.0, extra_args=extra)
     p: dict[str, Any] = {"prompt_token_ids": prompt}
     if salt is not None:
@@ -563,12 +565,12 @@ def test_blend_chunks_picks_each_segments_most_deviating_chunks():
     # partial (one token), ties go to the earlier chunk
     dev = torch.tensor([0.1, 0.1, 0.9, 0.7, 0.2, 0.2,   # segment A: chunks 1, 2, 3
                         0.5, 0.5, 0.3, 0.3, 0.5, 0.8])  # segment B: chunks 2, 3, 4, 5
-    groups = [BlendGroup(0, 6, torch.tensor([1, 1, 2, 2, 3, 3]), 1),
-              BlendGroup(6, 6, torch.tensor([2, 2, 3, 3, 4, 5]), 2)]
+    groups = [BlendGroup(0, torch.tensor([1, 1, 2, 2, 3, 3]), 1),
+              BlendGroup(6, torch.tensor([2, 2, 3, 3, 4, 5]), 2)]
     picked = blend_chunks(dev, groups)
     assert picked.tolist() == [False, False, True, True, False, False,
                                True, True, False, False, False, True]
-    none = blend_chunks(dev, [BlendGroup(0, 6, groups[0].chunk_ids, 0)])
+    none = blend_chunks(dev, [BlendGroup(0, groups[0].chunk_ids, 0)])
     assert not none.any()
     # relative distance of K and V, averaged over both and the heads
     k = torch.ones(3, 2, 4)
@@ -576,21 +578,6 @@ def test_blend_chunks_picks_each_segments_most_deviating_chunks():
     fresh_k = k.clone()
     fresh_k[1] *= 2  # token 1's K moved by 100% on both heads
     assert kv_deviation(fresh_k, v, k, v).tolist() == pytest.approx([0.0, 0.5, 0.0])
-
-
-def _blend_run(llm: Any, prompt: list[int], redknot: dict[str, Any], salt: str
-               ) -> tuple[list[float], list[int], dict[str, Any]]:
-    from vllm import SamplingParams
-
-    from redknot_vllm import request_stats
-
-    sp = SamplingParams(max_tokens=4, temperature=0.0, logprobs=5,
-                        extra_args={"kv_transfer_params": {"redknot": redknot}})
-    out = llm.generate([{"prompt_token_ids": prompt, "cache_salt": salt}], sp,
-                       use_tqdm=False)[0]
-    first = out.outputs[0].logprobs[0]
-    stats = request_stats(llm, [out.request_id])[out.request_id]
-    return [first[t].logprob for t in sorted(first)], list(out.outputs[0].token_ids), stats
 
 
 def test_blend_runs_first_layers_on_every_token_and_is_exact_at_full_share(reuse_llm,
@@ -604,13 +591,14 @@ def test_blend_runs_first_layers_on_every_token_and_is_exact_at_full_share(reuse
     prompt = _ids(tok, PREFACE * 2) + ids["red"] + ids["blue"] + _ids(
         tok, QUESTION.format(name="blue"))
     n_docs = len(ids["blue"]) + len(ids["red"])
-    lp_d, toks_d, st_d = _blend_run(reuse_llm, prompt, {"reuse": "off"}, "blend-dense")
-    lp_f, toks_f, st_f = _blend_run(reuse_llm, prompt, {
-        "reuse": "auto", "recompute_select": "blend", "recompute_fraction": 1.0}, "blend-1")
+    lp_d, toks_d, st_d = reuse_logprobs(reuse_llm, prompt, "off", salt="blend-dense")
+    lp_f, toks_f, st_f = reuse_logprobs(reuse_llm, prompt, "auto", salt="blend-1",
+                                        recompute_select="blend", recompute_fraction=1.0)
     assert st_f["reused_tokens"] == 0 and st_f["prefill_tokens"] == len(prompt)
     assert toks_f == toks_d
     assert lp_f == pytest.approx(lp_d, abs=1e-4)
-    text, st = _run_blend_text(reuse_llm, prompt)
+    text, st = _run(reuse_llm, prompt, "auto", salt="blend-default",
+                    recompute_select="blend")
     assert "48213" in text
     assert 0.6 * n_docs < st["reused_tokens"] < n_docs
     assert st["prefill_tokens"] + st["reused_tokens"] == len(prompt)
@@ -620,14 +608,3 @@ def test_blend_runs_first_layers_on_every_token_and_is_exact_at_full_share(reuse
     assert per_token < 0.97 * st_q["flops_saved"] / st_q["reused_tokens"]
     assert st_d["reused_tokens"] == 0
 
-
-def _run_blend_text(llm: Any, prompt: list[int]) -> tuple[str, dict[str, Any]]:
-    from vllm import SamplingParams
-
-    from redknot_vllm import request_stats
-
-    sp = SamplingParams(max_tokens=6, temperature=0.0, extra_args={"kv_transfer_params": {
-        "redknot": {"reuse": "auto", "recompute_select": "blend"}}})
-    out = llm.generate([{"prompt_token_ids": prompt, "cache_salt": "blend-default"}], sp,
-                       use_tqdm=False)[0]
-    return out.outputs[0].text, request_stats(llm, [out.request_id])[out.request_id]

@@ -32,12 +32,15 @@ class BlendGroup:
 
     start: int
     """Index of its first candidate in the plan's candidate order."""
-    count: int
-    """Candidates (spliced tokens) of this segment in this step."""
     chunk_ids: torch.Tensor
-    """Host long ``[count]``: each candidate's chunk within the segment."""
+    """Host long ``[count]``: each candidate's (spliced token's) chunk within the segment."""
     quota: int
     """Chunks of this segment to recompute in this step."""
+
+    @property
+    def count(self) -> int:
+        """Candidates of this segment in this step."""
+        return len(self.chunk_ids)
 
 
 @dataclass

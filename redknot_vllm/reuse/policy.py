@@ -52,14 +52,6 @@ def recompute_mask(segment: Segment, cfg: ReuseConfig,
     return mask
 
 
-def first_tokens_mask(segment: Segment, cfg: ReuseConfig) -> torch.Tensor:
-    """Host bool ``[L]``: the first ``recompute_first`` tokens (``blend``: the rest of the
-    share is chosen in the forward)."""
-    mask = torch.zeros(len(segment.key.token_ids), dtype=torch.bool)
-    mask[:cfg.recompute_first] = True
-    return mask
-
-
 QUESTION_TOKENS = 256
 """The question is at most this many of the prompt's last tokens."""
 

@@ -25,7 +25,7 @@ from redknot_vllm.relocation import check_relocatable, relocate_keys
 from redknot_vllm.reuse.blend import BlendGroup, BlendPlan, blend_chunks, kv_deviation
 from redknot_vllm.reuse.keys import ReuseSetup
 from redknot_vllm.reuse.params import Capture, Use
-from redknot_vllm.reuse.policy import first_tokens_mask, recompute_mask
+from redknot_vllm.reuse.policy import recompute_mask
 from redknot_vllm.reuse.splice import SplicedKV
 from redknot_vllm.step import StepState
 
@@ -80,9 +80,9 @@ class ReuseWorker:
         self._local_kv: dict[str, _LocalKV] = {}
         self._unrestricted: tuple[Any, Any] | None = None
         """This step's metadata of both groups before the splice restricted them."""
-        self._blend_owners: tuple[list[Any], list[Any], Any] | None = None
-        """A blended step's parts, their owners and SegPaged's local metadata, from the
-        splice to :meth:`blend_restrict`."""
+        self._blend_owners: tuple[list[Any], list[Any], Any, list[int]] | None = None
+        """A blended step's parts, their owners, SegPaged's local metadata and the step's
+        first slots, from the splice to :meth:`blend_restrict`."""
 
     def _open_store(self, gpu_bytes: int, host_bytes: int) -> SegmentStore:
         try:
@@ -189,17 +189,18 @@ class ReuseWorker:
             # the tokens of segments not blended are candidates never picked
             step.blend = BlendPlan(self.cfg.blend_layers, t_all, spliced.slots, groups,
                                    spliced)
-            self._blend_owners = (parts, owners, md_l)
+            self._blend_owners = (parts, owners, md_l, firsts)
             return
-        self._restrict(step, forward_context, t_all, parts, owners, md_l,
+        self._restrict(step, forward_context, t_all, parts, owners, md_l, firsts,
                        torch.zeros(len(t_all), dtype=torch.bool))
 
     def _restrict(self, step: StepState, forward_context: Any, t_all: torch.Tensor,
                   parts: list[tuple[Segment, torch.Tensor, int]],
                   owners: list[tuple[int, BlendGroup | None]], md_l: Any,
-                  recompute: torch.Tensor) -> None:
+                  firsts: list[int], recompute: torch.Tensor) -> None:
         """Restrict the step to the tokens computed: all but the spliced ones ``t_all``
-        that ``recompute`` (host bool, same order) does not name."""
+        that ``recompute`` (host bool, same order) does not name; ``firsts``: the
+        unrestricted step's first slots (one transfer, taken by the splice)."""
         md = step.attn
         keep = torch.ones(md.num_actual_tokens, dtype=torch.bool)
         keep[t_all[~recompute]] = False
@@ -212,7 +213,6 @@ class ReuseWorker:
             i += len(offs)
             if left.numel():
                 reused.setdefault(slot, []).extend(_ranges(left + start))
-        firsts = step.first_slots()
         new_md, kept, row_firsts = restrict_tokens(md, keep, firsts)
         if md_l is not None:
             # the same runs in the local group (its own block table and slots)
@@ -236,7 +236,7 @@ class ReuseWorker:
         frac = self.cfg.recompute_fraction if u.fraction is None else u.fraction
         share = min(1.0, max(0.0, (frac * n - first) / max(1, n - first)))
         ids = offs // self.cfg.chunk
-        return BlendGroup(start, len(offs), ids, round(share * len(torch.unique(ids))))
+        return BlendGroup(start, ids, round(share * len(torch.unique(ids))))
 
     def _blend_ready(self, step: StepState) -> bool:
         """Whether the forward can blend this step (else it is restricted at once, each
@@ -260,7 +260,7 @@ class ReuseWorker:
         try:
             if plan is None or owned is None:
                 raise RuntimeError("no blend plan of this step's splice")
-            parts, owners, md_l = owned
+            parts, owners, md_l, firsts = owned
             row = self.layer_row[plan.layers - 1]
             k, v = read_kv(self._caches[row:row + 1], plan.slots)
             sk, sv = plan.spliced.layer(row)
@@ -268,7 +268,7 @@ class ReuseWorker:
             dev = kv_deviation(k[0], v[0], sk[:, :h], sv[:, :h])
             recompute = blend_chunks(dev, plan.groups)
             self._restrict(step, forward_context, plan.token_index, parts, owners, md_l,
-                           recompute)
+                           firsts, recompute)
         except Exception as e:
             self.log.error("blend-failed", "RedKnot reuse: the blend choice failed (%s: %s); "
                            "the step computes every token", type(e).__name__, e,
@@ -292,8 +292,9 @@ class ReuseWorker:
         if self.cfg.policy == "selective":
             mkey = (req_id, u.digest, u.start)
             if mkey not in self._masks:
-                self._masks[mkey] = (first_tokens_mask(seg, self.cfg) if u.blend else
-                                     recompute_mask(seg, self.cfg, u.fraction, u.focus))
+                # blend: the first tokens only (a share of 0); the rest is chosen in the forward
+                self._masks[mkey] = recompute_mask(seg, self.cfg, 0.0 if u.blend else u.fraction,
+                                                   () if u.blend else u.focus)
             offs = offs[~self._masks[mkey][offs]]
         offs = offs[offs + u.start != prompt_len - 1]  # its logits are sampled
         return (seg, offs) if offs.numel() else None
