@@ -63,12 +63,22 @@ for step in "$@"; do
       timeout 560 python3 benchmarks/quality.py report --workdir /tmp/rkq \
         --head-config "${QUALITY_HEAD:-/tmp/rkq/default/head_config.json}" "${ffn[@]}" \
         --out "$OUT/quality-smollm2.json" 2>&1 | grep --line-buffered -E "^\[quality\]|Error|error" | tail -40 ;;
-    reuse)
+    reuse|reuse-*)
       # REUSE_ARGS="--engines quality stock" in one call and "--engines redknot" in the next:
-      # finished engines wait in /tmp/rkr while the machine stays warm
+      # finished engines wait in /tmp/rkr while the machine stays warm. reuse-NAME: one of
+      # several runs in a call, with REUSE_ARGS_NAME and REUSE_OUT_NAME (then results are
+      # kept under /tmp/rkq/reuse-NAME/ and packed with the rest)
       df -h /tmp /dev/shm | tail -2
-      timeout "$(cap ${REUSE_TIMEOUT:-560})" python3 benchmarks/reuse.py --allow-partial --workdir /tmp/rkr --out "$OUT/${REUSE_OUT:-reuse-h200.json}" ${REUSE_ARGS:-} 2>&1 \
-        | tee "$OUT/reuse.raw.log" | grep --line-buffered -E "^\[(reuse|stock|redknot|quality)\]|x dense|Error|error|Traceback" | tail -40
+      if [ "$step" = reuse ]; then rargs=${REUSE_ARGS:-}; rout="$OUT/${REUSE_OUT:-reuse-h200.json}"; rlog="$OUT/reuse.raw.log"
+      else v=REUSE_ARGS_${step#reuse-}; o=REUSE_OUT_${step#reuse-}; rargs=${!v:-}
+        mkdir -p /tmp/rkq/$step; rout=/tmp/rkq/$step/${!o:-reuse.json}; rlog=/tmp/rkq/$step/reuse.raw.log; fi
+      timeout "$(cap ${REUSE_TIMEOUT:-560})" python3 benchmarks/reuse.py --allow-partial --workdir /tmp/rkr --out "$rout" $rargs 2>&1 \
+        | tee "$rlog" | grep --line-buffered -E "^\[(reuse|stock|redknot|quality)\]|x dense|Error|error|Traceback" | tail -40
+      rrc=${PIPESTATUS[0]}
+      # done when it exited cleanly and no quality run was cut (its partial file stays; a
+      # quality-only run assembles no --out, its engine's file is in the parts)
+      [ "$step" != reuse ] && [ "$rrc" = 0 ] && ! ls /tmp/rkr/*.partial.json >/dev/null 2>&1 \
+        && touch /tmp/rkq/done-$step
       # the engines' results (a cut quality run: its partial file), packed: 8 files come back
       (cd /tmp/rkr && tar czf "$OUT/reuse-parts.tar.gz" $(ls *.json *.txt 2>/dev/null)) ;;
     qwen05)

@@ -225,50 +225,20 @@ def documents(case: Any, size: int, min_tokens: int, split: str = "fixed") -> li
     return out
 
 
-def store_preface(tok: Any, a: argparse.Namespace) -> list[int] | None:
-    """``--quality-store-preface``: the tokens every document is stored behind (None: each
-    is prefilled alone, ``precompute``). ``probe``: precompute's probe text. ``context``:
-    the first ``--quality-store-preface-tokens`` of the context of a case of the same task
-    drawn with another seed (its records name other people; it is never in a prompt)."""
+def store_context(tok: Any, a: argparse.Namespace) -> list[int] | None:
+    """``--quality-store-context``: the engine's ``reuse.store_context`` (token ids), which
+    every document is computed behind when stored (None: each is prefilled alone).
+    ``case``: the first ``--quality-store-context-tokens`` of the context of a case of the
+    first task drawn with another seed: the task's instructions and a few of its documents,
+    which name other people and are never in a prompt."""
     from redknot_vllm import quality
-    from redknot_vllm.reuse.precompute import DEFAULT_PROBE
 
-    kind = a.quality_store_preface
-    if kind == "none":
+    if a.quality_store_context == "none":
         return None
-    if kind == "probe":
-        return list(tok(DEFAULT_PROBE, add_special_tokens=False)["input_ids"])
-    n = a.quality_store_preface_tokens
+    n = a.quality_store_context_tokens
     case = quality.make_cases(tok, a.quality_tasks[:1], [n + 512], 1,
                               a.quality_seed + 1000)[0]
     return list(case.context_ids)[:n]
-
-
-def store_behind(llm: Any, docs: list[list[int]], preface: list[int]) -> None:
-    """Store each document's KV as computed behind ``preface`` (moved back to ``[0, L)``:
-    a marked range that is not stored yet, with ``store_marked``), then probe its deviation
-    behind precompute's probe text, as ``precompute`` does."""
-    from vllm import SamplingParams
-
-    from redknot_vllm.reuse.keys import reuse_setup
-    from redknot_vllm.reuse.precompute import DEFAULT_PROBE
-
-    setup = reuse_setup(llm.llm_engine.vllm_config)
-    assert setup is not None
-    uniq = {setup.key(d).digest(): d for d in docs}
-    n = len(preface)
-
-    def params(p: dict[str, Any]) -> Any:
-        return SamplingParams(max_tokens=1, temperature=0.0,
-                              extra_args={"kv_transfer_params": {"redknot": p}})
-
-    llm.generate([{"prompt_token_ids": preface + d} for d in uniq.values()],
-                 [params({"reuse": [[n, n + len(d)]]}) for d in uniq.values()],
-                 use_tqdm=False)
-    probe = list(llm.get_tokenizer()(DEFAULT_PROBE, add_special_tokens=False)["input_ids"])
-    llm.generate([{"prompt_token_ids": probe + d} for d in uniq.values()],
-                 [params({"probe": {"digest": dg, "offset": len(probe)}}) for dg in uniq],
-                 use_tqdm=False)
 
 
 def partial_file(result: Path) -> Path:
@@ -320,13 +290,11 @@ def quality_child(a: argparse.Namespace) -> None:
     # every head global by default, so only reuse differs from dense; with
     # --quality-head-config, "dense" is that config without reuse (the same engine)
     head = a.quality_head_config or all_global(cfg)
-    # --quality-store-preface: each document stored as its KV behind a preface (marked
-    # ranges, store_marked), not prefilled alone
-    preface = store_preface(tok, a)
+    context = store_context(tok, a)
     llm = LLM(**engine_args(model, head_config=head,
                             reuse={"store_dir": str(store), "chunk": a.chunk,
                                    "policy": a.quality_policy,
-                                   "store_marked": preface is not None,
+                                   "store_context": context,
                                    "gpu_bytes": 4 << 30, "host_bytes": 8 << 30,
                                    "disk_bytes": 3 * batch_bytes, "client_store": True},
                             **kw))
@@ -395,12 +363,15 @@ def quality_child(a: argparse.Namespace) -> None:
                        + (f"of {a.quality_doc_tokens} tokens" if a.quality_doc_split == "fixed"
                           else "at its records / source files (other tasks: "
                                f"{a.quality_doc_tokens}-token pieces)")
-                       + ", precomputed alone and reused in place "
+                       + (", precomputed alone" if context is None else
+                          f", precomputed behind a store context of {len(context)} tokens "
+                          "(the start of a case of the task drawn with another seed)")
+                       + " and reused in place "
                        "(relocated from position 0); dense = reuse off in the same engine "
                        f"({'its head config' if a.quality_head_config else 'every head global'}"
                        "), run after the reuse modes",
             "model": qm, "selects": a.selects, "policy": a.quality_policy,
-            "store_preface": {"kind": a.quality_store_preface, "tokens": len(preface or [])},
+            "store_context": {"kind": a.quality_store_context, "tokens": len(context or [])},
             "head_config": a.quality_head_config or "every head global",
             "tasks": list(a.quality_tasks), "lengths": a.quality_lengths, "n": a.quality_n,
             "cases_done": cases_done, "cases": len(cases),
@@ -414,10 +385,7 @@ def quality_child(a: argparse.Namespace) -> None:
         docs = [d for c in batch for d in documents(c, a.quality_doc_tokens, min_tokens,
                                                     a.quality_doc_split)]
         n_docs += len(docs)
-        if preface is None:
-            precompute(llm, docs, progress=False)
-        else:
-            store_behind(llm, docs, preface)
+        precompute(llm, docs, progress=False)
         for name, (f, sel) in modes.items():  # before dense: it would fill the prefix cache
             if name in sided:
                 outs[name] += [quality.run_cases(
@@ -457,9 +425,9 @@ def parent(a: argparse.Namespace) -> None:
               a.quality_doc_split, "--quality-batch",
               str(a.quality_batch), "--quality-model", a.quality_model,
               "--quality-tasks", *a.quality_tasks, "--selects", *a.selects]
-    if a.quality_store_preface != "none":  # (earlier runs' keys stay)
-        shared += ["--quality-store-preface", a.quality_store_preface,
-                   "--quality-store-preface-tokens", str(a.quality_store_preface_tokens)]
+    if a.quality_store_context != "none":  # (earlier runs' keys stay)
+        shared += ["--quality-store-context", a.quality_store_context,
+                   "--quality-store-context-tokens", str(a.quality_store_context_tokens)]
     if a.quality_sides != ["all"]:  # (earlier runs' keys stay)
         shared += ["--quality-sides", *a.quality_sides]
     if a.quality_policy != "selective" or a.quality_head_config:  # (earlier runs' keys stay)
@@ -608,13 +576,11 @@ def main() -> None:
                    default=["all"],
                    help="diagnostic: reuse every document (all), or only those before / "
                         "after the one holding the answer (the others computed)")
-    p.add_argument("--quality-store-preface", choices=["none", "probe", "context"],
-                   default="none",
-                   help="store each document's KV computed behind a preface (probe: "
-                        "precompute's probe text; context: the start of another case of "
-                        "the task) instead of prefilled alone")
-    p.add_argument("--quality-store-preface-tokens", type=int, default=1024,
-                   help="--quality-store-preface context: its length in tokens")
+    p.add_argument("--quality-store-context", choices=["none", "case"], default="none",
+                   help="reuse.store_context of the quality engine: none (documents "
+                        "prefilled alone) or case (the start of another case of the task)")
+    p.add_argument("--quality-store-context-tokens", type=int, default=1024,
+                   help="--quality-store-context case: its length in tokens")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reuse-h100.json"))
     p.add_argument("--engines", nargs="+", default=["quality", "stock", "redknot"],
                    help="the engines this call runs (others are read from --workdir)")

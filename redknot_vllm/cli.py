@@ -204,6 +204,10 @@ def precompute(argv: list[str]) -> None:
     p.add_argument("--no-probe", action="store_true",
                    help="skip the deviation probe (selective reuse then recomputes only the "
                         "first tokens of each segment)")
+    p.add_argument("--store-context", default=None, metavar="FILE",
+                   help="a text file: compute each document behind its text and store the "
+                        "document's KV without it (the server's reuse.store_context must be "
+                        "the same text; segments are keyed by it)")
     p.add_argument("--force", action="store_true",
                    help="store documents again whose segment is already on disk")
     p.add_argument("--dtype", default="auto")
@@ -215,14 +219,21 @@ def precompute(argv: list[str]) -> None:
 
     from pathlib import Path
 
-    from redknot_vllm.config import ReuseConfig
+    from redknot_vllm.config import RedKnotConfigError, ReuseConfig
     from redknot_vllm.reuse import DEFAULT_PROBE, read_docs
     from redknot_vllm.reuse import precompute as run_precompute
     from redknot_vllm.reuse.precompute import check_docs, encode_docs
 
     model = resolve_model(args.model)
     # an operator's engine: its requests may store KV (servers default to not)
-    cfg = ReuseConfig(store_dir=args.store_dir, client_store=True)
+    context = None
+    if args.store_context is not None:
+        try:
+            context = Path(args.store_context).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RedKnotConfigError(f"--store-context {args.store_context}: cannot be read as "
+                                     f"text ({e})") from None
+    cfg = ReuseConfig(store_dir=args.store_dir, client_store=True, store_context=context)
     hf = json.loads((Path(model) / "config.json").read_text()) \
         if (Path(model) / "config.json").is_file() else {}
     vocab = (hf.get("text_config") or hf).get("vocab_size")

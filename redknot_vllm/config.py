@@ -165,7 +165,7 @@ class SparseFFNConfig:
 
 
 REUSE_POLICIES = ("selective", "seed")
-RECOMPUTE_SELECT = ("deviation", "question", "pooled", "blend")
+RECOMPUTE_SELECT = ("deviation", "question", "pooled", "blend", "anchored")
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,21 @@ class ReuseConfig:
     ``blend`` (experimental, CacheBlend's rule; level with ``question`` in a CPU
     diagnostic, at more FLOPs, ``docs/reuse.md``): the first ``blend_layers`` layers run on
     every token, then each segment's chunks whose KV deviated most from the spliced KV
-    there, in this request, run the remaining layers (:mod:`redknot_vllm.reuse.blend`)."""
+    there, in this request, run the remaining layers (:mod:`redknot_vllm.reuse.blend`).
+    ``anchored`` (experimental): the segment the question shares most with and every
+    segment after it are computed, those before it reused under ``question``
+    (:func:`redknot_vllm.reuse.policy.anchored_plan`); what it saves depends on where the
+    asked document sits."""
+    store_context: str | tuple[int, ...] | None = None
+    """What ``redknot precompute`` computes each document behind (a text, or token ids);
+    the document's KV is stored moved back to ``[0, L)`` without it. None: each document
+    is prefilled alone. A document stored alone starts at an empty context, so its KV is
+    that of the *first* passage of a prompt, and in a prompt of many documents the stale
+    later ones draw the answer; behind a context of the same kind as the prompts (their
+    instructions and a few documents that are never asked about) it reads as one passage
+    among many (``docs/reuse.md``). Part of the segments' key: segments stored behind
+    another context (or alone) are not this engine's. Must differ from precompute's probe
+    text, which measures the deviation."""
     blend_layers: int = 2
     """``blend``: decoder layers run on every reused token before the choice (at least 2:
     layer 0's KV depends on the token and its position only, so it never deviates); their
@@ -262,6 +276,24 @@ class ReuseConfig:
                 raise bad(name, "true or false")
         if self.store_dir is not None and not isinstance(self.store_dir, str):
             raise bad("store_dir", "a folder path or null")
+        ctx = self.store_context
+        if isinstance(ctx, list):  # from JSON
+            ctx = tuple(ctx)
+            object.__setattr__(self, "store_context", ctx)
+        if ctx is not None and not (
+                (isinstance(ctx, str) and 0 < len(ctx) <= 1 << 20)
+                or (isinstance(ctx, tuple) and 0 < len(ctx) <= POSITION_LIMIT
+                    and all(is_int(t) and 0 <= t < 1 << 31 for t in ctx))):
+            raise bad("store_context", "null, a non-empty text (at most 1 MiB) or a non-empty "
+                      "list of token ids")
+
+    def context_hash(self) -> str:
+        """sha256 of ``store_context`` (the segments' key field), or "" when None."""
+        if self.store_context is None:
+            return ""
+        value = (self.store_context if isinstance(self.store_context, str)
+                 else list(self.store_context))
+        return hashlib.sha256(json.dumps(value).encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReuseConfig:
@@ -274,7 +306,10 @@ class ReuseConfig:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(d["store_context"], tuple):
+            d["store_context"] = list(d["store_context"])
+        return d
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,10 @@ class SegmentKey:
     bos: bool
     token_ids: tuple[int, ...]
     layout: str
+    context: str = ""
+    """What the KV was computed behind (``reuse.store_context``'s hash); empty: the
+    segment was prefilled alone at ``[0, L)``. Left out of the digest when empty, so keys
+    of segments stored alone keep their digests."""
 
     def __post_init__(self) -> None:
         ids = tuple(int(t) for t in self.token_ids)
@@ -99,7 +103,8 @@ class SegmentKey:
     def _digest(self) -> str:
         # Length-prefixed JSON header then raw int32 ids: unambiguous and cheap for long docs.
         head = json.dumps({"v": 1, "bos": bool(self.bos), "num_tokens": len(self.token_ids),
-                           **{f: getattr(self, f) for f in _KEY_STR_FIELDS}},
+                           **{f: getattr(self, f) for f in _KEY_STR_FIELDS},
+                           **({"context": self.context} if self.context else {})},
                           sort_keys=True, separators=(",", ":")).encode()
         h = hashlib.sha256(b"redknot-segment-key-v1\n")
         h.update(len(head).to_bytes(8, "little"))
@@ -567,7 +572,8 @@ class SegmentStore:
         meta_json = json.dumps(seg.meta, sort_keys=True)
         metadata = {"format": FORMAT, "digest": digest, "bos": "1" if key.bos else "0",
                     "meta": meta_json, "mac": _mac(self._secret(), digest, tensors, meta_json),
-                    **{f: getattr(key, f) for f in _KEY_STR_FIELDS}}
+                    **{f: getattr(key, f) for f in _KEY_STR_FIELDS},
+                    **({"context": key.context} if key.context else {})}
         path = self._path(digest)
         path.parent.mkdir(exist_ok=True)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
@@ -859,7 +865,7 @@ def read_key(path: str | Path, root: str | Path) -> SegmentKey:
 
 def _key_from_header(md: dict[str, str], token_ids: torch.Tensor) -> SegmentKey:
     return SegmentKey(bos=md["bos"] == "1", token_ids=tuple(token_ids.tolist()),
-                      **{f: md[f] for f in _KEY_STR_FIELDS})
+                      context=md.get("context", ""), **{f: md[f] for f in _KEY_STR_FIELDS})
 
 
 def _as_digest(key_or_digest: SegmentKey | str) -> str:

@@ -141,6 +141,34 @@ def test_client_writes_need_the_opt_in_and_fit_the_limit() -> None:
         check_request(params, 200, ReuseConfig(client_store=True), lambda d: 99)
 
 
+def test_store_behind_a_context_is_checked_against_the_engine() -> None:
+    """``"store": {"after": n}`` only on an engine with ``reuse.store_context`` (and plain
+    ``"store": true`` only on one without), leaving at least ``min_tokens`` to store; the
+    store limit counts the document, not the context."""
+    ctx = ReuseConfig(client_store=True, store_context="Some context.", max_store_tokens=100)
+    _check({"redknot": {"store": {"after": 50}}}, 150, ctx)
+    for kv, cfg, match in (
+            ({"store": {"after": 50}}, ReuseConfig(client_store=True), "no reuse.store_context"),
+            ({"store": True}, ctx, "behind its reuse.store_context"),
+            ({"store": {"after": 180}}, ctx, '"after"'),
+            ({"store": {"after": 10}}, ctx, "max_store_tokens=100"),
+            ({"store": {"after": 0}}, ctx, '"store"'),
+            ({"store": {"after": 5, "x": 1}}, ctx, '"store"')):
+        with pytest.raises(RedKnotConfigError, match=re.escape(match)):
+            _check({"redknot": kv}, 200, cfg)
+
+
+def test_store_context_option_is_validated() -> None:
+    assert ReuseConfig(store_context=[1, 2]).store_context == (1, 2)  # from JSON
+    assert ReuseConfig(store_context=[1, 2]).to_dict()["store_context"] == [1, 2]
+    assert ReuseConfig().context_hash() == ""
+    assert len({ReuseConfig(store_context=c).context_hash()
+                for c in ("a", "b", (1,), (2,))}) == 4
+    for bad in ("", [], [-1], ["a"], 5, {"text": "a"}):
+        with pytest.raises(RedKnotConfigError, match=r"reuse\.store_context"):
+            ReuseConfig(store_context=bad)
+
+
 def test_rate_limited_log_says_what_it_left_out() -> None:
     lines: list[str] = []
     log = types.SimpleNamespace(log=lambda lvl, msg, *a, **k: lines.append(msg % a))

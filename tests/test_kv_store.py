@@ -103,6 +103,20 @@ def test_validation_names_the_field() -> None:
         SegmentStore().get("../../etc/passwd")
 
 
+def test_store_context_is_part_of_the_key_and_survives_the_disk(tmp_path: Path) -> None:
+    """A segment computed behind a context has another digest than the same tokens stored
+    alone (an empty context keeps the old digest, pinned above), and a fresh store reads
+    the context back from the file's header."""
+    alone, behind = make_key(), make_key(context="c" * 64)
+    assert make_key(context="").digest() == alone.digest() != behind.digest()
+    assert make_key(context="d" * 64).digest() != behind.digest()
+    seg = make_segment(context="c" * 64)
+    SegmentStore(disk_dir=tmp_path).put(seg, tier="disk")
+    assert kv_store.read_key(seg_file(tmp_path, seg), tmp_path) == seg.key
+    got = SegmentStore(disk_dir=tmp_path).get(seg.key.digest())
+    assert got is not None and got.key.context == "c" * 64
+
+
 # -- round trips ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

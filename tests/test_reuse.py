@@ -531,6 +531,30 @@ def test_recompute_mask_takes_the_focus_first_then_the_deviation():
     assert chunks(recompute_mask(seg, cfg, focus=(99,))) == [0, 13, 14, 15]  # out of range
 
 
+def test_anchored_plan_points_at_the_segment_the_question_names():
+    """``anchored``: the use sharing most with the question is the anchor (ties: the
+    earlier), found by position when marked ranges come out of order; no match, none."""
+    from redknot_vllm.reuse.policy import anchored_plan
+
+    def record(name: int, city: int) -> list[int]:
+        return [name, name + 1, 900, 901, 902, city, 903] + [5] * 9
+
+    segs = [[t for i in range(4) for t in record(100 + 40 * s + 10 * i, 500 + 4 * s + i)]
+            for s in range(3)]
+    asked = 100 + 40 * 1 + 10 * 2  # segment 1, record 2
+    prompt = [7] * 20 + segs[0] + segs[1] + segs[2] + [800, 801, asked, asked + 1]
+    uses = [(20 + 64 * s, 64) for s in range(3)]
+    anchor, focus = anchored_plan(prompt, uses, 16)
+    assert anchor == 1 and focus[1][:1] == (2,)
+    anchor, _ = anchored_plan(prompt, uses[::-1], 16)
+    assert anchor == 1  # the same segment, listed second of three
+    assert anchored_plan(prompt[:-4] + [1, 2, 3, 4], uses, 16)[0] is None
+    # two segments asked equally: the earlier one, so more is computed, not less
+    tie = [7] * 20 + segs[0] + segs[0] + [800, 801, 100, 101]
+    assert anchored_plan(tie, [(84, 64), (20, 64)], 16)[0] == 1
+    assert anchored_plan(prompt, [], 16) == (None, [])
+
+
 def test_request_recompute_select_is_validated_and_changes_the_salt(reuse_llm, stored):
     from vllm import SamplingParams
 
@@ -556,6 +580,25 @@ def test_request_recompute_select_is_validated_and_changes_the_salt(reuse_llm, s
         assert st["reused_tokens"] > 0.6 * (len(ids["blue"]) + len(ids["red"]))
         # the question-chosen set is salted apart from the deviation's
         assert st["cached_tokens"] <= len(_ids(tok, PREFACE * 2))
+
+
+def test_anchored_computes_the_asked_document_and_those_after_it(reuse_llm, stored):
+    """``recompute_select="anchored"`` through the engine: asked about the second
+    document, the first is reused under the question rule and the second computed; asked
+    about the first, both are computed (nothing reused, the prompt's dense answer)."""
+    tok, ids = stored["tok"], stored["ids"]
+    head = _ids(tok, PREFACE * 4)
+    docs = ids["red"] + ids["blue"]
+    text, st = _run(reuse_llm, head + docs + _ids(tok, QUESTION.format(name="blue")),
+                    "auto", salt="anchored-blue", recompute_select="anchored")
+    assert "48213" in text
+    assert 0.6 * len(ids["red"]) < st["reused_tokens"] < len(ids["red"])
+    prompt = head + docs + _ids(tok, QUESTION.format(name="red"))
+    text, st = _run(reuse_llm, prompt, "auto", salt="anchored-red",
+                    recompute_select="anchored")
+    dense, _ = _run(reuse_llm, prompt, "off", salt="anchored-red-dense")
+    assert st["reused_tokens"] == 0 and st["prefill_tokens"] == len(prompt)
+    assert text == dense
 
 
 def test_blend_chunks_picks_each_segments_most_deviating_chunks():
@@ -608,3 +651,45 @@ def test_blend_runs_first_layers_on_every_token_and_is_exact_at_full_share(reuse
     assert per_token < 0.97 * st_q["flops_saved"] / st_q["reused_tokens"]
     assert st_d["reused_tokens"] == 0
 
+
+
+@pytest.fixture(scope="module")
+def context_llm(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """An engine whose documents are stored behind ``reuse.store_context``."""
+    from redknot_vllm import HeadConfig, engine_args
+
+    hc = HeadConfig.shape(30, 3, 1.0, window=64)
+    yield from _engine(**engine_args(
+        smollm2, head_config=hc, **COMMON,
+        reuse={"store_dir": str(tmp_path_factory.mktemp("ctx-segments")), "chunk": 16,
+               "client_store": True, "store_context": PREFACE * 3}))
+
+
+def test_store_context_stores_the_documents_kv_behind_it(context_llm, stored):
+    """precompute computes each document behind the engine's store_context and stores it
+    without it, keyed by it: placed back behind the same context the spliced KV is that
+    prompt's own (dense's logprobs); segments stored alone are not this engine's; a plain
+    ``store`` request is refused here (logged, nothing stored)."""
+    from redknot_vllm.kv_store import SegmentStore
+    from redknot_vllm.reuse import precompute
+    from redknot_vllm.reuse.keys import reuse_setup
+
+    tok, ids = stored["tok"], stored["ids"]
+    setup = reuse_setup(context_llm.llm_engine.vllm_config)
+    digests = precompute(context_llm, [ids["red"], ids["blue"]], progress=False)
+    assert set(digests).isdisjoint(stored["digests"].values())
+    seg = SegmentStore(disk_dir=setup.store_dir).get(digests[0])
+    assert seg is not None and seg.key.context == setup.cfg.context_hash() != ""
+    assert seg.deviation is not None and seg.k.shape[1] == len(ids["red"])
+    prompt = _ids(tok, PREFACE * 3) + ids["red"] + _ids(tok, QUESTION.format(name="red"))
+    (lp_r, toks_r, st), (lp_d, toks_d, _) = (
+        reuse_logprobs(context_llm, prompt, "auto", salt="ctx-reuse"),
+        reuse_logprobs(context_llm, prompt, "off", salt="ctx-dense"))
+    assert st["reused_tokens"] > len(ids["red"]) // 2
+    assert toks_r == toks_d
+    assert lp_r == pytest.approx(lp_d, abs=1e-4)
+    # the documents stored alone (by reuse_llm, in another store) are unknown here, and a
+    # request storing a prompt alone is refused on this engine
+    n_files = len(list(setup.store_dir.rglob("*.safetensors")))
+    _run(context_llm, ids["blue"] + [13], "auto", salt="ctx-plain-store", store=True)
+    assert len(list(setup.store_dir.rglob("*.safetensors"))) == n_files

@@ -19,7 +19,7 @@ from redknot_vllm.kv_store import (
 )
 from redknot_vllm.reuse.keys import ReuseSetup
 from redknot_vllm.reuse.params import RequestParams, Use
-from redknot_vllm.reuse.policy import pooled_plan, question_focus
+from redknot_vllm.reuse.policy import anchored_plan, pooled_plan, question_focus
 
 logger = init_logger(__name__)
 
@@ -189,12 +189,19 @@ class SegmentCatalog:
                ) -> list[Use]:
         """``recompute_select="question"``: each use's chunks ranked by the question;
         ``"pooled"``: the request's budget spread over its uses by the question (each use
-        gets its own share and chunks); ``"blend"``: chosen in the forward, marked."""
+        gets its own share and chunks); ``"anchored"``: the uses from the one the question
+        points to on are dropped (computed), the others ranked as ``"question"``;
+        ``"blend"``: chosen in the forward, marked."""
         select = params.recompute_select or self.cfg.recompute_select
         spans = [(u.start, u.length) for u in uses]
         if select == "question" and uses:
             ranked = question_focus(prompt, spans, self.cfg.chunk)
             return [replace(u, focus=f) for u, f in zip(uses, ranked, strict=True)]
+        if select == "anchored" and uses:
+            anchor, ranked = anchored_plan(prompt, spans, self.cfg.chunk)
+            at = None if anchor is None else uses[anchor].start
+            return [replace(u, focus=f) for u, f in zip(uses, ranked, strict=True)
+                    if at is None or u.start < at]
         if select == "pooled" and uses:
             frac = (self.cfg.recompute_fraction if params.recompute_fraction is None
                     else params.recompute_fraction)

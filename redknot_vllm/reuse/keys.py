@@ -24,7 +24,7 @@ class ReuseSetup:
     cfg: ReuseConfig
     key_fields: dict[str, str]
     """:class:`SegmentKey` fields other than the tokens: model fingerprint, head-config
-    hash, tokenizer, KV layout."""
+    hash, tokenizer, KV layout, store context."""
     bos_token_id: int | None
     store_dir: Path
     """The disk tier (``reuse.store_dir`` or ``$VLLM_REDKNOT_CACHE_DIR/kv-segments``)."""
@@ -101,6 +101,7 @@ def reuse_setup(vllm_config: Any) -> ReuseSetup | None:
             # so its segments) are in another head order than an unsplit engine's
             "layout": ModelDims.from_hf_config(hf).layout(dtype)
                       + ("|segpaged" if cfg.segpaged else ""),
+            "context": cfg.reuse.context_hash(),
         },
         bos_token_id=getattr(hf, "bos_token_id", None),
         store_dir=folder,

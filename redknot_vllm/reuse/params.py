@@ -64,6 +64,9 @@ class RequestParams:
     """``auto`` (find stored segments by content), ``off``, or marked ``[start, end)`` ranges."""
     store: bool = False
     """Store this prompt's KV when its prompt is done (``redknot precompute`` sends it)."""
+    store_after: int = 0
+    """``"store": {"after": n}``: store only the tokens after the first ``n``, the engine's
+    ``reuse.store_context`` (moved back to ``[0, L - n)``)."""
     probe: tuple[str, int] | None = None
     """(digest, offset): measure the deviation of a stored segment placed at ``offset``."""
     recompute_fraction: float | None = None
@@ -103,9 +106,15 @@ def parse_params(kv_transfer_params: Any) -> RequestParams:
         shown = repr(reuse) if len(repr(reuse)) < 80 else repr(reuse)[:77] + "..."
         raise RedKnotConfigError(f'{where}["reuse"] is {shown}; expected "auto", "off" or '
                                  "a list of [start, end) token ranges")
-    out.store = raw.get("store", False)
-    if not isinstance(out.store, bool):
-        raise RedKnotConfigError(f'{where}["store"] must be true or false')
+    store = raw.get("store", False)
+    if isinstance(store, dict) and set(store) == {"after"} and is_int(store["after"]) \
+            and store["after"] > 0:
+        out.store, out.store_after = True, int(store["after"])
+    elif isinstance(store, bool):
+        out.store = store
+    else:
+        raise RedKnotConfigError(f'{where}["store"] must be true, false or {{"after": n}} '
+                                 "(n > 0 tokens of the engine's reuse.store_context first)")
     probe = raw.get("probe")
     if probe is not None:
         if not (isinstance(probe, dict) and isinstance(probe.get("digest"), str)
@@ -157,10 +166,23 @@ def check_request(params: RequestParams, prompt_len: int, cfg: ReuseConfig,
             f'{where}: "store" and "probe" write segments, and this engine does not let '
             "requests write (reuse.client_store is off); store documents with `redknot "
             "precompute`")
-    if writes and prompt_len > cfg.max_store_tokens:
+    if params.store and (cfg.store_context is None) != (params.store_after == 0):
+        raise RedKnotConfigError(
+            f'{where}["store"]: this engine stores documents '
+            + ("behind its reuse.store_context, so a store request sends the context first "
+               'and {"after": <its token count>} (`redknot precompute` does this)'
+               if cfg.store_context is not None else
+               'prefilled alone (no reuse.store_context), so "store" is true, not '
+               '{"after": n}'))
+    if params.store_after and prompt_len - params.store_after < cfg.min_tokens:
+        raise RedKnotConfigError(f'{where}["store"]["after"] is {params.store_after}: fewer '
+                                 f"than reuse.min_tokens={cfg.min_tokens} of the prompt's "
+                                 f"{prompt_len} tokens are left to store")
+    if writes and prompt_len - params.store_after > cfg.max_store_tokens:
         raise RedKnotConfigError(f"{where}: a request may store at most "
                                  f"reuse.max_store_tokens={cfg.max_store_tokens} tokens; this "
-                                 f"prompt has {prompt_len}")
+                                 f"prompt has {prompt_len - params.store_after}"
+                                 + (" after the store context" if params.store_after else ""))
     if params.probe is not None:
         digest, offset = params.probe
         if offset >= prompt_len:

@@ -166,3 +166,26 @@ def pooled_plan(prompt: Sequence[int], uses: Sequence[tuple[int, int]], cfg: Reu
         # recompute_mask takes round((f * n - first) / chunk) chunks: exactly k
         out.append(((firsts[i] + k * chunk) / n, tuple(focus[i])))
     return out
+
+
+def anchored_plan(prompt: Sequence[int], uses: Sequence[tuple[int, int]], chunk: int
+                  ) -> tuple[int | None, list[tuple[int, ...]]]:
+    """``recompute_select="anchored"``: (the use the question points to, or None; per use
+    its question focus, as :func:`question_focus`).
+
+    The anchor is the use sharing the most with the question (the sum of its chunks'
+    :func:`question_scores`; ties go to the earlier one). It and every use that starts
+    after it are computed in full, the uses before it reused under the ``question`` rule.
+    Why: on Qwen2.5-Coder-0.5B (multi-document QA, CPU diagnostic in ``docs/reuse.md``)
+    reusing only the records *before* the asked one kept 11 of 12 answers and reusing only
+    those *after* it kept 2: a stale later record, prefilled without what precedes it,
+    draws the answer to itself, while the earlier ones are read through the computed ones.
+    No match with the question: no anchor, every use under the ``question`` rule. The
+    FLOPs saved then depend on where the asked document is.
+    """
+    scores = question_scores(prompt, uses, chunk)
+    focus = [_ranked(s) for s in scores]
+    totals = [float(s.sum()) for s in scores]
+    if not uses or max(totals) <= 0:
+        return None, focus
+    return max(range(len(uses)), key=lambda i: (totals[i], -uses[i][0])), focus

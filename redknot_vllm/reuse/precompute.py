@@ -1,4 +1,5 @@
-"""``redknot precompute``: store documents' KV, each prefilled alone, with its deviation."""
+"""``redknot precompute``: store documents' KV, each prefilled alone (or behind the engine's
+``reuse.store_context``), with its deviation."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ DEFAULT_PROBE = (
 def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
                probe: str | Sequence[int] | None = DEFAULT_PROBE,
                progress: bool = True, force: bool = False) -> list[str]:
-    """Store each document's KV, prefilled alone at ``[0, L)``, and its deviation profile.
+    """Store each document's KV, prefilled alone at ``[0, L)`` (or behind the engine's
+    ``reuse.store_context``, then moved back there), and its deviation profile.
 
     Each segment file is written once, by its store request; the probe that follows adds
     the deviation as a small sidecar file
@@ -56,6 +58,12 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
             "(`redknot precompute` does this)")
     ids = encode_docs(_tokenizer_for(llm, docs), docs)
     check_docs(ids, setup.cfg, llm.llm_engine.model_config.get_vocab_size())
+    if setup.cfg.store_context is not None and probe is not None and encode_docs(
+            _tokenizer_for(llm, [probe]), [probe]) == encode_docs(
+            _tokenizer_for(llm, [setup.cfg.store_context]), [setup.cfg.store_context]):
+        raise RedKnotConfigError("reuse.store_context is precompute's probe text: behind it "
+                                 "the probe would measure no deviation; give precompute "
+                                 "another probe, or the engine another store_context")
     digests = [setup.key(x).digest() for x in ids]
     # one request per distinct segment: a repeated document would write its file again
     first: dict[str, int] = {}
@@ -70,8 +78,14 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
 
     if not todo:
         return digests
-    llm.generate([{"prompt_token_ids": ids[i]} for i in todo], params({"store": True}),
-                 use_tqdm=progress)
+    ctx = setup.cfg.store_context
+    if ctx is None:
+        llm.generate([{"prompt_token_ids": ids[i]} for i in todo], params({"store": True}),
+                     use_tqdm=progress)
+    else:  # each document computed behind the context, stored without it
+        pre = encode_docs(_tokenizer_for(llm, [ctx]), [ctx])[0]
+        llm.generate([{"prompt_token_ids": pre + ids[i]} for i in todo],
+                     params({"store": {"after": len(pre)}}), use_tqdm=progress)
     if probe is not None:
         pre = encode_docs(_tokenizer_for(llm, [probe]), [probe])[0]
         llm.generate([{"prompt_token_ids": pre + ids[i]} for i in todo],

@@ -67,6 +67,8 @@ class ReuseScheduler:
             compat.salt_block_hashes(request, num_computed_tokens // self.block_size, salt)
             logger.info("RedKnot request %s reuses %d stored segment(s), %d of %d prompt "
                         "tokens", rid, len(uses), sum(u.length for u in uses), len(prompt))
+        if params.store_after:  # behind reuse.store_context: only the document is stored
+            misses = [(params.store_after, len(prompt))]
         if params.store or params.probe is not None or misses:
             self._captures[rid] = (tuple(prompt), params.probe, tuple(misses))
 
