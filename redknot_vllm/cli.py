@@ -62,6 +62,9 @@ def serve(argv: list[str]) -> None:
     ours.add_argument("--reuse", default=None,
                       help="offline KV reuse: `on` for the defaults or a JSON object of "
                            "ReuseConfig fields, e.g. '{\"store_dir\": \"/data/kv\"}'")
+    ours.add_argument("--store-context", default=None, metavar="FILE",
+                      help="with --reuse: the text file given to `redknot precompute "
+                           "--store-context` (reuse.store_context; segments are keyed by it)")
     ours.add_argument("--require-gate", choices=("on", "off"), default=None,
                       help="refuse to start without a passed `redknot gate` for this model "
                            "and config (default: on for a shipped quality default, off "
@@ -84,6 +87,15 @@ def serve(argv: list[str]) -> None:
     parser = make_arg_parser(FlexibleArgumentParser(prog="redknot serve"))
     reuse = None if known.reuse is None else True if known.reuse == "on" else _json_option(
         "--reuse", known.reuse)
+    if known.store_context is not None:
+        from redknot_vllm.config import RedKnotConfigError
+
+        if reuse is None:
+            raise RedKnotConfigError("--store-context is a reuse option: add --reuse on (or a "
+                                     "JSON object)")
+        if not isinstance(reuse, dict):
+            reuse = {}
+        reuse = {**reuse, "store_context": read_context(known.store_context)}
     full = serve_argv(model, known.head_config, known.sparse_ffn, not known.no_request_stats,
                       rest, reuse, None if known.require_gate is None
                       else known.require_gate == "on")
@@ -91,6 +103,19 @@ def serve(argv: list[str]) -> None:
     compat.configure_server_logging(args)
     validate(args)
     uvloop.run(run_server(args))
+
+
+def read_context(path: str) -> str:
+    """The text of a ``--store-context`` file; an unreadable one is an error naming it."""
+    from pathlib import Path
+
+    from redknot_vllm.config import RedKnotConfigError
+
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RedKnotConfigError(f"--store-context {path}: cannot be read as text ({e})"
+                                 ) from None
 
 
 def _json_option(flag: str, text: str) -> Any:
@@ -219,20 +244,14 @@ def precompute(argv: list[str]) -> None:
 
     from pathlib import Path
 
-    from redknot_vllm.config import RedKnotConfigError, ReuseConfig
+    from redknot_vllm.config import ReuseConfig
     from redknot_vllm.reuse import DEFAULT_PROBE, read_docs
     from redknot_vllm.reuse import precompute as run_precompute
     from redknot_vllm.reuse.precompute import check_docs, encode_docs
 
     model = resolve_model(args.model)
     # an operator's engine: its requests may store KV (servers default to not)
-    context = None
-    if args.store_context is not None:
-        try:
-            context = Path(args.store_context).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise RedKnotConfigError(f"--store-context {args.store_context}: cannot be read as "
-                                     f"text ({e})") from None
+    context = None if args.store_context is None else read_context(args.store_context)
     cfg = ReuseConfig(store_dir=args.store_dir, client_store=True, store_context=context)
     hf = json.loads((Path(model) / "config.json").read_text()) \
         if (Path(model) / "config.json").is_file() else {}

@@ -522,3 +522,11 @@ def test_cli_config_errors_are_one_line(tmp_path: Path) -> None:
               "--head-config", str(tmp_path / "h.json")])
     with pytest.raises(RedKnotConfigError):  # --debug keeps the exception
         main(["--debug", "serve", str(tmp_path), "--reuse", "{oops"])
+    with pytest.raises(SystemExit, match=r"^redknot serve: --store-context is a reuse option"):
+        main(["serve", str(tmp_path), "--store-context", str(docs)])
+    with pytest.raises(SystemExit, match=r"^redknot serve: --store-context .*missing.* cannot"):
+        main(["serve", str(tmp_path), "--reuse", "on", "--store-context",
+              str(tmp_path / "missing.txt")])
+    with pytest.raises(SystemExit, match=r"^redknot precompute: --store-context .*missing"):
+        main(["precompute", "--model", str(tmp_path), "--docs", str(docs), "--head-config",
+              str(tmp_path / "h.json"), "--store-context", str(tmp_path / "missing.txt")])
