@@ -211,7 +211,9 @@ class ReuseConfig:
     that of the *first* passage of a prompt, and in a prompt of many documents the stale
     later ones draw the answer; behind a context of the same kind as the prompts (their
     instructions and a few documents that are never asked about) it reads as one passage
-    among many (``docs/reuse.md``). Part of the segments' key: segments stored behind
+    among many: on Qwen2.5-Coder-0.5B's 24-record QA at 8K-32K (H100, n = 100 per cell)
+    behind 1,024 tokens of the task 0.97-0.98 of dense, stored alone 0.47-0.92
+    (``docs/reuse.md``). Part of the segments' key: segments stored behind
     another context (or alone) are not this engine's. Must differ from precompute's probe
     text, which measures the deviation."""
     blend_layers: int = 2

@@ -680,6 +680,7 @@ def test_store_context_stores_the_documents_kv_behind_it(context_llm, stored):
     assert set(digests).isdisjoint(stored["digests"].values())
     seg = SegmentStore(disk_dir=setup.store_dir).get(digests[0])
     assert seg is not None and seg.key.context == setup.cfg.context_hash() != ""
+    assert seg.meta["source"] == "computed behind reuse.store_context"
     assert seg.deviation is not None and seg.k.shape[1] == len(ids["red"])
     prompt = _ids(tok, PREFACE * 3) + ids["red"] + _ids(tok, QUESTION.format(name="red"))
     (lp_r, toks_r, st), (lp_d, toks_d, _) = (

@@ -54,6 +54,9 @@ class Capture:
     ranges: tuple[tuple[int, int], ...] = ()
     """Store these ``[start, end)`` ranges of the prompt (in-context KV, ``store_marked``)
     instead of the whole prompt."""
+    behind_context: bool = False
+    """The range is a document after the engine's ``reuse.store_context`` (``"store":
+    {"after": n}``), not a marked range."""
 
 
 @dataclass

@@ -25,8 +25,9 @@ class ReuseScheduler:
         self.block_size = block_size
         self.log = RateLimited(logger)
         self._uses: dict[str, list[Use]] = {}
+        # per request: (prompt, probe, ranges to store, behind the store context)
         self._captures: dict[str, tuple[tuple[int, ...], tuple[str, int] | None,
-                                        tuple[tuple[int, int], ...]]] = {}
+                                        tuple[tuple[int, int], ...], bool]] = {}
 
     def plan(self, request: Any, num_computed_tokens: int) -> None:
         """Plan a request the first time the scheduler looks at it (later calls are no-ops,
@@ -70,7 +71,8 @@ class ReuseScheduler:
         if params.store_after:  # behind reuse.store_context: only the document is stored
             misses = [(params.store_after, len(prompt))]
         if params.store or params.probe is not None or misses:
-            self._captures[rid] = (tuple(prompt), params.probe, tuple(misses))
+            self._captures[rid] = (tuple(prompt), params.probe, tuple(misses),
+                                   params.store_after > 0)
 
     def uses_in(self, req_id: str, start: int, end: int) -> list[Use]:
         """The request's segments overlapping positions ``[start, end)``."""
@@ -86,8 +88,8 @@ class ReuseScheduler:
         """What to read back after this step, if the request's prompt finishes in it."""
         if req_id not in self._captures or end < prompt_len:
             return None
-        ids, probe, ranges = self._captures[req_id]
-        return Capture(req_id, ids, block_ids, probe, ranges)
+        ids, probe, ranges, behind = self._captures[req_id]
+        return Capture(req_id, ids, block_ids, probe, ranges, behind)
 
     def forget(self, req_id: str) -> None:
         self._uses.pop(req_id, None)

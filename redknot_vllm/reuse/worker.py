@@ -406,15 +406,18 @@ class ReuseWorker:
                 torch.cat([v, buf.v[:, start:end].to(v.device)], dim=2))
 
     def _store_ranges(self, cap: Capture) -> None:
-        """store_marked: ranges of a finished prompt, moved back to ``[0, L)``."""
+        """store_marked (or a document behind the store context): ranges of a finished
+        prompt, moved back to ``[0, L)``."""
         for a, b in cap.ranges:
             k, v = self._read(cap, a, b)
             k = relocate_keys(k, a, 0, self.rotary)
+            source = ("computed behind reuse.store_context" if cap.behind_context
+                      else f"in-context at {a} of request {cap.req_id}")
             digest = self.put(Segment(
                 self.setup.key(cap.token_ids[a:b]), k.contiguous(), v.contiguous(),
-                meta={"source": f"in-context at {a} of request {cap.req_id}"}))
-            logger.info("RedKnot store_marked: tokens [%d, %d) stored as %s…", a, b,
-                        digest[:12])
+                meta={"source": source}))
+            logger.info("RedKnot %s: tokens [%d, %d) stored as %s…",
+                        "store" if cap.behind_context else "store_marked", a, b, digest[:12])
 
     def _store(self, cap: Capture, k: torch.Tensor, v: torch.Tensor) -> None:
         ids = cap.token_ids
