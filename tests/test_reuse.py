@@ -689,6 +689,12 @@ def test_store_context_stores_the_documents_kv_behind_it(context_llm, stored):
     assert st["reused_tokens"] > len(ids["red"]) // 2
     assert toks_r == toks_d
     assert lp_r == pytest.approx(lp_d, abs=1e-4)
+    from redknot_vllm.config import RedKnotConfigError
+
+    with pytest.raises(RedKnotConfigError, match="is precompute's probe text"):
+        precompute(context_llm, [ids["red"]], probe=PREFACE * 3, progress=False)
+    with pytest.raises(RedKnotConfigError, match=r"documents \[0\] do not fit behind"):
+        precompute(context_llm, [[13] * (COMMON["max_model_len"] - 8)], progress=False)
     # the documents stored alone (by reuse_llm, in another store) are unknown here, and a
     # request storing a prompt alone is refused on this engine
     n_files = len(list(setup.store_dir.rglob("*.safetensors")))

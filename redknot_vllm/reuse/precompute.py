@@ -58,12 +58,23 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
             "(`redknot precompute` does this)")
     ids = encode_docs(_tokenizer_for(llm, docs), docs)
     check_docs(ids, setup.cfg, llm.llm_engine.model_config.get_vocab_size())
-    if setup.cfg.store_context is not None and probe is not None and encode_docs(
-            _tokenizer_for(llm, [probe]), [probe]) == encode_docs(
-            _tokenizer_for(llm, [setup.cfg.store_context]), [setup.cfg.store_context]):
-        raise RedKnotConfigError("reuse.store_context is precompute's probe text: behind it "
-                                 "the probe would measure no deviation; give precompute "
-                                 "another probe, or the engine another store_context")
+    ctx = setup.cfg.store_context
+    ctx_ids = None if ctx is None else encode_docs(_tokenizer_for(llm, [ctx]), [ctx])[0]
+    probe_ids = None if probe is None else encode_docs(_tokenizer_for(llm, [probe]),
+                                                       [probe])[0]
+    if ctx_ids is not None:
+        if ctx_ids == probe_ids:
+            raise RedKnotConfigError("reuse.store_context is precompute's probe text: behind "
+                                     "it the probe would measure no deviation; give "
+                                     "precompute another probe, or the engine another "
+                                     "store_context")
+        limit = llm.llm_engine.model_config.max_model_len
+        over = [i for i, x in enumerate(ids) if len(ctx_ids) + len(x) > limit]
+        if over:
+            raise RedKnotConfigError(
+                f"documents {over[:5]} do not fit behind reuse.store_context "
+                f"({len(ctx_ids)} tokens) in the engine's max_model_len={limit}; shorten "
+                "the context or the documents, or raise max_model_len")
     digests = [setup.key(x).digest() for x in ids]
     # one request per distinct segment: a repeated document would write its file again
     first: dict[str, int] = {}
@@ -78,18 +89,15 @@ def precompute(llm: Any, docs: Sequence[str | Sequence[int]], *,
 
     if not todo:
         return digests
-    ctx = setup.cfg.store_context
-    if ctx is None:
+    if ctx_ids is None:
         llm.generate([{"prompt_token_ids": ids[i]} for i in todo], params({"store": True}),
                      use_tqdm=progress)
     else:  # each document computed behind the context, stored without it
-        pre = encode_docs(_tokenizer_for(llm, [ctx]), [ctx])[0]
-        llm.generate([{"prompt_token_ids": pre + ids[i]} for i in todo],
-                     params({"store": {"after": len(pre)}}), use_tqdm=progress)
-    if probe is not None:
-        pre = encode_docs(_tokenizer_for(llm, [probe]), [probe])[0]
-        llm.generate([{"prompt_token_ids": pre + ids[i]} for i in todo],
-                     [params({"probe": {"digest": digests[i], "offset": len(pre)}})
+        llm.generate([{"prompt_token_ids": ctx_ids + ids[i]} for i in todo],
+                     params({"store": {"after": len(ctx_ids)}}), use_tqdm=progress)
+    if probe_ids is not None:
+        llm.generate([{"prompt_token_ids": probe_ids + ids[i]} for i in todo],
+                     [params({"probe": {"digest": digests[i], "offset": len(probe_ids)}})
                       for i in todo], use_tqdm=progress)
     return digests
 
