@@ -444,21 +444,26 @@ def test_catalog_find_equals_the_position_by_position_scan():
     assert cat.find(prompt, 0) == scan(cat, prompt, 0)
 
 
+def _three_segments() -> tuple[list[int], int, list[tuple[int, int]]]:
+    """Twenty filler tokens, then three 64-token segments of four 16-token records
+    ("<name> <name+1> was born in <city>."): (those tokens, the name the tests ask about:
+    segment 1's record 2, the segments' (start, length))."""
+    def record(name: int, city: int) -> list[int]:
+        return [name, name + 1, 900, 901, 902, city, 903] + [5] * 9
+
+    segs = [t for s in range(3) for i in range(4)
+            for t in record(100 + 40 * s + 10 * i, 500 + 4 * s + i)]
+    return [7] * 20 + segs, 100 + 40 * 1 + 10 * 2, [(20 + 64 * s, 64) for s in range(3)]
+
+
 def test_question_focus_ranks_the_chunks_the_question_names():
     """Three record segments; the question names the person of the second one's third
     record: that chunk (and the one after it) rank first, a pair every record has counts
     little, and a segment sharing nothing rare with the question has no focus."""
     from redknot_vllm.reuse.policy import question_focus
 
-    def record(name: int, city: int) -> list[int]:  # "<name> <name+1> was born in <city>."
-        return [name, name + 1, 900, 901, 902, city, 903] + [5] * 9  # one 16-token chunk
-
-    segs = [[t for i in range(4) for t in record(100 + 10 * s * 4 + 10 * i, 500 + 4 * s + i)]
-            for s in range(3)]
-    asked = 100 + 10 * 1 * 4 + 10 * 2  # segment 1, record 2
-    pre = [7] * 20
-    prompt = pre + segs[0] + segs[1] + segs[2] + [800, 801, asked, asked + 1, 900, 901, 902]
-    uses = [(20 + 64 * s, 64) for s in range(3)]
+    context, asked, uses = _three_segments()
+    prompt = context + [800, 801, asked, asked + 1, 900, 901, 902]
     focus = question_focus(prompt, uses, chunk=16)
     assert focus[1][:2] == (2, 3)  # the named record's chunk, then the one after it
     assert all(2 not in f[:1] for i, f in enumerate(focus) if i != 1)
@@ -475,14 +480,8 @@ def test_pooled_plan_recomputes_the_asked_segment_whole_within_the_request_budge
     from redknot_vllm.kv_store import Segment, SegmentKey
     from redknot_vllm.reuse.policy import pooled_plan, recompute_mask
 
-    def record(name: int, city: int) -> list[int]:
-        return [name, name + 1, 900, 901, 902, city, 903] + [5] * 9
-
-    segs = [[t for i in range(4) for t in record(100 + 40 * s + 10 * i, 500 + 4 * s + i)]
-            for s in range(3)]
-    asked = 100 + 40 * 1 + 10 * 2  # segment 1, record 2
-    prompt = [7] * 20 + segs[0] + segs[1] + segs[2] + [800, 801, asked, asked + 1]
-    uses = [(20 + 64 * s, 64) for s in range(3)]
+    context, asked, uses = _three_segments()
+    prompt = context + [800, 801, asked, asked + 1]
     cfg = ReuseConfig(recompute_first=16, chunk=16)
 
     def masks(plan):
@@ -536,21 +535,15 @@ def test_anchored_plan_points_at_the_segment_the_question_names():
     earlier), found by position when marked ranges come out of order; no match, none."""
     from redknot_vllm.reuse.policy import anchored_plan
 
-    def record(name: int, city: int) -> list[int]:
-        return [name, name + 1, 900, 901, 902, city, 903] + [5] * 9
-
-    segs = [[t for i in range(4) for t in record(100 + 40 * s + 10 * i, 500 + 4 * s + i)]
-            for s in range(3)]
-    asked = 100 + 40 * 1 + 10 * 2  # segment 1, record 2
-    prompt = [7] * 20 + segs[0] + segs[1] + segs[2] + [800, 801, asked, asked + 1]
-    uses = [(20 + 64 * s, 64) for s in range(3)]
+    context, asked, uses = _three_segments()
+    prompt = context + [800, 801, asked, asked + 1]
     anchor, focus = anchored_plan(prompt, uses, 16)
     assert anchor == 1 and focus[1][:1] == (2,)
     anchor, _ = anchored_plan(prompt, uses[::-1], 16)
     assert anchor == 1  # the same segment, listed second of three
     assert anchored_plan(prompt[:-4] + [1, 2, 3, 4], uses, 16)[0] is None
     # two segments asked equally: the earlier one, so more is computed, not less
-    tie = [7] * 20 + segs[0] + segs[0] + [800, 801, 100, 101]
+    tie = context[:84] + context[20:84] + [800, 801, 100, 101]  # segment 0 twice
     assert anchored_plan(tie, [(84, 64), (20, 64)], 16)[0] == 1
     assert anchored_plan(prompt, [], 16) == (None, [])
 
