@@ -229,8 +229,9 @@ def store_context(tok: Any, a: argparse.Namespace) -> list[int] | None:
     """``--quality-store-context``: the engine's ``reuse.store_context`` (token ids), which
     every document is computed behind when stored (None: each is prefilled alone).
     ``case``: the first ``--quality-store-context-tokens`` of the context of a case of the
-    first task drawn with another seed: the task's instructions and a few of its documents,
-    which name other people and are never in a prompt."""
+    first task drawn with another seed: its first documents and the filler between them
+    (multidoc_qa_many: 17 records at 1,024 tokens), which name other people and are never
+    in a prompt."""
     from redknot_vllm import quality
 
     if a.quality_store_context == "none":
